@@ -142,8 +142,8 @@ class CacheConfig:
     """Seed for sampled targets (per sequence index and position)."""
     on_nan: Literal["fail", "skip"] = "fail"
     """Non-finite teacher logits: ``fail`` stops naming the sequence; ``skip`` drops that sequence."""
-    splits: tuple[str, ...] = ("train", "val")
-    """Token splits to score."""
+    split: str = "train"
+    """Token split to score (one cache per split)."""
 
     def __post_init__(self) -> None:
         s = "cache"
@@ -156,7 +156,7 @@ class CacheConfig:
         _check(self.batch_size > 0, s, "batch_size", "must be > 0")
         _check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")
         _check(self.on_nan in ("fail", "skip"), s, "on_nan", "must be 'fail' or 'skip'")
-        _check(len(self.splits) > 0, s, "splits", "must name at least one split")
+        _check(self.split in ("train", "val"), s, "split", f"must be 'train' or 'val', got {self.split!r}")
 
 
 @dataclass(frozen=True)
