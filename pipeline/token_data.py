@@ -1,0 +1,128 @@
+"""Packed token data: one Arrow IPC file per split plus ``manifest.json`` (output of prepare).
+
+``<dir>/<split>.arrow`` holds one column ``input_ids: fixed_size_list<int32>[seq_len]``, a row per
+packed sequence; it is memory-mapped on open, so a split of any size costs no RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.fingerprint import array_fingerprint
+
+TOKENS_FORMAT = "kdcache-tokens"
+TOKENS_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class TokenDataError(ValueError):
+    """Token data is missing, malformed or does not match what the caller expects."""
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One split of packed sequences, memory-mapped."""
+
+    ids: np.ndarray  # (N, T) int32, read-only view of the mapped file
+    split: str
+    fingerprint: str  # sha256 of the ids (array_fingerprint)
+    seq_len: int
+    vocab_size: int
+    tokenizer_fingerprint: str
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def write_tokens(out_dir: str | Path, splits: dict[str, np.ndarray], *, vocab_size: int,
+                 tokenizer_fingerprint: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write each (N, T) id array as ``<split>.arrow`` and the manifest last; returns the manifest.
+
+    Files are written to temporary names and renamed, so a crash never leaves a file that looks complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split, ids in splits.items():
+        ids = np.ascontiguousarray(ids, dtype=np.int32)  # (N, T)
+        if ids.ndim != 2 or ids.shape[1] < 2:
+            raise TokenDataError(f"split {split!r}: expected (N, seq_len >= 2) ids, got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise TokenDataError(f"split {split!r}: ids outside [0, {vocab_size})")
+        column = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ids.shape[1])
+        table = pa.table({"input_ids": column})
+        _atomic_write_ipc(out / f"{split}.arrow", table)
+        entries[split] = {"file": f"{split}.arrow", "num_sequences": int(ids.shape[0]),
+                          "num_tokens": int(ids.size), "fingerprint": array_fingerprint(ids)}
+    seq_lens = {int(a.shape[1]) for a in splits.values()}
+    if len(seq_lens) != 1:
+        raise TokenDataError(f"all splits must share one seq_len, got {sorted(seq_lens)}")
+    manifest = {"format": TOKENS_FORMAT, "format_version": TOKENS_VERSION, "seq_len": seq_lens.pop(),
+                "vocab_size": int(vocab_size), "tokenizer_fingerprint": tokenizer_fingerprint,
+                "splits": entries, **(meta or {})}
+    tmp = out / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _atomic_write_ipc(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_token_manifest(token_dir: str | Path) -> dict[str, Any]:
+    path = Path(token_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TokenDataError(f"{path}: not found — run the prepare stage (`kdcache prepare ...`) first") from e
+    except json.JSONDecodeError as e:
+        raise TokenDataError(f"{path}: not valid JSON ({e}) — rerun prepare") from e
+    if manifest.get("format") != TOKENS_FORMAT or manifest.get("format_version") != TOKENS_VERSION:
+        raise TokenDataError(f"{path}: not kdcache token data v{TOKENS_VERSION} "
+                             f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+    return manifest
+
+
+def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
+    """Memory-map one split; checks the file against the manifest's shape (not its hash: see ``verify_tokens``)."""
+    manifest = read_token_manifest(token_dir)
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise TokenDataError(f"{Path(token_dir) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    path = Path(token_dir) / entry["file"]
+    if entry["file"] != f"{split}.arrow":
+        raise TokenDataError(f"{Path(token_dir) / MANIFEST}: split {split!r} names file {entry['file']!r}; expected {split}.arrow")
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except (FileNotFoundError, pa.ArrowInvalid) as e:
+        raise TokenDataError(f"{path}: cannot read token file ({e}) — rerun prepare") from e
+    T = manifest["seq_len"]
+    column = table.column("input_ids").combine_chunks()
+    ids = column.values.to_numpy(zero_copy_only=True).reshape(-1, T) if len(column) else np.zeros((0, T), np.int32)
+    if ids.shape[0] != entry["num_sequences"]:
+        raise TokenDataError(f"{path}: holds {ids.shape[0]} sequences, manifest says {entry['num_sequences']} — rerun prepare")
+    return TokenSplit(ids=ids, split=split, fingerprint=entry["fingerprint"], seq_len=T,
+                      vocab_size=manifest["vocab_size"], tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
+                      manifest=manifest)
+
+
+def verify_tokens(split: TokenSplit) -> None:
+    """Recompute the ids' fingerprint and compare with the manifest."""
+    actual = array_fingerprint(np.asarray(split.ids, dtype=np.int32))
+    if actual != split.fingerprint:
+        raise TokenDataError(f"token split {split.split!r}: fingerprint {actual[:12]}… != manifest {split.fingerprint[:12]}… "
+                             "— the file was modified; rerun prepare")
