@@ -1,0 +1,261 @@
+"""``kdcache`` command line: the same dataclasses as ``params.yaml``, built from flags.
+
+Every config field becomes a flag (``CacheConfig.top_k`` -> ``--top-k``) whose help text is the
+field's docstring in ``pipeline/config.py``, so the CLI and the DVC pipeline cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline import __version__, config
+from pipeline.config import (
+    CacheConfig,
+    CorpusConfig,
+    DemoTeacherConfig,
+    EvaluateConfig,
+    PrepareConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    load_section,
+)
+from pipeline.entry import run, setup_logging, show_progress
+
+SECTIONS = {CorpusConfig: "corpus", DemoTeacherConfig: "demo_teacher", TeacherConfig: "teacher",
+            PrepareConfig: "prepare", CacheConfig: "cache", TrainConfig: "train", EvaluateConfig: "evaluate"}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after a field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                     rename: dict[str, str] | None = None) -> None:
+    """One flag per dataclass field; only flags the user passes are set (defaults stay in the dataclass)."""
+    group = parser.add_argument_group(f"{cls.__name__} (params.yaml section options)")
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        flag = "--" + (rename or {}).get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{docs.get(f.name, '')} (default: {default!r})"}
+        hint = hints[f.name]
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif origin is tuple:
+            kwargs["nargs"] = "+"
+        elif hint in (int, float, str):
+            kwargs["type"] = hint
+        group.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """Build (and validate) ``cls`` from the flags the user passed."""
+    prefix = f"{cls.__name__}."
+    values = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return load_section(cls, {**values, **extra}, section=SECTIONS[cls])
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_demo_teacher(args: argparse.Namespace) -> None:
+    from pipeline.demo_teacher import train_demo_teacher
+
+    train_demo_teacher(config_from_args(CorpusConfig, args), config_from_args(DemoTeacherConfig, args),
+                       out_dir=args.out, progress=show_progress())
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pipeline.corpus import prepare_tokens
+
+    corpus = config_from_args(CorpusConfig, args, **({"paths": args.corpus} if args.corpus else {}))
+    prepare_tokens(corpus, config_from_args(PrepareConfig, args), tokenizer_dir=args.tokenizer,
+                   out_dir=args.out, progress=show_progress())
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from pipeline.cache_writer import build_cache
+    from pipeline.teacher import load_teacher
+    from pipeline.token_data import open_tokens
+
+    teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
+    cfg = config_from_args(CacheConfig, args)
+    rank, world = _dist_rank_world()
+    build_cache(load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split), cfg, out_dir=args.out,
+                rank=rank, world_size=world, progress=show_progress() and rank == 0)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.train import train
+
+    student = _student_config(args.student) if args.student else StudentConfig()
+    cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
+    train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, device=args.device,
+          progress=show_progress())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import evaluate, write_metrics
+    from pipeline.token_data import open_tokens
+
+    models = dict(m.split("=", 1) for m in args.model)
+    metrics = evaluate(config_from_args(EvaluateConfig, args), tokens=open_tokens(args.tokens, "val"),
+                       models={"teacher": args.teacher, **models}, device=args.device, progress=show_progress())
+    write_metrics(metrics, metrics_path=args.metrics, plots_dir=args.plots)
+    print(json.dumps(metrics, indent=2, default=str))
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from pipeline.cache_format import Manifest
+
+    print(describe_manifest(Manifest.load(args.cache)))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from pipeline.cache_reader import verify_cache
+
+    problems = verify_cache(args.cache)
+    for p in problems:
+        print(f"BAD {p}")
+    if problems:
+        raise ValueError(f"{args.cache}: {len(problems)} problem(s) found; do not train on this cache — "
+                         "rebuild the listed shards (rerun the cache stage) or pull the cache again")
+    print(f"OK {args.cache}: every shard matches the manifest")
+
+
+def describe_manifest(m: Any) -> str:
+    """Everything a receiving team needs to decide whether a cache fits its student."""
+    t, layout = m.targets, m.layout
+    kind = f"{layout.kind}, k={layout.top_k}" + (f" (adaptive, mass {layout.mass})" if layout.adaptive else "")
+    if layout.has_samples:
+        kind += f", samples={layout.samples}, seed={layout.seed}"
+    size = sum(s.bytes for s in m.shards)
+    stats = m.stats
+    lines = [
+        f"cache          {m.name}  (format {m.format} {m.format_version}, written by {m.created_by})",
+        f"teacher        {m.teacher.get('path')}  sha256 {str(m.teacher.get('sha256'))[:16]}…  "
+        f"{m.teacher.get('model_type')} {m.teacher.get('num_parameters')} params, {m.teacher.get('dtype')}",
+        f"tokenizer      {m.tokenizer.get('fingerprint')}  vocab {m.tokenizer.get('vocab_size')}",
+        f"corpus         {m.corpus.get('fingerprint')}  split {m.corpus.get('split')}, seq_len {m.corpus.get('seq_len')}",
+        f"sequences      {m.num_rows} in {len(m.shards)} shards, {m.num_tokens} tokens",
+        f"targets        {kind}, temperature {layout.temperature}, values {layout.values} ({layout.value_encoding}), "
+        f"batch_size {t.get('batch_size')}, compute {t.get('compute_dtype')}",
+        f"size           {size} bytes, {size / max(m.num_tokens, 1):.2f} bytes/token",
+    ]
+    lines += [f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}" for k, v in stats.items()
+              if not isinstance(v, (list, dict))]
+    return "\n".join(lines)
+
+
+def _student_config(spec: str) -> StudentConfig:
+    path = Path(spec)
+    if path.is_dir():
+        return StudentConfig(path=str(path))
+    if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
+        values = config.load_params(path) if path.suffix != ".json" else json.loads(path.read_text(encoding="utf-8"))
+        return load_section(StudentConfig, values, section="train.student")
+    raise config.ConfigError(f"--student {spec!r}: not a model directory nor a .json/.yaml file of student sizes")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit caching and sparse knowledge "
+                                "distillation. Each command mirrors one stage of the DVC pipeline (params.yaml).")
+    p.add_argument("--version", action="version", version=f"kdcache {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = command("demo-teacher", cmd_demo_teacher, "Train the small demo tokenizer + teacher on a corpus.")
+    sp.add_argument("--out", required=True, help="output model directory")
+    add_config_flags(sp, CorpusConfig)
+    add_config_flags(sp, DemoTeacherConfig, rename={"seq_len": "teacher-seq-len"})
+
+    sp = command("prepare", cmd_prepare, "Tokenize a corpus with the teacher's tokenizer and pack it into sequences.")
+    sp.add_argument("--corpus", nargs="+", metavar="PATH", help="text/jsonl/parquet files or globs "
+                    "(default: the Python standard library's .py files)")
+    sp.add_argument("--tokenizer", required=True, metavar="DIR", help="directory with the teacher's tokenizer")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output token directory")
+    add_config_flags(sp, CorpusConfig, skip=("paths",))
+    add_config_flags(sp, PrepareConfig)
+
+    sp = command("cache", cmd_cache, "Score token data with the teacher once and write sparse soft targets "
+                 "(Parquet shards + manifest). Resumable; under torchrun each rank scores its own shards.")
+    sp.add_argument("--teacher", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
+    sp.add_argument("--tokens", required=True, metavar="DIR", help="token directory written by `kdcache prepare`")
+    sp.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if present)")
+    add_config_flags(sp, TeacherConfig, skip=("path",))
+    add_config_flags(sp, CacheConfig)
+
+    sp = command("train", cmd_train, "Train a student from a cache (the teacher is not needed).")
+    sp.add_argument("--cache", required=True, metavar="DIR", help="cache directory")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output student directory")
+    sp.add_argument("--student", metavar="CONFIG_OR_DIR", help="pretrained student directory, or a .json/.yaml "
+                    "file of StudentConfig sizes (default: a 2-layer, 128-wide Llama)")
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
+    add_config_flags(sp, TrainConfig)
+
+    sp = command("evaluate", cmd_evaluate, "Compare teacher and students on the val split.")
+    sp.add_argument("--tokens", required=True, metavar="DIR", help="token directory (its val split is used)")
+    sp.add_argument("--teacher", required=True, metavar="DIR", help="teacher model directory")
+    sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a model to compare (repeat)")
+    sp.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON path")
+    sp.add_argument("--plots", default="plots", help="plot data directory")
+    sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
+    add_config_flags(sp, EvaluateConfig)
+
+    sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")
+    sp.add_argument("cache", metavar="DIR")
+    sp = command("verify", cmd_verify, "Check every shard's size and sha256 (and contents) against the manifest.")
+    sp.add_argument("cache", metavar="DIR")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(lambda: args.fn(args), prog="kdcache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

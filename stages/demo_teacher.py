@@ -1,0 +1,28 @@
+"""DVC stage `demo_teacher`: train the small demo tokenizer + teacher on the default corpus.
+
+Skipped in spirit when you bring your own teacher: set `teacher.path` in params.yaml to your
+model directory and run `dvc repro evaluate` (which does not depend on this stage then).
+"""
+
+import argparse
+import sys
+
+from pipeline.config import CorpusConfig, DemoTeacherConfig, load_params, load_section
+from pipeline.demo_teacher import train_demo_teacher
+from pipeline.entry import run, setup_logging, show_progress
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="models/demo-teacher")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    train_demo_teacher(load_section(CorpusConfig, params.get("corpus"), section="corpus"),
+                       load_section(DemoTeacherConfig, params.get("demo_teacher"), section="demo_teacher"),
+                       out_dir=args.out, progress=show_progress())
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run(main, prog="stages/demo_teacher.py"))

@@ -1,0 +1,25 @@
+"""DVC stage `prepare`: tokenize the corpus with the teacher's tokenizer, pack, split by document."""
+
+import argparse
+import sys
+
+from pipeline.config import CorpusConfig, PrepareConfig, TeacherConfig, load_params, load_section
+from pipeline.corpus import prepare_tokens
+from pipeline.entry import run, setup_logging, show_progress
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/tokens")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
+    prepare_tokens(load_section(CorpusConfig, params.get("corpus"), section="corpus"),
+                   load_section(PrepareConfig, params.get("prepare"), section="prepare"),
+                   tokenizer_dir=teacher.path, out_dir=args.out, progress=show_progress())
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run(main, prog="stages/prepare.py"))

@@ -1,0 +1,29 @@
+"""DVC stages `train` and `train_baseline`: train a student from the cache (no teacher needed).
+
+`--section train` is the KD student; `--section train_baseline` the CE-only baseline with the
+same architecture, steps and data order.
+"""
+
+import argparse
+import sys
+
+from pipeline.config import TrainConfig, load_params, load_section
+from pipeline.entry import run, setup_logging, show_progress
+from pipeline.train import train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--section", default="train", choices=["train", "train_baseline"])
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    args = ap.parse_args()
+    cfg = load_section(TrainConfig, load_params(args.params).get(args.section), section=args.section)
+    train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, progress=show_progress())
+
+
+if __name__ == "__main__":
+    setup_logging()
+    sys.exit(run(main, prog="stages/train.py"))

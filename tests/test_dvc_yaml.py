@@ -1,0 +1,84 @@
+"""dvc.yaml is honest: each stage depends on exactly the code it runs and only its own params."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _imported_pipeline_modules(path: Path) -> set[str]:
+    """`pipeline.*` modules a file imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            if node.module == "pipeline":
+                found |= {f"pipeline.{a.name}" for a in node.names if (ROOT / "pipeline" / f"{a.name}.py").exists()}
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("pipeline.")}
+    return found
+
+
+def _closure(script: Path) -> set[str]:
+    """Repository-relative .py files a stage script runs: itself + transitive pipeline imports."""
+    files, todo = {script}, [script]
+    while todo:
+        for module in _imported_pipeline_modules(todo.pop()):
+            path = ROOT / (module.replace(".", "/") + ".py")
+            if path not in files:
+                files.add(path)
+                todo.append(path)
+    return {str(p.relative_to(ROOT)) for p in files}
+
+
+def _script(cmd: str) -> Path:
+    return ROOT / next(t for t in shlex.split(cmd) if t.startswith("stages/"))
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_code_deps_are_exactly_the_code_it_imports(name: str) -> None:
+    stage = _stages()[name]
+    declared = {d for d in stage["deps"] if isinstance(d, str) and d.endswith(".py")}
+    expected = _closure(_script(stage["cmd"]))
+    if "pipeline/__init__.py" in expected:
+        expected.discard("pipeline/__init__.py")  # version string only; see pipeline/__init__.py
+    assert declared == expected, f"stage {name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_params_are_the_sections_its_script_reads(name: str) -> None:
+    stage = _stages()[name]
+    script = _script(stage["cmd"]).read_text()
+    read = set(re.findall(r'\.get\("(\w+)"\)', script))
+    section = re.search(r"--section (\w+)", stage["cmd"])
+    if section:
+        read.add(section.group(1))
+    declared = {p.split(".")[0] for p in stage["params"]}  # `teacher.path` counts as reading `teacher`
+    assert declared == read, f"stage {name}: params {sorted(declared)} but the script reads {sorted(read)}"
+
+
+def test_params_yaml_sections_all_load() -> None:
+    from pipeline import config
+
+    params = config.load_params(ROOT / "params.yaml")
+    classes = {"corpus": config.CorpusConfig, "demo_teacher": config.DemoTeacherConfig, "teacher": config.TeacherConfig,
+               "prepare": config.PrepareConfig, "cache": config.CacheConfig, "train": config.TrainConfig,
+               "train_baseline": config.TrainConfig, "evaluate": config.EvaluateConfig}
+    assert set(params) == set(classes) | {"paths"}
+    for section, cls in classes.items():
+        config.load_section(cls, params[section], section=section)
+    assert params["train_baseline"]["loss"] == "ce"
+    assert {k: v for k, v in params["train_baseline"].items() if k != "loss"} == \
+        {k: v for k, v in params["train"].items() if k != "loss"}, "baseline must match the KD student but for the loss"
