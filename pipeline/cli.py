@@ -101,12 +101,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
+    cfg = config_from_args(CacheConfig, args)
     from pipeline.cache_writer import build_cache
     from pipeline.teacher import load_teacher
     from pipeline.token_data import open_tokens
 
-    teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
-    cfg = config_from_args(CacheConfig, args)
     rank, world = _dist_rank_world()
     build_cache(load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split), cfg, out_dir=args.out,
                 rank=rank, world_size=world, progress=show_progress() and rank == 0)
