@@ -1,0 +1,237 @@
+"""Held-out comparison of a teacher and its students on the val split.
+
+For every model: next-token cross-entropy (nats/token) and perplexity, KL(teacher || model) with
+full-vocabulary distributions, top-1 agreement with the teacher, top-1 accuracy, expected
+calibration error of top-1 predictions (equal-width bins) with reliability-diagram data, forward
+throughput, parameter count and size on disk. All models see the same batches side by side, so
+the teacher's logits are computed once per batch. Metrics run in fp32 over chunks of positions.
+
+Positions 0..T-2 of each sequence are scored (position t predicts token t+1).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from pipeline.config import EvaluateConfig
+from pipeline.fingerprint import WEIGHT_SUFFIXES
+from pipeline.losses import dense_kl
+from pipeline.token_data import TokenSplit
+
+log = logging.getLogger(__name__)
+
+CHUNK_POSITIONS = 1024
+"""Positions per fp32 metric chunk: caps the (chunk, V) temporaries."""
+SCALARS = ("ce", "ppl", "kl_to_teacher", "top1_agreement", "top1_accuracy", "ece", "tokens_per_s",
+           "num_parameters", "size_bytes")
+
+
+class EvaluateError(ValueError):
+    """The models or token data cannot be compared as asked."""
+
+
+@dataclass
+class Tally:
+    """Running sums for one model over scored positions."""
+
+    bins: int
+    n: int = 0
+    ce: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    correct: int = 0
+    forward_s: float = 0.0
+    forward_tokens: int = 0
+    bin_count: np.ndarray = field(init=False)
+    bin_conf: np.ndarray = field(init=False)
+    bin_correct: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bin_count = np.zeros(self.bins, np.int64)
+        self.bin_conf = np.zeros(self.bins, np.float64)
+        self.bin_correct = np.zeros(self.bins, np.float64)
+
+    def add_calibration(self, confidence: torch.Tensor, correct: torch.Tensor) -> None:
+        """Bin top-1 confidences (n,) in [0, 1] into equal-width bins; 1.0 falls in the last bin."""
+        index = (confidence.double() * self.bins).floor().clamp(0, self.bins - 1).long()  # (n,)
+        self.bin_count += torch.bincount(index, minlength=self.bins).cpu().numpy()
+        self.bin_conf += torch.bincount(index, weights=confidence.double(), minlength=self.bins).cpu().numpy()
+        self.bin_correct += torch.bincount(index, weights=correct.double(), minlength=self.bins).cpu().numpy()
+
+    def ece(self) -> float:
+        """sum_b (n_b / N) |accuracy_b - confidence_b| = sum_b |correct_b - conf_b| / N."""
+        return float(np.abs(self.bin_correct - self.bin_conf).sum() / max(self.n, 1))
+
+    def reliability(self) -> list[dict[str, float]]:
+        rows = []
+        for b in range(self.bins):
+            count = int(self.bin_count[b])
+            rows.append({"bin": b, "lower": b / self.bins, "upper": (b + 1) / self.bins, "count": count,
+                         "confidence": float(self.bin_conf[b] / count) if count else None,
+                         "accuracy": float(self.bin_correct[b] / count) if count else None})
+        return rows
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, *, bins: int) -> float:
+    """ECE of top-1 predictions with ``bins`` equal-width confidence bins."""
+    tally = Tally(bins=bins, n=int(confidence.numel()))
+    tally.add_calibration(confidence.reshape(-1), correct.reshape(-1))
+    return tally.ece()
+
+
+def evaluate(cfg: EvaluateConfig, *, tokens: TokenSplit, models: dict[str, str | Path], teacher: str = "teacher",
+             device: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """Metrics for each model in ``models`` (name -> local model dir) against ``models[teacher]``.
+
+    Models are loaded in fp32 on CPU and bf16 on CUDA; metric math is fp32.
+    """
+    from tqdm.auto import tqdm
+
+    if teacher not in models:
+        raise EvaluateError(f"teacher name {teacher!r} is not among the models {sorted(models)}; pass its directory")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    loaded = {name: load_model(path, device=dev) for name, path in models.items()}
+    _check_vocab(loaded, models=models, teacher=teacher, tokens=tokens)
+    count = len(tokens) if cfg.max_sequences == 0 else min(cfg.max_sequences, len(tokens))
+    if count == 0 or tokens.seq_len < 2:
+        raise EvaluateError(f"token split {tokens.split!r} has no sequences of >= 2 tokens to evaluate; rerun prepare "
+                            "with a non-empty val split (corpus.val_fraction, prepare.max_val_sequences)")
+    tallies = {name: Tally(bins=cfg.calibration_bins) for name in models}
+    order = [teacher] + [n for n in models if n != teacher]
+    for start in tqdm(range(0, count, cfg.batch_size), desc="evaluate", unit="batch", disable=not progress):
+        ids = torch.from_numpy(np.asarray(tokens.ids[start:min(start + cfg.batch_size, count)], dtype=np.int64)).to(dev)  # (B, T)
+        if start == 0:
+            for name in order:  # warm-up forward per model, not timed
+                _forward(loaded[name], ids, dev)
+        teacher_logits = _timed_forward(loaded[teacher], ids, dev, tallies[teacher])  # (B, T, V)
+        for name in order:
+            logits = teacher_logits if name == teacher else _timed_forward(loaded[name], ids, dev, tallies[name])
+            _score(tallies[name], logits, teacher_logits, ids, is_teacher=name == teacher)
+            del logits
+    results = {name: _finish(tallies[name], loaded[name], Path(models[name])) for name in order}
+    n_tokens = tallies[teacher].n
+    log.info("evaluated %d models on %d sequences (%d positions)", len(models), count, n_tokens)
+    return {"teacher": teacher, "split": tokens.split, "token_fingerprint": tokens.fingerprint,
+            "num_sequences": count, "num_tokens": n_tokens, "models": results}
+
+
+def load_model(path: str | Path, *, device: torch.device) -> PreTrainedModel:
+    path = Path(path)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise EvaluateError(f"{path}: cannot load a causal LM ({e}); is this a model directory (config.json + "
+                            "safetensors weights)? Train or pull it first") from e
+    return model.to(device).eval()
+
+
+def _check_vocab(loaded: dict[str, PreTrainedModel], *, models: dict[str, str | Path], teacher: str,
+                 tokens: TokenSplit) -> None:
+    sizes = {name: m.get_output_embeddings().weight.shape[0] for name, m in loaded.items()}
+    for name, size in sizes.items():
+        if size != sizes[teacher]:
+            raise EvaluateError(f"{models[name]}: {size} output logits but the teacher {models[teacher]} has "
+                                f"{sizes[teacher]}; KL and agreement need the same vocabulary")
+    if tokens.vocab_size > sizes[teacher]:
+        raise EvaluateError(f"token split {tokens.split!r} has vocab_size {tokens.vocab_size} > the models' "
+                            f"{sizes[teacher]} logits; the tokens were made with another tokenizer")
+
+
+@torch.inference_mode()
+def _forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return logits
+
+
+def _timed_forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device, tally: Tally) -> torch.Tensor:
+    t0 = time.perf_counter()
+    logits = _forward(model, ids, dev)
+    tally.forward_s += time.perf_counter() - t0
+    tally.forward_tokens += ids.numel()
+    return logits
+
+
+@torch.inference_mode()
+def _score(tally: Tally, logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, *,
+           is_teacher: bool) -> None:
+    """Add one batch's positions 0..T-2 to ``tally``, in chunks of positions."""
+    vocab = logits.shape[-1]
+    flat = logits[:, :-1].reshape(-1, vocab)  # (N, V), N = B*(T-1)
+    flat_teacher = teacher_logits[:, :-1].reshape(-1, vocab)  # (N, V)
+    labels = ids[:, 1:].reshape(-1)  # (N,)
+    for s in range(0, flat.shape[0], CHUNK_POSITIONS):
+        rows = slice(s, s + CHUNK_POSITIONS)
+        logq = F.log_softmax(flat[rows].float(), dim=-1)  # (c, V)
+        logp = F.log_softmax(flat_teacher[rows].float(), dim=-1)  # (c, V)
+        conf, pred = logq.max(dim=-1)  # (c,), (c,)
+        correct = pred == labels[rows]  # (c,)
+        tally.n += int(labels[rows].numel())
+        tally.ce += float(F.nll_loss(logq, labels[rows], reduction="sum"))
+        if not is_teacher:
+            tally.kl += float(dense_kl(logp, flat[rows].float()).sum())
+        tally.agree += int((pred == logp.argmax(dim=-1)).sum())
+        tally.correct += int(correct.sum())
+        tally.add_calibration(conf.exp(), correct)
+
+
+def _finish(tally: Tally, model: PreTrainedModel, path: Path) -> dict[str, Any]:
+    ce = tally.ce / max(tally.n, 1)
+    return {
+        "path": str(path), "ce": ce, "ppl": math.exp(min(ce, 700.0)), "kl_to_teacher": tally.kl / max(tally.n, 1),
+        "top1_agreement": tally.agree / max(tally.n, 1), "top1_accuracy": tally.correct / max(tally.n, 1),
+        "ece": tally.ece(), "tokens_per_s": tally.forward_tokens / max(tally.forward_s, 1e-9),
+        "num_parameters": int(model.num_parameters()), "size_bytes": model_size_bytes(path),
+        "calibration": tally.reliability(),
+    }
+
+
+def model_size_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a model directory."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def write_metrics(metrics: dict[str, Any], *, metrics_path: str | Path, plots_dir: str | Path) -> None:
+    """A flat JSON for ``dvc metrics show`` and ``calibration.csv`` (model,bin,confidence,accuracy,count)
+    for ``dvc plots show``; both written atomically."""
+    models = metrics["models"]
+    flat: dict[str, Any] = {name: {k: m[k] for k in SCALARS} for name, m in models.items()}
+    if "student" in models and "baseline" in models:
+        flat["kd_minus_baseline_ce"] = models["student"]["ce"] - models["baseline"]["ce"]
+        flat["kd_minus_baseline_kl"] = models["student"]["kl_to_teacher"] - models["baseline"]["kl_to_teacher"]
+    flat["num_sequences"], flat["num_tokens"] = metrics["num_sequences"], metrics["num_tokens"]
+    metrics_path = Path(metrics_path)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_text(metrics_path, json.dumps(flat, indent=2) + "\n")
+    plots = Path(plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    tmp = plots / "calibration.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "bin", "confidence", "accuracy", "count"])
+        for name, m in models.items():
+            for row in m["calibration"]:
+                if row["count"]:
+                    writer.writerow([name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]])
+    os.replace(tmp, plots / "calibration.csv")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
