@@ -1,0 +1,117 @@
+"""load_teacher loads local causal LMs only, with clear errors; teacher_logits is a plain forward."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import TeacherConfig
+from pipeline.teacher import TeacherError, load_teacher, teacher_logits, tokenizer_vocab_size
+
+MODEL_VOCAB = 320  # > the tokenizer's 300 ids: padding rows, as real models have
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """A tiny byte-level BPE tokenizer trained on this file's own text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_teacher_dir(path: Path, *, model_vocab: int = MODEL_VOCAB, tokenizer=None) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=model_vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    (tokenizer or make_tokenizer()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_teacher_dir(tmp_path_factory.mktemp("teacher"))
+
+
+def test_load_teacher_records_provenance_and_runs_in_eval_mode(teacher_dir):
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu"))
+    info = teacher.info
+    assert set(info) == {"path", "sha256", "files", "dtype", "model_type", "num_parameters", "vocab_size"}
+    assert info["dtype"] == "float32" and teacher.dtype == torch.float32  # auto on CPU
+    assert info["model_type"] == "llama" and info["vocab_size"] == MODEL_VOCAB == teacher.vocab_size
+    assert "model.safetensors" in info["files"] and "config.json" in info["files"] and len(info["sha256"]) == 64
+    assert info["num_parameters"] == sum(p.numel() for p in teacher.model.parameters())
+    assert not teacher.model.training
+    assert tokenizer_vocab_size(teacher.tokenizer) == 300
+
+
+def test_teacher_logits_equal_a_plain_forward(teacher_dir):
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu"))
+    ids = torch.randint(0, 300, (2, 9))
+    logits = teacher_logits(teacher, ids)
+    assert logits.shape == (2, 9, MODEL_VOCAB) and logits.device == teacher.device
+    with torch.no_grad():
+        torch.testing.assert_close(logits, teacher.model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        teacher_logits(teacher, ids[0])
+
+
+def test_explicit_dtype_is_used(teacher_dir):
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu", dtype="bfloat16"))
+    assert teacher.dtype == torch.bfloat16 and teacher.info["dtype"] == "bfloat16"
+    assert next(teacher.model.parameters()).dtype == torch.bfloat16
+
+
+def test_trust_remote_code_logs_a_warning(teacher_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.teacher"):
+        load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu", trust_remote_code=True))
+    assert "trust_remote_code" in caplog.text
+
+
+def test_missing_dir_names_the_key_and_the_demo_stage(tmp_path):
+    with pytest.raises(TeacherError, match=r"teacher.path '.*nope' does not exist .* demo_teacher"):
+        load_teacher(TeacherConfig(path=str(tmp_path / "nope")))
+
+
+def test_dir_without_config_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TeacherError, match="no config.json"):
+        load_teacher(TeacherConfig(path=str(tmp_path)))
+
+
+def test_encoder_only_config_is_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(TeacherError, match="BertModel .* is not a causal LM"):
+        load_teacher(TeacherConfig(path=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    with pytest.raises(TeacherError, match="not a causal LM"):
+        load_teacher(TeacherConfig(path=str(tmp_path)))
+
+
+def test_config_without_weights_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(TeacherError, match="no weight files"):
+        load_teacher(TeacherConfig(path=str(tmp_path)))
+
+
+def test_tokenizer_larger_than_the_logits_is_refused(tmp_path):
+    make_teacher_dir(tmp_path, model_vocab=256)
+    with pytest.raises(TeacherError, match="logits have 256 entries but its tokenizer has 300"):
+        load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))
