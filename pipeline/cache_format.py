@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ FORMAT_NAME = "kdcache"
 FORMAT_VERSION = "1.0"
 """major.minor: readers refuse another major; minors only add optional fields."""
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = re.compile(r"^shard-\d{5}\.parquet$")
+SHARD_PATTERN = re.compile(r"\Ashard-[0-9]{5}\.parquet\Z")  # \Z, not $ (which accepts a trailing newline)
 LOGPROB_SCALE = 2048.0
 """uint16 fixed point on -logprob: step 1/2048 nats (KL cost ~ step^2/24 ~ 1e-8), floor -32 nats."""
 MAX_CODE = np.iinfo(np.uint16).max
@@ -80,6 +81,10 @@ class TargetLayout:
     value_encoding: str = f"uint16 -logprob*{int(LOGPROB_SCALE)}"
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "seq_len", "top_k", "samples", "seed", "mass", "temperature"):
+            value, kind = getattr(self, key), numbers.Real if key in ("mass", "temperature") else numbers.Integral
+            if not isinstance(value, kind) or isinstance(value, bool):  # e.g. seq_len 12.0 from a hand-edited manifest
+                raise CacheFormatError(f"targets.{key} must be {'a number' if kind is numbers.Real else 'an integer'}, got {value!r}")
         if self.kind not in ("topk", "sampled", "both"):
             raise CacheFormatError(f"targets.kind must be topk|sampled|both, got {self.kind!r}")
         if not (0 < self.vocab_size < 1 << 32) or self.seq_len < 1:
@@ -336,7 +341,10 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     manifest = Manifest(name=data["name"], teacher=data["teacher"], tokenizer=data["tokenizer"],
                         corpus=data["corpus"], targets=data["targets"], shards=shards, stats=data["stats"],
                         created_by=str(data.get("created_by", "")), format=FORMAT_NAME, format_version=version)
-    layout = manifest.layout  # validates kind, k, samples, sizes
+    try:
+        layout = manifest.layout  # validates kind, k, samples, sizes
+    except CacheFormatError as e:
+        raise CacheFormatError(f"{source}: {e}") from e
     need(layout.vocab_size == manifest.tokenizer.get("vocab_size"), "targets.vocab_size differs from tokenizer.vocab_size")
     for i, s in enumerate(shards):
         need(s.tokens == s.rows * layout.seq_len, f"shards[{i}]: tokens {s.tokens} != rows {s.rows} x seq_len {layout.seq_len}")
