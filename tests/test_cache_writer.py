@@ -1,0 +1,239 @@
+"""build_cache writes shards equal to a fresh teacher forward; reruns resume byte-identically; failures seal nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import pipeline.cache_writer as cache_writer
+from pipeline.cache_format import Manifest, TargetLayout, decode_row
+from pipeline.cache_writer import CacheWriteError, build_cache, default_cache_name, read_shard_meta
+from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
+from pipeline.teacher import Teacher, load_teacher
+from pipeline.token_data import open_tokens, write_tokens
+
+N, T, VOCAB = 10, 16, 300
+CFG = CacheConfig(top_k=8, batch_size=3, rows_per_shard=4, split="train")  # shards of 4, 4, 2 rows
+RARE = 299  # a token id that appears in one sequence only (NaN injection)
+
+
+def _make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Teacher:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    _make_tokenizer().save_pretrained(path)
+    return load_teacher(TeacherConfig(path=str(path), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory, teacher) -> Path:
+    ids = np.random.default_rng(0).integers(0, VOCAB - 1, size=(N, T))
+    ids[7, 9] = RARE  # shard 1, second batch: its .tmp is open when the NaN appears
+    path = tmp_path_factory.mktemp("tokens")
+    write_tokens(path, {"train": ids, "val": ids[:2]}, vocab_size=VOCAB,
+                 tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer))
+    return path
+
+
+def _files(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir()) if p.is_file()}
+
+
+def _rows(cache: Path, layout: TargetLayout) -> dict[int, object]:
+    rows = {}
+    for shard in sorted(cache.glob("shard-*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            rows[row["seq_index"]] = decode_row(layout, row)
+    return rows
+
+
+def test_cached_values_equal_a_fresh_teacher_forward(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    manifest = build_cache(teacher, tokens, CFG, out_dir=tmp_path / "c")
+    rows = _rows(tmp_path / "c", manifest.layout)
+    assert sorted(rows) == list(range(N))
+    with torch.no_grad():
+        dense = torch.log_softmax(teacher.model(input_ids=torch.from_numpy(np.asarray(tokens.ids, np.int64)))
+                                  .logits[..., :VOCAB].float(), dim=-1)  # (N, T, V)
+    top = dense.topk(8, dim=-1).values.numpy()
+    for i, row in rows.items():
+        assert np.array_equal(row.input_ids, tokens.ids[i])
+        at_ids = np.take_along_axis(dense[i].numpy(), row.topk_ids.astype(np.int64), axis=-1)  # (T, k)
+        assert np.abs(row.topk_logprobs - at_ids).max() <= 1 / 2048
+        assert np.abs(row.topk_logprobs - top[i]).max() <= 1 / 2048
+
+
+def test_manifest_describes_the_cache_and_shard_hashes_match(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    out = tmp_path / "c"
+    manifest = build_cache(teacher, tokens, CFG, out_dir=out)
+    loaded = Manifest.load(out)
+    assert loaded == manifest and manifest.name == "c" and manifest.created_by.startswith("kdcache ")
+    assert manifest.teacher["sha256"] == teacher.info["sha256"] and manifest.teacher["dtype"] == "float32"
+    assert manifest.tokenizer["fingerprint"] == tokens.tokenizer_fingerprint and manifest.tokenizer["vocab_size"] == VOCAB
+    assert manifest.corpus == {"fingerprint": tokens.fingerprint, "split": "train", "seq_len": T,
+                               "num_sequences": N, "num_tokens": N * T}
+    assert manifest.targets["kind"] == "topk" and manifest.targets["top_k"] == 8
+    assert manifest.targets["batch_size"] == 3 and manifest.targets["compute_dtype"] == "float32"
+    assert [s.file for s in manifest.shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert [(s.rows, s.first_seq) for s in manifest.shards] == [(4, 0), (4, 4), (2, 8)]
+    for s in manifest.shards:
+        assert s.sha256 == sha256_file(out / s.file) and s.bytes == (out / s.file).stat().st_size
+        meta = pq.read_metadata(out / s.file)
+        assert meta.row_group(0).column(1).statistics is None  # no statistics on binary blobs
+    stats = manifest.stats
+    assert stats["num_rows"] == N and stats["skipped_sequences"] == []
+    assert 0 < stats["mean_entropy"] <= np.log(VOCAB) and 0 < stats["mean_topk_mass"] < 1
+    assert stats["bytes_per_token"] == pytest.approx(stats["total_bytes"] / (N * T))
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    assert tokenizer_fingerprint(saved) == manifest.tokenizer["fingerprint"]
+    assert manifest.tokenizer["files"] == {n: sha256_file(out / "tokenizer" / n) for n in manifest.tokenizer["files"]}
+
+
+def test_rerun_is_a_noop_and_a_deleted_shard_is_recomputed_byte_identically(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    out = tmp_path / "c"
+    build_cache(teacher, tokens, CFG, out_dir=out)
+    first = _files(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    build_cache(teacher, tokens, CFG, out_dir=out)
+    assert _files(out) == first
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    (out / "shard-00001.parquet").unlink()
+    (out / "shard-00002.parquet.tmp").write_bytes(b"half a shard")
+    build_cache(teacher, tokens, CFG, out_dir=out)
+    assert _files(out) == first  # recomputed shard identical, .tmp gone, manifest unchanged
+    assert (out / "shard-00000.parquet").stat().st_mtime_ns == mtimes["shard-00000.parquet"]
+
+
+def test_two_ranks_write_the_same_files_as_one(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    one, two = tmp_path / "one" / "c", tmp_path / "two" / "c"
+    build_cache(teacher, tokens, CFG, out_dir=one)
+    assert build_cache(teacher, tokens, CFG, out_dir=two, rank=1, world_size=2) is None
+    assert sorted(p.name for p in two.glob("shard-*")) == ["shard-00001.parquet"]
+    assert build_cache(teacher, tokens, CFG, out_dir=two, rank=0, world_size=2) is not None
+    assert _files(two) == _files(one)
+
+
+def test_rank_zero_waits_for_missing_shards_of_other_ranks(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    assert build_cache(teacher, tokens, CFG, out_dir=tmp_path, rank=0, world_size=2) is None
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_writer_failure_propagates_and_leaves_no_manifest_or_tmp(teacher, token_dir, tmp_path, monkeypatch):
+    tokens = open_tokens(token_dir, "train")
+    calls = []
+    real = cache_writer.encode_table
+
+    def failing_encode(layout, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise OSError("No space left on device")
+        return real(layout, rows)
+
+    monkeypatch.setattr(cache_writer, "encode_table", failing_encode)
+    with pytest.raises(OSError, match="No space left"):
+        build_cache(teacher, tokens, CFG, out_dir=tmp_path)
+    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.parquet"]  # 2 batches: finished
+    monkeypatch.setattr(cache_writer, "encode_table", real)
+    assert build_cache(teacher, tokens, CFG, out_dir=tmp_path).num_rows == N
+
+
+def test_other_variants_round_trip(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    cfg = dataclasses.replace(CFG, targets="both", mass=0.5, samples=6, temperature=2.0)
+    manifest = build_cache(teacher, tokens, cfg, out_dir=tmp_path)
+    layout = manifest.layout
+    assert layout.adaptive and layout.samples == 6 and layout.temperature == 2.0
+    for row in _rows(tmp_path, layout).values():
+        assert (row.sample_counts.sum(-1) == 6).all()
+        assert row.topk_lengths.min() >= 1 and row.topk_lengths.max() <= 8
+
+
+def test_tokenizer_fingerprint_mismatch_is_refused(teacher, token_dir, tmp_path):
+    ids = np.asarray(open_tokens(token_dir, "train").ids)
+    write_tokens(tmp_path / "tok", {"train": ids}, vocab_size=VOCAB, tokenizer_fingerprint="f" * 64)
+    with pytest.raises(CacheWriteError, match="ffffffffffff.*rerun prepare with this teacher's tokenizer"):
+        build_cache(teacher, open_tokens(tmp_path / "tok", "train"), CFG, out_dir=tmp_path / "c")
+
+
+def test_wrong_split_and_foreign_shards_are_refused(teacher, token_dir, tmp_path):
+    tokens = open_tokens(token_dir, "train")
+    with pytest.raises(CacheWriteError, match="cache.split is 'val'"):
+        build_cache(teacher, tokens, dataclasses.replace(CFG, split="val"), out_dir=tmp_path)
+    build_cache(teacher, tokens, CFG, out_dir=tmp_path)
+    with pytest.raises(CacheWriteError, match="another teacher, corpus or target settings"):
+        build_cache(teacher, tokens, dataclasses.replace(CFG, top_k=4), out_dir=tmp_path)
+    with pytest.raises(CacheWriteError, match="belongs to another cache"):
+        build_cache(teacher, tokens, dataclasses.replace(CFG, rows_per_shard=8), out_dir=tmp_path)
+
+
+@pytest.fixture
+def nan_teacher(teacher):
+    embed = teacher.model.get_input_embeddings().weight
+    saved = embed[RARE].clone()
+    with torch.no_grad():
+        embed[RARE] = float("nan")
+    yield teacher
+    with torch.no_grad():
+        embed[RARE] = saved
+
+
+def test_nan_logits_fail_naming_the_sequence(nan_teacher, token_dir, tmp_path):
+    with pytest.raises(CacheWriteError, match=r"sequence\(s\) \[7\].*on_nan: skip"):
+        build_cache(nan_teacher, open_tokens(token_dir, "train"), CFG, out_dir=tmp_path)
+    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_nan_logits_skip_drops_the_sequence_and_records_it(nan_teacher, token_dir, tmp_path):
+    cfg = dataclasses.replace(CFG, on_nan="skip")
+    manifest = build_cache(nan_teacher, open_tokens(token_dir, "train"), cfg, out_dir=tmp_path)
+    assert manifest.stats["skipped_sequences"] == [7] and manifest.num_rows == N - 1
+    assert [s.rows for s in manifest.shards] == [4, 3, 2]
+    assert 7 not in _rows(tmp_path, manifest.layout)
+    assert read_shard_meta(tmp_path / "shard-00001.parquet", _build_key(tmp_path))["skipped"] == [7]
+
+
+def _build_key(cache: Path) -> str:
+    import json
+
+    return json.loads(pq.read_metadata(cache / "shard-00000.parquet").metadata[b"kdcache.shard"])["build_key"]
+
+
+def test_default_cache_name_is_content_addressed(teacher, token_dir):
+    tokens = open_tokens(token_dir, "train")
+    layout = cache_writer.target_layout(CFG, vocab_size=VOCAB, seq_len=T)
+    name = default_cache_name(teacher.info, tokens, layout)
+    assert name == f"{teacher.info['sha256'][:8]}-{tokens.fingerprint[:8]}-train-top8"
+    assert name == default_cache_name(dict(teacher.info, path="/elsewhere"), tokens, layout)
+    other = cache_writer.target_layout(dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0),
+                                       vocab_size=VOCAB, seq_len=T)
+    assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s32seed0-t2")
