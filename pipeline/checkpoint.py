@@ -1,0 +1,159 @@
+"""Training checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a directory ``<out>/checkpoints/step-NNNNNN/`` holding
+
+- ``model.safetensors``  the model weights (``safetensors.torch.save_model``: tied weights once);
+- ``state.safetensors`` + ``state.json``  optimizer, scheduler and RNG states: any nested
+  dict/list/tuple of tensors and JSON scalars is split into a flat ``{path: tensor}`` file and a
+  JSON skeleton whose tensors are ``{"__tensor__": path}`` references;
+- ``trainer.json``  the loop position (step, epoch, next batch) and counters.
+
+It is written into a hidden temp dir and renamed when complete, so a crash mid-write never leaves
+a directory that looks like a checkpoint; only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = "model.safetensors", "state.safetensors", "state.json", "trainer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, malformed or holds something that cannot be saved without pickle."""
+
+
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state into a JSON-ready skeleton and a flat ``{path: tensor}`` dict."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.tolist(), "dtype": x.dtype.str}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: enc(v, f"{path}.{k}") for k, v in x.items()}
+            return {"__items__": [[k, enc(v, f"{path}.{k}")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise CheckpointError(f"cannot checkpoint {type(x).__name__} at '{path}' without pickle; "
+                              "only tensors, arrays, dicts, lists, tuples and JSON scalars are supported")
+
+    return enc(obj, "s"), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if "__tensor__" in skeleton:
+        key = skeleton["__tensor__"]
+        if key not in tensors:
+            raise CheckpointError(f"{STATE_FILE} lacks tensor '{key}' named in {STATE_JSON}; the checkpoint is damaged")
+        return tensors[key]
+    if "__ndarray__" in skeleton:
+        return np.asarray(skeleton["__ndarray__"], dtype=np.dtype(skeleton["dtype"]))
+    if "__items__" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__items__"]}
+    if "__tuple__" in skeleton:
+        return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+    return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python RNG states, checkpointable by :func:`flatten_state`."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str | Path, *, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    trainer: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``<out_dir>/checkpoints/step-NNNNNN`` atomically; prune to the newest ``keep``."""
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".{final.name}.incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / MODEL_FILE))
+    skeleton, tensors = flatten_state(state)
+    save_file(tensors, str(tmp / STATE_FILE))
+    _write_json(tmp / STATE_JSON, skeleton)
+    _write_json(tmp / TRAINER_JSON, {**trainer, "step": step})
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    log.info("checkpoint %s", final)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into ``model``; return (state, trainer) as saved by :func:`save_checkpoint`."""
+    path = Path(path)
+    missing = [n for n in (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)}; delete this checkpoint dir to resume from the previous one")
+    try:
+        load_model(model, str(path / MODEL_FILE), strict=True)
+        skeleton = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        trainer = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
+        state = unflatten_state(skeleton, load_file(str(path / STATE_FILE)))
+    except (OSError, RuntimeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({e}); delete it to resume from the previous one") from e
+    return state, trainer
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj) + "\n", encoding="utf-8")

@@ -1,0 +1,344 @@
+"""The student training loop: cached soft targets -> sparse KD loss -> AdamW; checkpoints; resume.
+
+Data order depends only on ``cfg.seed`` and the epoch (the cache reader's batching), so a KD run
+and its CE baseline see the same batches, and a resumed run continues exactly where the
+checkpoint left off: its per-step losses equal an uninterrupted run's.
+
+Output directory::
+
+    out_dir/checkpoints/step-NNNNNN/   resumable state (pipeline.checkpoint), newest 2 kept
+    out_dir/train_log.jsonl            one JSON line per optimizer step
+    out_dir/config.json, model.safetensors, tokenizer files   the final student (from_pretrained)
+    out_dir/training.json              written last: the run finished
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from pipeline import __version__
+from pipeline.cache_reader import CacheReader, open_cache
+from pipeline.checkpoint import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.config import ConfigError, TrainConfig, to_dict
+from pipeline.fingerprint import tokenizer_fingerprint
+from pipeline.losses import KDLossSpec, kd_loss
+from pipeline.student import build_student, count_parameters, load_student_tokenizer
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "train_log.jsonl"
+SUMMARY_NAME = "training.json"
+TOKENIZER_SUBDIR = "tokenizer"
+TARGET_KEYS = {"topk_tail": ("topk_ids", "topk_logprobs", "topk_mask"),
+               "topk_renorm": ("topk_ids", "topk_logprobs", "topk_mask"),
+               "sampled": ("sample_ids", "sample_counts"), "ce": ()}
+
+
+class TrainError(ValueError):
+    """Training cannot start or continue with these inputs."""
+
+
+@dataclass
+class Position:
+    """Where the loop stands: optimizer steps done and the next (epoch, batch) to read."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+
+def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resume: bool = False,
+          device: str = "auto", progress: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """Train a student on the cache at ``cache_dir``; write checkpoints, a log and the final model.
+
+    ``resume`` continues from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
+    ``max_steps`` stops early at that step (the LR schedule still spans ``cfg.max_steps``), as if
+    interrupted; the model is saved but ``training.json`` records ``complete: false``.
+    Returns the summary written to ``training.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _dist_rank_world()
+    dev = resolve_device(device)
+    cache_tok = load_cache_tokenizer(cache_dir)
+    student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
+    reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(student_tok))
+    spec = loss_spec(cfg, reader, cache_dir=cache_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg.student, vocab_size=reader.layout.vocab_size, seq_len=reader.layout.seq_len,
+                          tokenizer=cache_tok).to(dev)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    pos = _start(out, resume=resume, model=model, optimizer=optimizer, scheduler=scheduler, is_main=rank == 0)
+    stop = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
+    wrapped = _maybe_ddp(model, dev, world)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    session_start, session_tokens = time.perf_counter(), pos.tokens
+    with reader:
+        _loop(cfg, stop=stop, pos=pos, model=wrapped, optimizer=optimizer, scheduler=scheduler, spec=spec,
+              reader=reader, dev=dev, out=out, rank=rank, world=world, progress=progress)
+        session_s = time.perf_counter() - session_start
+        summary = _summary(cfg, pos=pos, stop=stop, reader=reader, model=model, dev=dev, world=world,
+                           tokens_per_s=(pos.tokens - session_tokens) / max(session_s, 1e-9), out=out)
+    if rank == 0:
+        save_final(model, cache_tok, out=out, summary=summary)
+    log.info("trained %d steps: %.0f tokens/s, peak %s", pos.step, summary["tokens_per_s"],
+             ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["peak_memory_bytes"].items()))
+    return summary
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_cache_tokenizer(cache_dir: str | Path) -> Any:
+    path = Path(cache_dir) / TOKENIZER_SUBDIR
+    if not path.is_dir():
+        raise TrainError(f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
+                         "cache stage); rebuild or re-pull the cache")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -> KDLossSpec:
+    """The loss for ``cfg``, refusing a loss the cache's targets cannot feed."""
+    layout = reader.layout
+    if cfg.loss in ("topk_tail", "topk_renorm") and not layout.has_topk:
+        raise ConfigError(f"train.loss={cfg.loss} needs top-k targets but {cache_dir} holds '{layout.kind}' targets; "
+                          "set train.loss: sampled, or rebuild the cache with cache.targets: topk or both")
+    if cfg.loss == "sampled" and not layout.has_samples:
+        raise ConfigError(f"train.loss=sampled needs sampled targets but {cache_dir} holds '{layout.kind}' targets; "
+                          "set train.loss: topk_tail, or rebuild the cache with cache.targets: sampled or both")
+    try:
+        return KDLossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+    except ValueError as e:
+        raise ConfigError(f"train: {e}") from e
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms, biases and embeddings (tied to the LM head) do not."""
+    embed = {id(p) for p in model.get_input_embeddings().parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 and id(p) not in embed else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_stream(reader: CacheReader, batch_size: int, *, seed: int, pos: Position, rank: int,
+                 world: int) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+    """Batches from ``pos`` on, rolling over epochs; yields ((epoch, batch) after this one, batch)."""
+    per_epoch = reader.num_batches(batch_size, world)
+    if per_epoch < 1:
+        raise TrainError(f"cache has {len(reader)} sequences, fewer than one batch of {batch_size} x {world} rank(s); "
+                         "lower train.batch_size or cache more sequences")
+    epoch, start = pos.epoch, pos.batch
+    while True:
+        batches = reader.batches(batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, start_batch=start)
+        try:
+            for index, batch in enumerate(batches, start):
+                yield ((epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)), batch
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        epoch, start = epoch + 1, 0
+
+
+def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, spec: KDLossSpec, reader: CacheReader, dev: torch.device, out: Path, rank: int,
+          world: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    stream = batch_stream(reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world)
+    bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)
+    log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
+    try:
+        while pos.step < stop:
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev)
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            tokens = stats.pop("tokens") * world
+            pos.step, pos.tokens, pos.elapsed = pos.step + 1, pos.tokens + tokens, pos.elapsed + dt
+            record = {"step": pos.step, **stats, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
+                      "elapsed": pos.elapsed, "epoch": pos.epoch}
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if pos.step % cfg.log_every == 0:
+                log.info("step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s", pos.step, record["loss"],
+                         record["kd"], record["ce"], lr, record["tokens_per_s"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if rank == 0 and (pos.step % cfg.checkpoint_every == 0 or pos.step == stop):
+                _checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos)
+    finally:
+        stream.close()
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+
+
+def _step(cfg: TrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: KDLossSpec,
+          stream: Iterator, pos: Position, dev: torch.device) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch."""
+    optimizer.zero_grad(set_to_none=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    tokens = 0
+    for _ in range(cfg.grad_accum):
+        (pos.epoch, pos.batch), batch = next(stream)
+        input_ids = batch["input_ids"].to(dev, non_blocking=True)  # (B, T)
+        targets = {k: batch[k].to(dev, non_blocking=True) for k in TARGET_KEYS[spec.kind] if k in batch}
+        with amp:
+            logits = model(input_ids=input_ids).logits  # (B, T, V)
+        out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
+        (out.loss / cfg.grad_accum).backward()
+        sums["loss"] += out.loss.item() / cfg.grad_accum
+        sums["kd"] += out.kd.item() / cfg.grad_accum
+        sums["ce"] += out.ce.item() / cfg.grad_accum
+        tokens += input_ids.numel()
+    if not math.isfinite(sums["loss"]):
+        raise TrainError(f"loss is {sums['loss']} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
+                         "check the cache with `kdcache verify`")
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    optimizer.step()
+    return {**sums, "grad_norm": grad_norm, "tokens": tokens}
+
+
+def _start(out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+           is_main: bool) -> Position:
+    """Restore the newest checkpoint (resume) or clear a previous run's state; drop a stale finish marker."""
+    ckpt = latest_checkpoint(out) if resume else None
+    if is_main:
+        (out / SUMMARY_NAME).unlink(missing_ok=True)
+    if ckpt is None:
+        if resume:
+            log.info("%s: no checkpoint to resume from; starting at step 0", out)
+        if is_main and ((out / CHECKPOINTS).exists() or (out / LOG_NAME).exists()):
+            log.warning("%s: removing a previous run's checkpoints and log (pass resume=True to continue it)", out)
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            (out / LOG_NAME).unlink(missing_ok=True)
+        return Position()
+    state, trainer = load_checkpoint(ckpt, model=model)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    pos = Position(**{k: trainer[k] for k in asdict(Position())})
+    if is_main:
+        _truncate_log(out / LOG_NAME, pos.step)
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, pos.step, pos.epoch, pos.batch)
+    return pos
+
+
+def _checkpoint(out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                pos: Position) -> None:
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    save_checkpoint(out, step=pos.step, model=_unwrap(model), state=state, trainer=asdict(pos))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: dict[str, Any]) -> None:
+    """``save_pretrained`` model + tokenizer into ``out`` via a temp dir; ``training.json`` last."""
+    tmp = out / ".final.incomplete"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    for path in tmp.iterdir():
+        os.replace(path, out / path.name)
+    tmp.rmdir()
+    marker = out / (SUMMARY_NAME + ".tmp")
+    marker.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(marker, out / SUMMARY_NAME)
+
+
+def _summary(cfg: TrainConfig, *, pos: Position, stop: int, reader: CacheReader, model: torch.nn.Module,
+             dev: torch.device, world: int, tokens_per_s: float, out: Path) -> dict[str, Any]:
+    last = _last_log_line(out / LOG_NAME)
+    manifest = reader.meta
+    peak = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if dev.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(dev)
+    return {
+        "complete": pos.step >= cfg.max_steps, "steps": pos.step, "max_steps": cfg.max_steps, "stopped_at": stop,
+        "epochs": pos.epoch + pos.batch / max(reader.num_batches(cfg.batch_size, world), 1),
+        "tokens": pos.tokens, "final_loss": last.get("loss"), "final_kd": last.get("kd"), "final_ce": last.get("ce"),
+        "tokens_per_s": tokens_per_s, "elapsed_s": pos.elapsed, "peak_memory_bytes": peak,
+        "num_parameters": count_parameters(model), "device": str(dev),
+        "cache": {"name": manifest.name, "teacher_sha256": manifest.teacher.get("sha256"),
+                  "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
+                  "corpus_fingerprint": manifest.corpus.get("fingerprint"), "targets": manifest.targets},
+        "config": to_dict(cfg), "kdcache_version": __version__,
+    }
+
+
+def _last_log_line(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _maybe_ddp(model: torch.nn.Module, dev: torch.device, world: int) -> torch.nn.Module:
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
