@@ -120,13 +120,12 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from pipeline.tokenizer import TokenizerError, load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise TeacherError(f"teacher.path '{path}': cannot load its tokenizer ({e}) — the model directory must hold "
-                           "the tokenizer files (tokenizer.json / tokenizer_config.json) it was trained with") from e
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise TeacherError(f"teacher.path '{path}': {e}") from e
 
 
 def tokenizer_vocab_size(tokenizer: Any) -> int:

@@ -115,3 +115,11 @@ def test_tokenizer_larger_than_the_logits_is_refused(tmp_path):
     make_teacher_dir(tmp_path, model_vocab=256)
     with pytest.raises(TeacherError, match="logits have 256 entries but its tokenizer has 300"):
         load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))
+
+
+def test_model_dir_without_tokenizer_is_refused(tmp_path):
+    make_teacher_dir(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(TeacherError, match="no tokenizer files"):
+        load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))
