@@ -161,12 +161,18 @@ def test_an_epoch_covers_each_sequence_exactly_once(caches, staging, window) -> 
     assert len(dropped) == 5 and len(flat) == 20 and len(set(flat)) == 20
 
 
-def test_ranks_cover_each_sequence_once_even_when_counts_do_not_divide(caches, staging) -> None:
-    reader = open_cache(caches["topk"][0], staging_dir=staging)
-    per_rank = [_epoch(reader, 3, rank=r, world_size=3, drop_last=False) for r in range(3)]
-    assert {len(p) for p in per_rank} == {reader.num_batches(3, 3, drop_last=False)}  # same steps on every rank
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("batch_size,world_size", [(3, 3), (5, 4)])  # 23 = 9+9+5 -> 2,2,1; 23 = 20+3 -> 1,1,1,0
+def test_ranks_cover_each_sequence_once_even_when_counts_do_not_divide(caches, staging, kind, batch_size,
+                                                                       world_size) -> None:
+    reader = open_cache(caches[kind][0], staging_dir=staging)
+    per_rank = [_epoch(reader, batch_size, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)]
+    assert {len(p) for p in per_rank} == {reader.num_batches(batch_size, world_size, drop_last=False)}  # same steps
     seen = sum((sum(_ids(p), []) for p in per_rank), [])
     assert sorted(seen) == list(range(N))
+    last = [p[-1] for p in per_rank]
+    assert [len(b["seq_index"]) for b in last] == [len(a) for a in np.array_split(np.arange(N % (batch_size * world_size) or batch_size * world_size), world_size)]
+    assert all(b["input_ids"].shape[1:] == (LAYOUTS[kind].seq_len,) for b in last)  # empty slices keep their shape
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch(caches, staging, tmp_path) -> None:
