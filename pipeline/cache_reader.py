@@ -183,10 +183,15 @@ class CacheReader:
         else:
             order, shard_seq = np.arange(len(self)), np.arange(len(self._files))
         self._capacity = max(MAX_MAPPED, window + self.prefetch + 1)
+        return self._serve(order, shard_seq, range(start_batch, total), batch_size=batch_size, rank=rank,
+                           world_size=world_size)  # arguments were checked above, not at the first next()
+
+    def _serve(self, order: np.ndarray, shard_seq: np.ndarray, steps: range, *, batch_size: int, rank: int,
+               world_size: int) -> Iterator[dict[str, torch.Tensor]]:
         rank_of = np.empty(len(shard_seq), np.int64)
         rank_of[shard_seq] = np.arange(len(shard_seq))  # position of each shard in the epoch's shard order
         global_batch = batch_size * world_size
-        for g in range(start_batch, total):
+        for g in steps:
             rows = order[g * global_batch:(g + 1) * global_batch]
             reached = rank_of[np.searchsorted(self._offsets, rows, side="right") - 1].max()
             self._prefetch_from(int(reached) + 1, list(shard_seq))  # every rank stages what the global batch needs

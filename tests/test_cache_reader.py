@@ -209,7 +209,7 @@ def test_resume_twice_and_at_an_epoch_boundary_equals_an_uninterrupted_run(cache
     reader = open_cache(path, staging_dir=staging)
     assert _epoch(reader, 2, start_batch=per_epoch) == []  # resuming exactly at the end of an epoch
     with pytest.raises(ValueError, match="start_batch"):
-        _epoch(reader, 2, start_batch=per_epoch + 1)
+        reader.batches(2, seed=0, start_batch=per_epoch + 1)  # refused at the call, not at the first next()
 
 
 # ----------------------------------------------------------------------------- validation and errors
