@@ -61,6 +61,11 @@ class DemoTeacherConfig:
     intermediate_size: int = 768
     batch_size: int = 16
     lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then cosine decay over whichever budget (steps or minutes) runs out first."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
     max_steps: int = 2000
     """Upper bound on optimizer steps; ``max_minutes`` usually stops training first."""
     max_minutes: float = 5.0
@@ -77,6 +82,8 @@ class DemoTeacherConfig:
         _check(self.vocab_size >= 300, s, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
         _check(self.hidden_size % self.num_heads == 0, s, "hidden_size", "must be divisible by num_heads")
         _check(self.lr > 0, s, "lr", "must be > 0")
+        _check(self.warmup_steps >= 0, s, "warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
         _check(self.max_minutes > 0, s, "max_minutes", "must be > 0")
         _check(self.max_train_tokens >= 0, s, "max_train_tokens", "must be >= 0")
 

@@ -1,0 +1,319 @@
+"""Read a corpus with ``datasets``, split it by document content, tokenize and pack it.
+
+Documents come from local text files (one document per file), JSON Lines / JSON or Parquet files
+(one document per row, column ``corpus.text_field``) or, by default, the running Python's standard
+library. Everything is read through ``datasets`` with ``keep_in_memory=True`` and a throw-away cache
+directory, so prepare never writes into ``~/.cache/huggingface`` and never touches the network; the
+price is that the corpus text is held in RAM (fine up to a few GB; the packed ids are what is kept).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import glob
+import hashlib
+import logging
+import os
+import platform
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from itertools import chain, groupby
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from datasets.exceptions import DatasetGenerationError
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
+
+from pipeline import token_data
+from pipeline.config import CorpusConfig, PrepareConfig, to_dict
+from pipeline.fingerprint import tokenizer_fingerprint
+from pipeline.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+STDLIB_SKIP_DIRS = frozenset({
+    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+    # packaged separately by some distributions (Debian/Ubuntu): leave them out so the default
+    # corpus is the same on every machine with the same Python version
+    "idlelib", "lib2to3", "tkinter", "turtledemo", "distutils", "ensurepip", "venv",
+})
+_READ_CHUNK = 1 << 20
+_TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read, split or packed as configured."""
+
+
+def default_corpus_name() -> str:
+    return f"python-stdlib-{platform.python_version()}"
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's ``.py`` files, sorted; third-party, test and build-specific files excluded.
+
+    Files that are not valid UTF-8 are skipped (and counted in the log): the strict encoding policy is
+    for the user's own files.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))]
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("_sysconfigdata")]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    good = [p for p in files if _utf8_error_offset(p) is None]
+    if len(good) < len(files):
+        log.info("default corpus: skipped %d of %d files under %s that are not UTF-8", len(files) - len(good), len(files), root)
+    return good
+
+
+def _utf8_error_offset(path: Path) -> int | None:
+    """Byte offset of the first invalid UTF-8 sequence in ``path`` (streamed), or None if valid."""
+    pos, pending = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_READ_CHUNK)
+            data = pending + chunk
+            try:
+                _, used = codecs.utf_8_decode(data, "strict", not chunk)
+            except UnicodeDecodeError as e:
+                return pos + e.start
+            pos, pending = pos + used, data[used:]
+            if not chunk:
+                return None
+
+
+def _check_utf8(path: Path) -> None:
+    offset = _utf8_error_offset(path)
+    if offset is not None:
+        raise CorpusError(f"{path}: not UTF-8 at byte {offset} — fix the file or set corpus.errors: replace")
+
+
+def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Expand files and globs (``**`` allowed) into a sorted, de-duplicated list of files."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+            if not matched:
+                raise CorpusError(f"corpus.paths: no files matched the glob {pattern!r} — check the pattern "
+                                  "(relative paths are from the working directory)")
+            files.update(matched)
+        elif Path(pattern).is_file():
+            files.add(Path(pattern))
+        else:
+            what = "is a directory; use a glob such as 'DIR/**/*.txt'" if Path(pattern).is_dir() else "not found"
+            raise CorpusError(f"corpus.paths: {pattern} {what} — fix corpus.paths in params.yaml")
+    return sorted(files, key=lambda p: p.as_posix())
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    return "parquet" if suffix in PARQUET_SUFFIXES else "text"
+
+
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """Show or hide ``datasets``' own progress bars for the duration of a call, then restore."""
+    was_disabled = are_progress_bars_disabled()
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
+
+
+def _load(builder: str, files: list[Path], **kwargs: Any) -> datasets.Dataset:
+    with tempfile.TemporaryDirectory(prefix="kdcache-datasets-") as cache_dir:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                     cache_dir=cache_dir, keep_in_memory=True, **kwargs)
+
+
+def _read_text_files(files: list[Path], cfg: CorpusConfig) -> datasets.Dataset:
+    """One document per file (universal newlines, like ``open()`` in text mode)."""
+    if cfg.errors == "strict":
+        for path in files:
+            _check_utf8(path)
+    ds = _load("text", files, sample_by="document", encoding_errors=cfg.errors)
+    if len(ds) != len(files):
+        raise CorpusError(f"datasets returned {len(ds)} documents for {len(files)} text files (first: {files[0]})")
+    return ds.add_column("source", [str(f) for f in files])
+
+
+def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Dataset:
+    """One document per row of a JSON Lines / JSON / Parquet file, taken from ``cfg.text_field``."""
+    kwargs: dict[str, Any] = {}
+    if kind == "json":
+        if cfg.errors == "strict":
+            _check_utf8(path)
+        elif _utf8_error_offset(path) is not None:
+            kwargs = {"encoding": "utf-8-sig", "encoding_errors": "replace"}  # makes the builder re-encode
+    try:
+        ds = _load(kind, [path], **kwargs)
+    except (DatasetGenerationError, ValueError) as e:
+        raise CorpusError(f"{path}: cannot read as {kind} ({e.__cause__ or e}) — fix the file or its extension") from e
+    field = cfg.text_field
+    if field not in ds.column_names:
+        raise CorpusError(f"corpus.text_field={field!r} not in columns {ds.column_names} of {path} — "
+                          "set corpus.text_field to the column holding the text")
+    feature = ds.features[field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise CorpusError(f"{path}: column corpus.text_field={field!r} holds {feature}, not text")
+    ds = ds.select_columns([field])
+    if field != "text":
+        ds = ds.rename_column(field, "text")
+    return ds.add_column("source", [str(path)] * len(ds))
+
+
+def _is_nonempty(batch: dict[str, list]) -> list[bool]:
+    return [bool(t and not t.isspace()) for t in batch["text"]]
+
+
+def read_documents(cfg: CorpusConfig, *, progress: bool = False) -> datasets.Dataset:
+    """Read the corpus into an in-memory Dataset with columns ``text`` and ``source`` (its file).
+
+    Files are read in sorted path order, rows in file order; empty (or whitespace-only) documents are
+    dropped and ``cfg.max_documents`` caps the count. Raises ``CorpusError`` naming the file and the fix.
+    """
+    files = expand_paths(cfg.paths) if cfg.paths else default_corpus_files()
+    if not files:
+        raise CorpusError("corpus: no files to read — set corpus.paths")
+    parts: list[datasets.Dataset] = []
+    count = 0
+    with _datasets_progress(progress):
+        for kind, run in groupby(files, key=_file_kind):
+            run = list(run)
+            loaded = [_read_text_files(run, cfg)] if kind == "text" else [_read_table_file(p, kind, cfg) for p in run]
+            for ds in loaded:
+                ds = ds.filter(_is_nonempty, batched=True, keep_in_memory=True)
+                parts.append(ds)
+                count += len(ds)
+            if cfg.max_documents and count >= cfg.max_documents:
+                break
+        docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if cfg.max_documents and len(docs) > cfg.max_documents:
+        docs = docs.select(range(cfg.max_documents), keep_in_memory=True)
+    if len(docs) == 0:
+        raise CorpusError(f"corpus: all {len(files)} files are empty (first: {files[0]}) — add text to corpus.paths")
+    log.info("read %d documents from %d files", len(docs), len(files))
+    return docs
+
+
+def _content_hash(text: str) -> float:
+    """sha256 of the text mapped to a uniform number in [0, 1)."""
+    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_documents(ds: datasets.Dataset, *, val_fraction: float) -> dict[str, datasets.Dataset]:
+    """Split by content hash: a document goes to ``val`` iff hash(text) < ``val_fraction``.
+
+    The assignment depends only on each document's text, never on its position, so adding,
+    removing or reordering files moves no other document between splits (identical documents
+    always land together). Both splits are non-empty: if one would be empty, the document with
+    the lowest (for val) or highest (for train) hash is moved.
+    """
+    if len(ds) < 2:
+        raise CorpusError(f"corpus has {len(ds)} document(s); a train/val split needs at least 2 — add documents")
+    hashes = np.array([_content_hash(t) for t in ds["text"]])  # (D,)
+    is_val = hashes < val_fraction
+    if not is_val.any():
+        is_val[np.argmin(hashes)] = True
+    if is_val.all():
+        is_val[np.argmax(hashes)] = False
+    return {"train": ds.select(np.flatnonzero(~is_val), keep_in_memory=True),
+            "val": ds.select(np.flatnonzero(is_val), keep_in_memory=True)}
+
+
+def _text_batches(ds: datasets.Dataset, max_chars: int = _TOKENIZE_CHARS) -> Iterator[list[str]]:
+    """Documents in order, grouped so that one tokenizer call sees about ``max_chars`` characters."""
+    batch: list[str] = []
+    size = 0
+    for rows in ds.select_columns(["text"]).iter(batch_size=256):
+        for text in rows["text"]:
+            batch.append(text)
+            size += len(text)
+            if size >= max_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max_sequences: int = 0,
+                      allow_empty: bool = False, seq_len_key: str = "prepare.seq_len",
+                      progress: bool = False) -> np.ndarray:
+    """Tokenize documents, append EOS to each, concatenate and cut into rows of ``seq_len``.
+
+    Returns ``(N, seq_len)`` int32; the incomplete last row is dropped. Tokenizing streams over
+    batches of documents (about 1M characters each) and stops once ``max_sequences`` rows exist
+    (0 = all). Fewer tokens than one row raise ``CorpusError`` unless ``allow_empty`` (then the
+    result is ``(0, seq_len)``).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CorpusError("tokenizer has no EOS token; documents cannot be separated — set eos_token")
+    rows: list[np.ndarray] = []
+    carry = np.zeros(0, dtype=np.int32)
+    n_rows = n_tokens = 0
+    bar = tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress)
+    for texts in _text_batches(ds):
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (docs,)
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        flat = np.insert(flat, np.cumsum(lengths), eos)  # (tokens + docs,) EOS after every document
+        n_tokens += flat.size
+        flat = np.concatenate([carry, flat])
+        full = flat.size // seq_len
+        if max_sequences:
+            full = min(full, max_sequences - n_rows)
+        rows.append(flat[: full * seq_len].reshape(full, seq_len))  # (full, T)
+        carry = flat[full * seq_len:]
+        n_rows += full
+        bar.update(len(texts))
+        if max_sequences and n_rows >= max_sequences:
+            break
+    bar.close()
+    if n_rows == 0 and not allow_empty:
+        raise CorpusError(f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; "
+                          "add text or lower seq_len")
+    return np.concatenate(rows) if rows else np.zeros((0, seq_len), dtype=np.int32)
+
+
+def prepare_tokens(corpus_cfg: CorpusConfig, prepare_cfg: PrepareConfig, *, tokenizer_dir: str | Path,
+                   out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+    """The prepare stage: read, split by document, tokenize with the teacher's tokenizer, pack, write.
+
+    Returns the token-data manifest written to ``out_dir`` (see ``pipeline.token_data``).
+    """
+    docs = read_documents(corpus_cfg, progress=progress)
+    splits = split_documents(docs, val_fraction=corpus_cfg.val_fraction)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    caps = {"train": prepare_cfg.max_train_sequences, "val": prepare_cfg.max_val_sequences}
+    packed = {name: tokenize_and_pack(ds, tokenizer, seq_len=prepare_cfg.seq_len, max_sequences=caps[name],
+                                      allow_empty=name == "val", progress=progress)
+              for name, ds in splits.items()}
+    if len(packed["val"]) == 0:
+        raise CorpusError(f"val split ({len(splits['val'])} documents) has no full sequence of "
+                          f"prepare.seq_len={prepare_cfg.seq_len} tokens; raise corpus.val_fraction or lower prepare.seq_len")
+    for name, ids in packed.items():
+        log.info("%s: %d documents -> %d sequences of %d tokens", name, len(splits[name]), len(ids), prepare_cfg.seq_len)
+    meta = {
+        "corpus": {"source": list(corpus_cfg.paths) or default_corpus_name(),
+                   "num_documents": {name: len(ds) for name, ds in splits.items()},
+                   "config": to_dict(corpus_cfg)},
+        "prepare": to_dict(prepare_cfg),
+        "tokenizer_dir": str(tokenizer_dir),
+    }
+    return token_data.write_tokens(out_dir, packed, vocab_size=len(tokenizer),
+                                   tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), meta=meta)

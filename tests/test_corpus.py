@@ -1,0 +1,258 @@
+"""Corpus reading (txt/jsonl/parquet/default), splitting by content, packing and the prepare stage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import CorpusConfig, PrepareConfig
+from pipeline.corpus import (
+    STDLIB_SKIP_DIRS,
+    CorpusError,
+    default_corpus_files,
+    prepare_tokens,
+    read_documents,
+    split_documents,
+    tokenize_and_pack,
+)
+from pipeline.fingerprint import tokenizer_fingerprint
+from pipeline.token_data import open_tokens, verify_tokens
+from pipeline.tokenizer import train_bpe_tokenizer
+
+WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
+         "print", "data", "items", "key", "lambda", "yield", "with", "open"]
+
+
+def doc(seed: int, lines: int = 6) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(lines)) + "\n"
+
+
+def write_txt_corpus(root: Path, n: int = 30, lines: int = 6) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = root / f"doc{i:03d}.txt"
+        path.write_text(doc(i, lines), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def cfg_for(*paths, **kw) -> CorpusConfig:
+    return CorpusConfig(paths=tuple(str(p) for p in paths), **kw)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer([doc(i) for i in range(40)], vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(path)
+    return path
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def test_text_files_give_one_document_per_file_with_source_and_empty_files_dropped(tmp_path):
+    paths = write_txt_corpus(tmp_path, n=3)
+    (tmp_path / "empty.txt").write_text("  \n")
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    assert ds["text"] == [p.read_text() for p in paths]
+    assert ds["source"] == [str(p) for p in paths]
+
+
+def test_jsonl_rows_are_documents_taken_from_text_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"content": "alpha beta", "id": 1}, {"content": "", "id": 2}, {"content": "gamma\ndelta", "id": 3}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = read_documents(cfg_for(path, text_field="content"))
+    assert ds["text"] == ["alpha beta", "gamma\ndelta"]
+    assert ds["source"] == [str(path)] * 2
+
+
+def test_parquet_rows_are_documents_taken_from_text_field(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"body": ["one two", "three", None], "n": [1, 2, 3]}), path)
+    ds = read_documents(cfg_for(path, text_field="body"))
+    assert ds["text"] == ["one two", "three"]
+
+
+def test_mixed_files_are_read_in_sorted_path_order(tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
+    (tmp_path / "a.txt").write_text("from a")
+    (tmp_path / "c.txt").write_text("from c")
+    pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "d.parquet")
+    ds = read_documents(cfg_for(tmp_path / "d.parquet", tmp_path / "*.txt", tmp_path / "b.jsonl"))
+    assert ds["text"] == ["from a", "from jsonl", "from c", "from parquet"]
+
+
+def test_recursive_glob_expands_sorted_and_max_documents_caps(tmp_path):
+    write_txt_corpus(tmp_path / "x" / "y", n=4)
+    write_txt_corpus(tmp_path / "a", n=2)
+    ds = read_documents(cfg_for(f"{tmp_path}/**/*.txt"))
+    assert [Path(s).relative_to(tmp_path).parts[0] for s in ds["source"]] == ["a"] * 2 + ["x"] * 4
+    assert len(read_documents(cfg_for(f"{tmp_path}/**/*.txt", max_documents=3))) == 3
+
+
+def test_default_corpus_is_the_sorted_stdlib_without_tests_or_third_party_code():
+    files = default_corpus_files()
+    assert len(files) > 100 and files == default_corpus_files()
+    assert all(f.suffix == ".py" for f in files)
+    assert not any(set(f.parts) & STDLIB_SKIP_DIRS for f in files)
+    assert any(f.name == "argparse.py" for f in files)
+    docs = read_documents(CorpusConfig(max_documents=5))
+    assert len(docs) == 5 and docs["source"] == [str(f) for f in files if f.read_text(encoding="utf-8").strip()][:5]
+
+
+# --- reading errors -------------------------------------------------------------------------------
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(CorpusError, match=r"corpus.paths: .*missing.txt not found"):
+        read_documents(cfg_for(tmp_path / "missing.txt"))
+
+
+def test_glob_without_matches_is_named(tmp_path):
+    with pytest.raises(CorpusError, match=r"no files matched the glob .*\*\.md"):
+        read_documents(cfg_for(tmp_path / "*.md"))
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_missing_text_field_names_the_key_columns_and_file(tmp_path, suffix):
+    path = tmp_path / f"c.{suffix}"
+    if suffix == "jsonl":
+        path.write_text(json.dumps({"body": "x"}) + "\n")
+    else:
+        pq.write_table(pa.table({"body": ["x"]}), path)
+    with pytest.raises(CorpusError, match=rf"corpus.text_field='text' not in columns \['body'\] of .*c\.{suffix}"):
+        read_documents(cfg_for(path))
+
+
+def test_non_utf8_text_file_fails_under_strict_naming_file_and_byte(tmp_path):
+    write_txt_corpus(tmp_path, n=2)
+    (tmp_path / "bad.txt").write_bytes("ok é ".encode() + b"\xff rest")
+    with pytest.raises(CorpusError, match=r"bad\.txt: not UTF-8 at byte 6 — fix the file or set corpus.errors: replace"):
+        read_documents(cfg_for(tmp_path / "*.txt"))
+
+
+def test_non_utf8_jsonl_fails_under_strict_naming_file_and_byte(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl: not UTF-8 at byte 30"):
+        read_documents(cfg_for(path))
+
+
+def test_errors_replace_substitutes_the_replacement_character(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"abc\xffdef")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    ds = read_documents(cfg_for(tmp_path / "bad.txt", tmp_path / "bad.jsonl", errors="replace"))
+    assert ds["text"] == ["caf\ufffd", "abc\ufffddef"]
+
+
+def test_all_empty_documents_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("\n\n")
+    with pytest.raises(CorpusError, match=r"all 2 files are empty"):
+        read_documents(cfg_for(tmp_path / "*.txt"))
+
+
+# --- splitting ----------------------------------------------------------------------------------
+
+
+def test_split_depends_on_content_not_position(tmp_path):
+    write_txt_corpus(tmp_path, n=40)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    first = split_documents(ds, val_fraction=0.2)
+    again = split_documents(ds, val_fraction=0.2)
+    reordered = split_documents(ds.select(list(reversed(range(len(ds))))), val_fraction=0.2)
+    assert first["val"]["text"] == again["val"]["text"]
+    assert sorted(first["val"]["text"]) == sorted(reordered["val"]["text"])
+    assert len(first["train"]) + len(first["val"]) == 40 and 0 < len(first["val"]) < 40
+    assert not set(first["train"]["text"]) & set(first["val"]["text"])
+
+
+def test_adding_documents_moves_no_existing_document_between_splits(tmp_path):
+    write_txt_corpus(tmp_path, n=40)
+    small = split_documents(read_documents(cfg_for(tmp_path / "*.txt", max_documents=20)), val_fraction=0.3)
+    large = split_documents(read_documents(cfg_for(tmp_path / "*.txt")), val_fraction=0.3)
+    assert set(small["val"]["text"]) <= set(large["val"]["text"])
+    assert set(small["train"]["text"]) <= set(large["train"]["text"])
+
+
+def test_both_splits_are_non_empty_even_at_extreme_fractions(tmp_path):
+    write_txt_corpus(tmp_path, n=5)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    assert len(split_documents(ds, val_fraction=1e-9)["val"]) == 1
+    assert len(split_documents(ds, val_fraction=1 - 1e-9)["train"]) == 1
+
+
+def test_a_single_document_cannot_be_split(tmp_path):
+    write_txt_corpus(tmp_path, n=1)
+    with pytest.raises(CorpusError, match="at least 2"):
+        split_documents(read_documents(cfg_for(tmp_path / "*.txt")), val_fraction=0.5)
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+def test_packing_appends_eos_after_every_document_and_drops_the_remainder(tmp_path, tok):
+    write_txt_corpus(tmp_path, n=12)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    stream = [t for text in ds["text"] for t in (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    ids = tokenize_and_pack(ds, tok, seq_len=16)
+    assert ids.dtype == np.int32 and ids.shape == (len(stream) // 16, 16)
+    assert ids.reshape(-1).tolist() == stream[: ids.size]
+    assert tokenize_and_pack(ds, tok, seq_len=16, max_sequences=3).tolist() == ids[:3].tolist()
+
+
+def test_packing_streams_in_batches_with_the_same_result(tmp_path, tok, monkeypatch):
+    write_txt_corpus(tmp_path, n=12)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    whole = tokenize_and_pack(ds, tok, seq_len=16)
+    monkeypatch.setattr("pipeline.corpus._TOKENIZE_CHARS", 50)
+    assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16), whole)
+
+
+def test_corpus_smaller_than_one_sequence_is_an_error_unless_allowed(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("def f")
+    ds = read_documents(cfg_for(tmp_path / "a.txt"))
+    with pytest.raises(CorpusError, match=r"corpus yields \d+ tokens, fewer than prepare.seq_len=512; add text or lower seq_len"):
+        tokenize_and_pack(ds, tok, seq_len=512)
+    assert tokenize_and_pack(ds, tok, seq_len=512, allow_empty=True).shape == (0, 512)
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+
+def test_prepare_tokens_writes_train_and_val_token_data(tmp_path, tok, tok_dir):
+    write_txt_corpus(tmp_path / "c", n=30, lines=20)
+    corpus_cfg = cfg_for(tmp_path / "c" / "*.txt", val_fraction=0.3)
+    manifest = prepare_tokens(corpus_cfg, PrepareConfig(seq_len=32, max_train_sequences=20),
+                              tokenizer_dir=tok_dir, out_dir=tmp_path / "tokens")
+    train, val = open_tokens(tmp_path / "tokens", "train"), open_tokens(tmp_path / "tokens", "val")
+    verify_tokens(train)
+    assert train.ids.shape == (20, 32) and len(val) > 0
+    assert train.vocab_size == len(tok) and train.tokenizer_fingerprint == tokenizer_fingerprint(tok)
+    docs = manifest["corpus"]["num_documents"]
+    assert docs["train"] + docs["val"] == 30 and manifest["tokenizer_dir"] == str(tok_dir)
+    assert manifest["corpus"]["config"]["val_fraction"] == 0.3 and manifest["prepare"]["seq_len"] == 32
+    splits = split_documents(read_documents(corpus_cfg), val_fraction=0.3)
+    assert val.ids.tolist() == tokenize_and_pack(splits["val"], tok, seq_len=32).tolist()
+
+
+def test_prepare_fails_when_val_has_no_full_sequence(tmp_path, tok_dir):
+    write_txt_corpus(tmp_path / "c", n=20)
+    with pytest.raises(CorpusError, match=r"val split .* has no full sequence.*raise corpus.val_fraction"):
+        prepare_tokens(cfg_for(tmp_path / "c" / "*.txt", val_fraction=1e-6), PrepareConfig(seq_len=128),
+                       tokenizer_dir=tok_dir, out_dir=tmp_path / "tokens")
+    assert not (tmp_path / "tokens" / "manifest.json").exists()
