@@ -112,7 +112,8 @@ def evaluate(cfg: EvaluateConfig, *, tokens: TokenSplit, models: dict[str, str |
     tallies = {name: Tally(bins=cfg.calibration_bins) for name in models}
     order = [teacher] + [n for n in models if n != teacher]
     for start in tqdm(range(0, count, cfg.batch_size), desc="evaluate", unit="batch", disable=not progress):
-        ids = torch.from_numpy(np.asarray(tokens.ids[start:min(start + cfg.batch_size, count)], dtype=np.int64)).to(dev)  # (B, T)
+        rows = np.asarray(tokens.ids[start:min(start + cfg.batch_size, count)], dtype=np.int64)
+        ids = torch.from_numpy(rows).to(dev)  # (B, T)
         if start == 0:
             for name in order:  # warm-up forward per model, not timed
                 _forward(loaded[name], ids, dev)

@@ -278,11 +278,18 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    kept = [ln for ln in lines if _logged_step(ln) <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut short by a crash
 
 
 def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,14 @@ def save_tiny_model(path: Path, *, seed: int, vocab: int = VOCAB, hidden: int = 
     LlamaForCausalLM(cfg).save_pretrained(path)
     tiny_tokenizer(vocab).save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster and steady on a loaded machine
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
