@@ -133,7 +133,7 @@ def load_model(path: str | Path, *, device: torch.device) -> PreTrainedModel:
     path = Path(path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise EvaluateError(f"{path}: cannot load a causal LM ({e}); is this a model directory (config.json + "
                             "safetensors weights)? Train or pull it first") from e

@@ -37,7 +37,7 @@ def load_student_tokenizer(cfg: StudentConfig, *, cache_tokenizer: Any, vocab_ma
         return cache_tokenizer
     path = Path(cfg.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise StudentError(f"train.student.path={path}: cannot load a tokenizer from it ({e}); "
                            "the directory needs the tokenizer files saved with save_pretrained") from e
@@ -82,7 +82,7 @@ def build_student(cfg: StudentConfig, *, vocab_size: int, seq_len: int, tokenize
 
 def _load_pretrained(path: Path, *, vocab_size: int, seq_len: int) -> PreTrainedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as e:
         raise StudentError(f"train.student.path={path}: cannot load a causal LM from it ({e})") from e
     out_vocab = model.get_output_embeddings().weight.shape[0]

@@ -122,7 +122,7 @@ def load_cache_tokenizer(cache_dir: str | Path) -> Any:
     if not path.is_dir():
         raise TrainError(f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
                          "cache stage); rebuild or re-pull the cache")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -> KDLossSpec:

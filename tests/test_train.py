@@ -266,3 +266,27 @@ def test_built_student_ties_embeddings_and_takes_special_ids_from_the_tokenizer(
     assert model.config.eos_token_id == 0 and model.config.pad_token_id == 1
     assert model.config.max_position_embeddings == SEQ
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Path) -> None:
+    from pipeline.cache_writer import build_cache
+    from pipeline.config import CacheConfig, EvaluateConfig, TeacherConfig
+    from pipeline.evaluate import evaluate
+    from pipeline.teacher import load_teacher
+    from pipeline.token_data import open_tokens, write_tokens
+
+    teacher_dir, tok = tmp_path / "teacher", tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    ids = np.random.default_rng(0).integers(2, VOCAB, size=(12, SEQ), dtype=np.int32)
+    write_tokens(tmp_path / "tokens", {"train": ids[:8], "val": ids[8:]}, vocab_size=VOCAB,
+                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    build_cache(load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu")), open_tokens(tmp_path / "tokens", "train"),
+                CacheConfig(top_k=8, batch_size=4, rows_per_shard=4), out_dir=tmp_path / "cache")
+    summary = train(cfg_for(max_steps=2), cache_dir=tmp_path / "cache", out_dir=tmp_path / "student", progress=True)
+    metrics = evaluate(EvaluateConfig(), tokens=open_tokens(tmp_path / "tokens", "val"),
+                       models={"teacher": teacher_dir, "student": tmp_path / "student"}, progress=True)
+    assert summary["complete"] and summary["cache"]["teacher_sha256"]
+    assert math.isfinite(metrics["models"]["student"]["kl_to_teacher"]) and metrics["num_tokens"] == 4 * (SEQ - 1)
