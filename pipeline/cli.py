@@ -100,25 +100,69 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                    out_dir=args.out, progress=show_progress())
 
 
+CACHE_TIMEOUT_S = 24 * 3600.0
+"""Process-group timeout for the cache command: ranks that finish early wait this long at the final barrier."""
+
+
+class CacheDirError(ValueError):
+    """The output directory already holds a cache made from other inputs or settings."""
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
     cfg = config_from_args(CacheConfig, args)
-    from pipeline.cache_writer import build_cache
-    from pipeline.teacher import load_teacher
+    from pipeline.cache_writer import build_cache, default_cache_name, target_layout
+    from pipeline.distributed import barrier, process_group
+    from pipeline.teacher import load_teacher, tokenizer_vocab_size
     from pipeline.token_data import open_tokens
 
-    rank, world = _dist_rank_world()
-    build_cache(load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split), cfg, out_dir=args.out,
-                rank=rank, world_size=world, progress=show_progress() and rank == 0)
+    # gloo even on GPUs: the cache build's only collective is a barrier, which may wait for hours
+    with process_group("gloo", timeout_s=CACHE_TIMEOUT_S) as (rank, world):
+        teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
+        layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
+        out = Path(args.out or Path(args.cache_root) / default_cache_name(teacher.info, tokens, layout))
+        expected = {"teacher.sha256": teacher.info["sha256"], "corpus.fingerprint": tokens.fingerprint,
+                    "corpus.split": tokens.split, "targets.batch_size": cfg.batch_size,
+                    "targets.rows_per_shard": cfg.rows_per_shard, "targets.compute_dtype": teacher.info["dtype"],
+                    **{f"targets.{k}": v for k, v in layout.to_dict().items()}}
+        check_cache_dir(out, expected, content_named=args.out is None)
+        build = functools.partial(build_cache, teacher, tokens, cfg, out_dir=out, world_size=world)
+        manifest = build(rank=rank, progress=show_progress() and rank == 0)
+        if world > 1:
+            barrier()  # every rank's shards are written
+            if rank == 0 and manifest is None:
+                manifest = build(rank=0, progress=False)  # nothing left to score: writes the manifest
+        if rank == 0:
+            print(out)
+
+
+def check_cache_dir(out: Path, expected: dict[str, Any], *, content_named: bool) -> None:
+    """Refuse to resume into ``out`` if its manifest was made by another teacher, corpus or settings."""
+    from pipeline.cache_format import MANIFEST_NAME, Manifest
+
+    if not (out / MANIFEST_NAME).exists():
+        return  # shards without a manifest are checked one by one by the writer
+    m = Manifest.load(out)
+    have = {"teacher.sha256": m.teacher.get("sha256"), "corpus.fingerprint": m.corpus.get("fingerprint"),
+            "corpus.split": m.corpus.get("split"), **{f"targets.{k}": v for k, v in m.targets.items()}}
+    diffs = [f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in expected.items() if have.get(key) != value]
+    if diffs:
+        fix = ("pass --out DIR to write elsewhere, or delete the directory if its cache is no longer needed"
+               if content_named else "omit --out to write to a directory named after the teacher, corpus and "
+               "settings (under --cache-root), or choose another --out")
+        raise CacheDirError(f"{out / MANIFEST_NAME}: this directory holds a cache made by a different teacher, corpus "
+                            f"or settings — {'; '.join(diffs)}; refusing to write into it: {fix}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.distributed import process_group
     from pipeline.train import train
 
     student = _student_config(args.student) if args.student else StudentConfig()
     cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
-    train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, device=args.device,
-          progress=show_progress())
+    with process_group("auto"):
+        train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, device=args.device,
+              progress=show_progress())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -135,7 +179,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from pipeline.cache_format import Manifest
 
-    print(describe_manifest(Manifest.load(args.cache)))
+    manifest = Manifest.load(args.cache)
+    if args.json:
+        print(json.dumps({k: v for k, v in dataclasses.asdict(manifest).items() if k != "shards"}
+                         | {"num_shards": len(manifest.shards), "total_bytes": sum(s.bytes for s in manifest.shards)},
+                         indent=2))
+    else:
+        print(describe_manifest(manifest))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -160,8 +210,8 @@ def describe_manifest(m: Any) -> str:
     stats = m.stats
     lines = [
         f"cache          {m.name}  (format {m.format} {m.format_version}, written by {m.created_by})",
-        f"teacher        {m.teacher.get('path')}  sha256 {str(m.teacher.get('sha256'))[:16]}…  "
-        f"{m.teacher.get('model_type')} {m.teacher.get('num_parameters')} params, {m.teacher.get('dtype')}",
+        f"teacher        {m.teacher.get('path')}  {m.teacher.get('model_type')} {m.teacher.get('num_parameters')} "
+        f"params, {m.teacher.get('dtype')}, sha256 {m.teacher.get('sha256')}",
         f"tokenizer      {m.tokenizer.get('fingerprint')}  vocab {m.tokenizer.get('vocab_size')}",
         f"corpus         {m.corpus.get('fingerprint')}  split {m.corpus.get('split')}, seq_len {m.corpus.get('seq_len')}",
         f"sequences      {m.num_rows} in {len(m.shards)} shards, {m.num_tokens} tokens",
@@ -182,12 +232,6 @@ def _student_config(spec: str) -> StudentConfig:
         values = config.load_params(path) if path.suffix != ".json" else json.loads(path.read_text(encoding="utf-8"))
         return load_section(StudentConfig, values, section="train.student")
     raise config.ConfigError(f"--student {spec!r}: not a model directory nor a .json/.yaml file of student sizes")
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -219,10 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sp, PrepareConfig)
 
     sp = command("cache", cmd_cache, "Score token data with the teacher once and write sparse soft targets "
-                 "(Parquet shards + manifest). Resumable; under torchrun each rank scores its own shards.")
+                 "(Parquet shards + manifest); prints the cache directory. Resumable; under torchrun each rank "
+                 "scores the shards i with i mod WORLD_SIZE == RANK and rank 0 writes the manifest.")
     sp.add_argument("--teacher", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     sp.add_argument("--tokens", required=True, metavar="DIR", help="token directory written by `kdcache prepare`")
-    sp.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if present)")
+    sp.add_argument("--out", metavar="DIR", help="cache directory (created; resumed if present). Default: "
+                    "CACHE_ROOT/<teacher sha>-<corpus sha>-<split>-<targets>, named by content so that the same "
+                    "inputs and settings always give the same name")
+    sp.add_argument("--cache-root", default="cache", metavar="DIR", help="parent of the default --out (default: cache)")
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, CacheConfig)
 
@@ -246,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")
     sp.add_argument("cache", metavar="DIR")
+    sp.add_argument("--json", action="store_true", help="print the manifest (without the shard list) as JSON")
     sp = command("verify", cmd_verify, "Check every shard's size and sha256 (and contents) against the manifest.")
     sp.add_argument("cache", metavar="DIR")
     return p

@@ -4,6 +4,12 @@ Data order depends only on ``cfg.seed`` and the epoch (the cache reader's batchi
 and its CE baseline see the same batches, and a resumed run continues exactly where the
 checkpoint left off: its per-step losses equal an uninterrupted run's.
 
+Under ``torchrun`` (a process group initialized by the caller, see ``pipeline.distributed``) the
+model is wrapped in DDP and rank r reads the r-th slice of every global batch (``batch_size``
+sequences per rank): each rank's loss is a mean over its own, equally many tokens and DDP averages
+gradients, so 2 ranks x batch b follow the same loss curve as 1 rank x batch 2b. The logged loss is
+the mean over ranks; rank 0 alone writes the log, the checkpoints and the final model.
+
 Output directory::
 
     out_dir/checkpoints/step-NNNNNN/   resumable state (pipeline.checkpoint), newest 2 kept
@@ -41,15 +47,25 @@ from pipeline.checkpoint import (
     set_rng_state,
 )
 from pipeline.config import ConfigError, TrainConfig, to_dict
+from pipeline.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
 from pipeline.fingerprint import tokenizer_fingerprint
 from pipeline.losses import KDLossSpec, kd_loss
-from pipeline.student import build_student, count_parameters, load_student_tokenizer
+from pipeline.student import (
+    VocabMap,
+    build_student,
+    build_vocab_map,
+    count_parameters,
+    load_student_tokenizer,
+    mapping_coverage,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training.json"
 TOKENIZER_SUBDIR = "tokenizer"
+MAPPING_SAMPLE = 256
+"""Cache sequences read at start to measure how much teacher mass a vocabulary mapping keeps."""
 TARGET_KEYS = {"topk_tail": ("topk_ids", "topk_logprobs", "topk_mask"),
                "topk_renorm": ("topk_ids", "topk_logprobs", "topk_mask"),
                "sampled": ("sample_ids", "sample_counts"), "ce": ()}
@@ -81,18 +97,20 @@ def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resum
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _dist_rank_world()
+    rank, world = rank_world()
     dev = resolve_device(device)
-    cache_tok = load_cache_tokenizer(cache_dir)
-    student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
-    reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(student_tok))
+    reader, student_tok, vmap, mapping = _open_inputs(cfg, cache_dir)
     spec = loss_spec(cfg, reader, cache_dir=cache_dir)
     torch.manual_seed(cfg.seed)
-    model = build_student(cfg.student, vocab_size=reader.layout.vocab_size, seq_len=reader.layout.seq_len,
-                          tokenizer=cache_tok).to(dev)
+    vocab = reader.layout.vocab_size if vmap is None else _id_space(student_tok)
+    model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
+    if vmap is not None:
+        vmap = VocabMap(vmap.to_student, student_vocab_size=model.get_output_embeddings().weight.shape[0],
+                        fallback_id=vmap.fallback_id)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     pos = _start(out, resume=resume, model=model, optimizer=optimizer, scheduler=scheduler, is_main=rank == 0)
+    check_same_on_all_ranks(pos.step, what=f"the checkpoint step to resume from in {out}")
     stop = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
     wrapped = _maybe_ddp(model, dev, world)
     if dev.type == "cuda":
@@ -100,21 +118,54 @@ def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resum
     session_start, session_tokens = time.perf_counter(), pos.tokens
     with reader:
         _loop(cfg, stop=stop, pos=pos, model=wrapped, optimizer=optimizer, scheduler=scheduler, spec=spec,
-              reader=reader, dev=dev, out=out, rank=rank, world=world, progress=progress)
+              reader=reader, dev=dev, out=out, rank=rank, world=world, vmap=vmap, progress=progress)
         session_s = time.perf_counter() - session_start
         summary = _summary(cfg, pos=pos, stop=stop, reader=reader, model=model, dev=dev, world=world,
                            tokens_per_s=(pos.tokens - session_tokens) / max(session_s, 1e-9), out=out)
+    summary["vocab_map"] = mapping
     if rank == 0:
-        save_final(model, cache_tok, out=out, summary=summary)
+        save_final(model, student_tok, out=out, summary=summary)
+    barrier()  # every rank returns once the final model is on disk
     log.info("trained %d steps: %.0f tokens/s, peak %s", pos.step, summary["tokens_per_s"],
              ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["peak_memory_bytes"].items()))
     return summary
 
 
+def _open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, Any, VocabMap | None, dict | None]:
+    """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ."""
+    cache_tok = load_cache_tokenizer(cache_dir)
+    student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
+    reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(cache_tok))
+    if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(cache_tok):
+        return reader, student_tok, None, None
+    vmap = build_vocab_map(cache_tok, student_tok, cache_vocab_size=reader.layout.vocab_size,
+                           student_vocab_size=_id_space(student_tok))
+    report = mapping_coverage(vmap, reader.iter_sequences(0, MAPPING_SAMPLE))
+    kept = report.get("teacher_mass_kept_ratio", report.get("draws_kept", 1.0))
+    log.log(logging.WARNING if kept < 0.9 else logging.INFO,
+            "train.vocab_map: exact: %d of %d cache ids map to the student's vocabulary; on %d cached positions "
+            "the mapping keeps %.1f%% of the cached teacher mass (%s) and %.1f%% of input tokens (the rest become "
+            "the student's unk/eos token)", report["ids_mapped"], report["cache_vocab_size"],
+            report["positions_measured"], 100 * kept,
+            f"{report['teacher_mass_kept']:.4f} of {report['teacher_mass_cached']:.4f} per position"
+            if "teacher_mass_kept" in report else "sampled draws", 100 * report["input_tokens_mapped"])
+    return reader, student_tok, vmap, report
+
+
+def _id_space(tokenizer: Any) -> int:
+    """``len(tokenizer)``, or 1 + the largest id if ids have gaps."""
+    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto``: cuda if available, else cpu. A bare ``cuda`` means the current GPU (``cuda:LOCAL_RANK``
+    under torchrun, see ``pipeline.distributed.process_group``)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def load_cache_tokenizer(cache_dir: str | Path) -> Any:
@@ -180,7 +231,7 @@ def batch_stream(reader: CacheReader, batch_size: int, *, seed: int, pos: Positi
 
 def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, spec: KDLossSpec, reader: CacheReader, dev: torch.device, out: Path, rank: int,
-          world: int, progress: bool) -> None:
+          world: int, vmap: VocabMap | None, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     stream = batch_stream(reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world)
@@ -190,7 +241,8 @@ def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module,
         while pos.step < stop:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev)
+            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev,
+                          vmap=vmap)
             scheduler.step()
             dt = time.perf_counter() - t0
             tokens = stats.pop("tokens") * world
@@ -215,31 +267,38 @@ def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module,
 
 
 def _step(cfg: TrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: KDLossSpec,
-          stream: Iterator, pos: Position, dev: torch.device) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch."""
+          stream: Iterator, pos: Position, dev: torch.device, vmap: VocabMap | None) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch.
+
+    Under DDP gradients are averaged over ranks on the last micro-batch only (``no_sync`` before);
+    the returned losses are means over micro-batches and ranks.
+    """
     optimizer.zero_grad(set_to_none=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, kd, ce
     tokens = 0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         (pos.epoch, pos.batch), batch = next(stream)
+        if vmap is not None:
+            batch = vmap.apply(batch)
         input_ids = batch["input_ids"].to(dev, non_blocking=True)  # (B, T)
         targets = {k: batch[k].to(dev, non_blocking=True) for k in TARGET_KEYS[spec.kind] if k in batch}
-        with amp:
-            logits = model(input_ids=input_ids).logits  # (B, T, V)
-        out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
-        (out.loss / cfg.grad_accum).backward()
-        sums["loss"] += out.loss.item() / cfg.grad_accum
-        sums["kd"] += out.kd.item() / cfg.grad_accum
-        sums["ce"] += out.ce.item() / cfg.grad_accum
+        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with amp:
+                logits = model(input_ids=input_ids).logits  # (B, T, V)
+            out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
+            (out.loss / cfg.grad_accum).backward()
+        sums += torch.stack([out.loss.detach(), out.kd, out.ce]).double().cpu() / cfg.grad_accum
         tokens += input_ids.numel()
-    if not math.isfinite(sums["loss"]):
-        raise TrainError(f"loss is {sums['loss']} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
+    loss, kd, ce = mean_over_ranks(sums.tolist())
+    if not math.isfinite(loss):
+        raise TrainError(f"loss is {loss} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
                          "check the cache with `kdcache verify`")
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     optimizer.step()
-    return {**sums, "grad_norm": grad_norm, "tokens": tokens}
+    return {"loss": loss, "kd": kd, "ce": ce, "grad_norm": grad_norm, "tokens": tokens}
 
 
 def _start(out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -318,7 +377,8 @@ def _summary(cfg: TrainConfig, *, pos: Position, stop: int, reader: CacheReader,
         "epochs": pos.epoch + pos.batch / max(reader.num_batches(cfg.batch_size, world), 1),
         "tokens": pos.tokens, "final_loss": last.get("loss"), "final_kd": last.get("kd"), "final_ce": last.get("ce"),
         "tokens_per_s": tokens_per_s, "elapsed_s": pos.elapsed, "peak_memory_bytes": peak,
-        "num_parameters": count_parameters(model), "device": str(dev),
+        "num_parameters": count_parameters(model), "device": str(dev), "world_size": world,
+        "global_batch_size": cfg.batch_size * cfg.grad_accum * world,
         "cache": {"name": manifest.name, "teacher_sha256": manifest.teacher.get("sha256"),
                   "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
                   "corpus_fingerprint": manifest.corpus.get("fingerprint"), "targets": manifest.targets},
@@ -331,12 +391,6 @@ def _last_log_line(path: Path) -> dict[str, Any]:
         return {}
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     return json.loads(lines[-1]) if lines else {}
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _maybe_ddp(model: torch.nn.Module, dev: torch.device, world: int) -> torch.nn.Module:

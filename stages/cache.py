@@ -1,18 +1,21 @@
 """DVC stage `cache`: score the token data with the teacher once; write sparse targets + manifest.
 
 Resumable (the output is `persist: true`): completed shards are kept, the rest are redone.
-Under `torchrun`, each rank scores the shards i with i % world_size == rank.
+Under `torchrun --nproc_per_node N stages/cache.py ...` each rank scores the shards i with
+i % N == rank and rank 0 writes the manifest once every rank is done.
 """
 
 import argparse
-import os
 import sys
 
 from pipeline.cache_writer import build_cache
 from pipeline.config import CacheConfig, TeacherConfig, load_params, load_section
+from pipeline.distributed import barrier, process_group
 from pipeline.entry import run, setup_logging, show_progress
 from pipeline.teacher import load_teacher
 from pipeline.token_data import open_tokens
+
+TIMEOUT_S = 24 * 3600.0  # ranks that finish early wait at the final barrier
 
 
 def main() -> None:
@@ -23,10 +26,15 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     cfg = load_section(CacheConfig, params.get("cache"), section="cache")
-    teacher = load_teacher(load_section(TeacherConfig, params.get("teacher"), section="teacher"))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    build_cache(teacher, open_tokens(args.tokens, cfg.split), cfg, out_dir=args.out,
-                rank=rank, world_size=world, progress=show_progress() and rank == 0)
+    teacher_cfg = load_section(TeacherConfig, params.get("teacher"), section="teacher")
+    with process_group("gloo", timeout_s=TIMEOUT_S) as (rank, world):  # only collective: one barrier
+        teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
+        manifest = build_cache(teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world,
+                               progress=show_progress() and rank == 0)
+        if world > 1:
+            barrier()  # every rank's shards are written
+            if rank == 0 and manifest is None:  # nothing left to score: writes the manifest
+                build_cache(teacher, tokens, cfg, out_dir=args.out, rank=0, world_size=world)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """DVC stages `train` and `train_baseline`: train a student from the cache (no teacher needed).
 
 `--section train` is the KD student; `--section train_baseline` the CE-only baseline with the
-same architecture, steps and data order.
+same architecture, steps and data order. Under `torchrun --nproc_per_node N stages/train.py ...`
+training runs data-parallel (DDP; gloo on CPU, nccl on CUDA) with `batch_size` sequences per rank.
 """
 
 import argparse
 import sys
 
 from pipeline.config import TrainConfig, load_params, load_section
+from pipeline.distributed import process_group
 from pipeline.entry import run, setup_logging, show_progress
 from pipeline.train import train
 
@@ -21,7 +23,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     args = ap.parse_args()
     cfg = load_section(TrainConfig, load_params(args.params).get(args.section), section=args.section)
-    train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, progress=show_progress())
+    with process_group("auto"):
+        train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, progress=show_progress())
 
 
 if __name__ == "__main__":

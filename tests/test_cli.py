@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,73 @@ def test_missing_teacher_dir_is_a_clear_error(tmp_path) -> None:
                     "--corpus", str(tmp_path / "none.txt"))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "kdcache: error:" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- cache names, refusals, inspect
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny teachers (different weights) with the same tokenizer and token data; one cache by content name."""
+    from test_distributed import make_teacher_and_tokens
+
+    root = tmp_path_factory.mktemp("cli")
+    teacher, tokens = make_teacher_and_tokens(root / "a", n=8)
+    other, _ = make_teacher_and_tokens(root / "b", n=8, seed=1)
+    return {"root": root, "teacher": teacher, "other": other, "tokens": tokens}
+
+
+def _cache(made: dict[str, Path], *extra: str, teacher: str = "teacher") -> list[str]:
+    return ["cache", "--teacher", str(made[teacher]), "--tokens", str(made["tokens"]), "--top-k", "4",
+            "--batch-size", "4", "--rows-per-shard", "4", "--device", "cpu", *extra]
+
+
+def test_cache_without_out_writes_to_a_content_named_dir_and_prints_it(made, tmp_path, capsys) -> None:
+    from pipeline.cache_format import Manifest
+
+    root = tmp_path / "caches"
+    assert main(_cache(made, "--cache-root", str(root))) == 0
+    path = Path(capsys.readouterr().out.strip())
+    m = Manifest.load(path)
+    assert path.parent == root
+    assert path.name == f"{m.teacher['sha256'][:8]}-{m.corpus['fingerprint'][:8]}-train-top4"
+    before = {p.name: p.stat().st_mtime_ns for p in path.iterdir() if p.is_file()}
+    assert main(_cache(made, "--cache-root", str(root))) == 0  # same inputs: same name, nothing rewritten
+    assert Path(capsys.readouterr().out.strip()) == path
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir() if p.is_file()} == before
+    assert main(_cache(made, "--cache-root", str(root), teacher="other")) == 0
+    assert Path(capsys.readouterr().out.strip()) != path  # another teacher can never land in this cache
+    assert main(_cache(made, "--cache-root", str(root), "--top-k", "8")) == 0
+    assert capsys.readouterr().out.strip().endswith("-train-top8")
+
+
+def test_cache_into_a_dir_made_by_another_teacher_or_settings_is_refused(made, tmp_path, capsys) -> None:
+    out = tmp_path / "mine"
+    assert main(_cache(made, "--out", str(out))) == 0
+    capsys.readouterr()
+    assert main(_cache(made, "--out", str(out), teacher="other")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' weight-loading bar)
+    assert err.startswith(f"kdcache: error: {out / 'manifest.json'}: this directory holds a cache made by a different")
+    assert "teacher.sha256" in err and "omit --out" in err
+    assert main(_cache(made, "--out", str(out), "--top-k", "8")) == 1
+    assert "targets.top_k 4 (this run: 8)" in capsys.readouterr().err
+
+
+def test_inspect_shows_what_a_receiving_team_needs(made, tmp_path, capsys) -> None:
+    from pipeline.cache_format import FORMAT_VERSION, Manifest
+
+    out = tmp_path / "c"
+    assert main(_cache(made, "--out", str(out))) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    m = Manifest.load(out)
+    size = sum(s.bytes for s in m.shards)
+    for needle in (m.teacher["sha256"], m.teacher["path"], m.tokenizer["fingerprint"], f"vocab {m.tokenizer['vocab_size']}",
+                   m.corpus["fingerprint"], "topk, k=4", f"{size} bytes", f"{size / m.num_tokens:.2f} bytes/token",
+                   "mean_entropy", "mean_topk_mass", f"format {m.format} {FORMAT_VERSION}"):
+        assert str(needle) in text, f"{needle!r} missing from:\n{text}"
+    assert main(["inspect", "--json", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tokenizer"]["fingerprint"] == m.tokenizer["fingerprint"] and data["total_bytes"] == size
+    assert data["format_version"] == FORMAT_VERSION and "shards" not in data

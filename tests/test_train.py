@@ -20,7 +20,7 @@ from pipeline.cache_format import Manifest, SequenceTargets, ShardInfo, TargetLa
 from pipeline.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
 from pipeline.config import ConfigError, StudentConfig, TrainConfig
 from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.student import StudentError, build_student, count_parameters
+from pipeline.student import StudentError, build_student, build_vocab_map, count_parameters
 from pipeline.train import Position, batch_stream, lr_factor, train
 
 VOCAB, SEQ = 48, 16
@@ -201,7 +201,7 @@ def test_student_with_another_tokenizer_is_refused(caches: dict, tmp_path: Path)
     cfg = cfg_for(student=StudentConfig(path=str(student_dir)))
     with pytest.raises(StudentError, match=tokenizer_fingerprint(other)) as err:
         train(cfg, cache_dir=caches["both"], out_dir=tmp_path / "s")
-    assert tokenizer_fingerprint(tiny_tokenizer()) in str(err.value)
+    assert tokenizer_fingerprint(tiny_tokenizer()) in str(err.value) and "train.vocab_map: exact" in str(err.value)
 
 
 def test_pretrained_student_with_the_caches_tokenizer_trains(caches: dict, tmp_path: Path) -> None:
@@ -217,8 +217,6 @@ def test_pretrained_student_with_the_caches_tokenizer_trains(caches: dict, tmp_p
 def test_loss_the_cache_cannot_feed_is_refused(caches: dict, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs sampled targets"):
         train(cfg_for(loss="sampled"), cache_dir=caches["topk"], out_dir=tmp_path / "s")
-    with pytest.raises(ConfigError, match="vocab_map"):
-        train(cfg_for(vocab_map="exact"), cache_dir=caches["topk"], out_dir=tmp_path / "s")
 
 
 def test_data_order_depends_only_on_seed_and_rolls_over_epochs(caches: dict) -> None:
@@ -290,3 +288,65 @@ def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Pat
                        models={"teacher": teacher_dir, "student": tmp_path / "student"}, progress=True)
     assert summary["complete"] and summary["cache"]["teacher_sha256"]
     assert math.isfinite(metrics["models"]["student"]["kl_to_teacher"]) and metrics["num_tokens"] == 4 * (SEQ - 1)
+
+
+# ----------------------------------------------------------------------------- train.vocab_map: exact
+
+SHARED = 30  # cache ids 0..29 (<eos>, <pad>, w2..w29) exist in the student's vocabulary, w30..w47 do not
+
+
+def partial_tokenizer() -> PreTrainedTokenizerFast:
+    """Shares <eos>, <pad> and w2..w29 with ``tiny_tokenizer()`` (at other ids); has y0..y9 of its own."""
+    words = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i + 1 for i in range(2, SHARED)},
+             **{f"y{i}": SHARED + 1 + i for i in range(10)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
+    vmap = build_vocab_map(tiny_tokenizer(), partial_tokenizer(), cache_vocab_size=VOCAB, student_vocab_size=41)
+    assert vmap.num_mapped == SHARED and vmap.fallback_id == 0
+    assert vmap.to_student[:3].tolist() == [1, 2, 3] and (vmap.to_student[SHARED:] == -1).all()
+    batch = {"input_ids": torch.tensor([[0, 5, 40]]),  # (1, 3)
+             "topk_ids": torch.tensor([[[5, 40], [31, 2], [0, 1]]]),  # (1, 3, 2)
+             "topk_logprobs": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.7, 0.1]]])),
+             "sample_ids": torch.tensor([[[5, 40], [2, 3], [0, 47]]]),
+             "sample_counts": torch.tensor([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]]])}
+    out = vmap.apply(batch)
+    assert out["input_ids"].tolist() == [[1, 6, 0]]  # w40 is unknown to the student: its unk token
+    assert out["topk_mask"].tolist() == [[[True, False], [False, True], [True, True]]]
+    assert out["topk_ids"][out["topk_mask"]].tolist() == [6, 3, 1, 2]
+    assert out["sample_counts"].tolist() == [[[3.0, 0.0], [2.0, 2.0], [1.0, 0.0]]]
+    with pytest.raises(StudentError, match="no token string besides special tokens shared"):
+        build_vocab_map(tiny_tokenizer(), tiny_tokenizer(prefix="x"), cache_vocab_size=VOCAB, student_vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("loss", ["topk_tail", "sampled"])
+def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_kept_mass(
+        loss: str, caches: dict, tmp_path: Path) -> None:
+    from pipeline.cache_reader import open_cache
+
+    student_dir = tmp_path / "pretrained"
+    LlamaForCausalLM(LlamaConfig(vocab_size=41, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=SEQ)).save_pretrained(student_dir)
+    partial_tokenizer().save_pretrained(student_dir)
+    cfg = cfg_for(loss=loss, max_steps=2, vocab_map="exact", student=StudentConfig(path=str(student_dir)))
+    summary = train(cfg, cache_dir=caches["both"], out_dir=tmp_path / "s")
+    assert summary["complete"] and math.isfinite(summary["final_loss"])
+    report = json.loads((tmp_path / "s" / "training.json").read_text())["vocab_map"]
+    with open_cache(caches["both"]) as reader:  # the same quantities, straight from the cached rows
+        rows = [reader[i] for i in range(len(reader))]
+    p = np.stack([np.exp(r["topk_logprobs"]) for r in rows])  # (N, T, k)
+    ids = np.stack([r["topk_ids"] for r in rows])  # (N, T, k)
+    draws_kept = sum(int((r["sample_counts"] * (r["sample_ids"] < SHARED)).sum()) for r in rows)
+    draws = sum(int(r["sample_counts"].sum()) for r in rows)
+    assert report["ids_mapped"] == SHARED and report["positions_measured"] == len(rows) * SEQ
+    assert report["teacher_mass_cached"] == pytest.approx(p.sum(-1).mean(), rel=1e-6)
+    assert report["teacher_mass_kept"] == pytest.approx((p * (ids < SHARED)).sum(-1).mean(), rel=1e-6)
+    assert report["teacher_mass_kept_ratio"] == pytest.approx(report["teacher_mass_kept"] / report["teacher_mass_cached"])
+    assert report["draws_kept"] == pytest.approx(draws_kept / draws)
+    assert report["input_tokens_mapped"] == pytest.approx(np.mean([r["input_ids"] < SHARED for r in rows]))
+    assert 0 < report["teacher_mass_kept_ratio"] < 1
+    saved = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(partial_tokenizer())  # the student keeps its own

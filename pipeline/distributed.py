@@ -1,0 +1,116 @@
+"""torch.distributed set-up for runs launched by ``torchrun`` (never a home-made launcher).
+
+``torchrun`` exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+:func:`process_group` reads them, initializes the default process group (``gloo`` on CPU, ``nccl``
+when CUDA is available, unless told otherwise), pins each rank to GPU ``LOCAL_RANK`` and tears the
+group down on exit. A plain single-process run (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) creates no
+group, so library code asks :func:`rank_world` and works the same either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+
+class DistributedError(RuntimeError):
+    """The torchrun environment is inconsistent, or ranks disagree about shared state."""
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) outside torchrun."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError as e:
+        raise DistributedError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e}); launch with torchrun") from e
+    if not 0 <= rank < world:
+        raise DistributedError(f"RANK={rank} is outside [0, WORLD_SIZE={world}); launch with torchrun")
+    return rank, world, local
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialized default group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_backend(backend: Backend) -> str:
+    """``auto``: nccl when CUDA is available, else gloo."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+@contextmanager
+def process_group(backend: Backend = "auto", *, timeout_s: float = 1800.0) -> Iterator[tuple[int, int]]:
+    """Initialize the default process group from the torchrun environment; yield (rank, world_size).
+
+    With ``WORLD_SIZE`` unset or 1 nothing is initialized. ``timeout_s`` bounds every collective,
+    barriers included: a cache build whose ranks finish hours apart needs a long one. On CUDA each
+    rank is pinned to ``cuda:LOCAL_RANK``, so ``device="cuda"`` / ``auto`` means that GPU.
+    """
+    rank, world, local = env_rank_world()
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        yield rank_world()
+        return
+    name = resolve_backend(backend)
+    if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise DistributedError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                                   "lower --nproc_per_node")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=name, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d/%d (local %d): process group up (%s)", rank, world, local, name)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU for nccl, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of ``values`` over all ranks (identity without a process group)."""
+    if not _multi_rank():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())  # (n,)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def check_same_on_all_ranks(value: int, *, what: str) -> None:
+    """Raise ``DistributedError`` unless every rank passes the same integer ``value``."""
+    if not _multi_rank():
+        return
+    t = torch.tensor([value, -value], dtype=torch.int64, device=_collective_device())  # (2,) max of v and of -v -> max, -min
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        raise DistributedError(f"ranks disagree on {what} (between {low} and {high}); every rank must see the same "
+                               "files — put the output directory on storage shared by all nodes")

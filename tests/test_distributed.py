@@ -1,0 +1,154 @@
+"""Multi-rank runs under real `torchrun` (gloo on CPU, 2 ranks): the cache stage and DDP training.
+
+Tiny teacher (1-layer Llama) and a word-level tokenizer; 20 sequences in 5 shards, so the shard
+count does not divide by the 2 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.cli import main as kdcache
+from pipeline.config import StudentConfig, TrainConfig
+from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
+from pipeline.token_data import write_tokens
+from pipeline.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+VOCAB, SEQ, N = 48, 16, 20
+CACHE_FLAGS = ["--top-k", "8", "--batch-size", "3", "--rows-per-shard", "4", "--device", "cpu"]  # 5 shards
+STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+TRAIN = {"max_steps": 6, "lr": 0.01, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 100, "chunk_tokens": 16}
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids are the positions in ``words`` (specials first)."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token=words[0])
+
+
+def teacher_words() -> list[str]:
+    return ["<eos>", "<pad>", *(f"w{i}" for i in range(2, VOCAB))]
+
+
+def make_teacher_and_tokens(root: Path, *, n: int = N, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Llama teacher dir (weights + tokenizer) and packed train/val token data made with its tokenizer."""
+    teacher, tokens = root / "teacher", root / "tokens"
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(teacher)
+    tok = word_tokenizer(teacher_words())
+    tok.save_pretrained(teacher)
+    ids = np.random.default_rng(seed).integers(2, VOCAB, size=(n + 4, SEQ))
+    write_tokens(tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB,
+                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    return teacher, tokens
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("KDCACHE_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1): same kernels, same bytes
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    teacher, tokens = make_teacher_and_tokens(root)
+    (root / "student.json").write_text(json.dumps(STUDENT))
+    return {"root": root, "teacher": teacher, "tokens": tokens}
+
+
+@pytest.fixture(scope="module")
+def two_rank_cache(world: dict[str, Path]) -> Path:
+    out = world["root"] / "two" / "cache"
+    proc = torchrun("--no-python", str(BIN / "kdcache"), "cache", "--teacher", str(world["teacher"]),
+                    "--tokens", str(world["tokens"]), "--out", str(out), *CACHE_FLAGS, cwd=world["root"])
+    assert proc.stdout.strip().splitlines() == [str(out)], "rank 0 alone prints the cache path"
+    return out
+
+
+def test_two_rank_cache_is_byte_identical_to_a_one_process_run(world, two_rank_cache, capsys) -> None:
+    one = world["root"] / "one" / "cache"  # same leaf name: the manifest records it
+    assert kdcache(["cache", "--teacher", str(world["teacher"]), "--tokens", str(world["tokens"]), "--out", str(one),
+                    *CACHE_FLAGS]) == 0
+    assert capsys.readouterr().out.strip() == str(one)
+    want = digests(one)
+    assert {f"shard-{i:05d}.parquet" for i in range(5)} | {"manifest.json"} <= set(want)
+    assert digests(two_rank_cache) == want
+
+
+def test_rerun_under_torchrun_rescores_only_the_missing_shards_of_one_rank(world, two_rank_cache) -> None:
+    want = digests(two_rank_cache)
+    for name in ("shard-00001.parquet", "shard-00003.parquet", "manifest.json"):  # rank 1's share was lost
+        (two_rank_cache / name).unlink()
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in two_rank_cache.glob("shard-*.parquet")}
+    params = world["root"] / "params.yaml"
+    params.write_text(yaml.safe_dump({"teacher": {"path": str(world["teacher"]), "device": "cpu"},
+                                      "cache": {"top_k": 8, "batch_size": 3, "rows_per_shard": 4}}))
+    torchrun(str(ROOT / "stages" / "cache.py"), "--params", str(params), "--tokens", str(world["tokens"]),
+             "--out", str(two_rank_cache), cwd=world["root"])
+    assert digests(two_rank_cache) == want
+    assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n in kept for p in [two_rank_cache / n]} == kept
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two_rank_cache) -> None:
+    ref = world["root"] / "ref"
+    train(TrainConfig(batch_size=4, student=StudentConfig(**STUDENT), **TRAIN), cache_dir=two_rank_cache, out_dir=ref)
+    ddp = world["root"] / "ddp"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    torchrun("--no-python", str(BIN / "kdcache"), "train", "--cache", str(two_rank_cache), "--out", str(ddp),
+             "--student", str(world["root"] / "student.json"), "--batch-size", "2", "--device", "cpu", *flags,
+             cwd=world["root"])
+    full = _losses(ddp)
+    assert len(full) == 6, "rank 0 alone writes the log"
+    assert np.allclose(full, _losses(ref), rtol=0, atol=1e-5), (full, _losses(ref))
+    summary = json.loads((ddp / "training.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 4 and summary["tokens"] == 6 * 4 * SEQ
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+    # lose the last checkpoint and the final model; resume both ranks from step 3 through the DVC stage script
+    for p in (ddp / "checkpoints" / "step-000006").iterdir():
+        p.unlink()
+    (ddp / "checkpoints" / "step-000006").rmdir()
+    (ddp / "training.json").unlink()
+    params = world["root"] / "train-params.yaml"
+    params.write_text(yaml.safe_dump({"train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
+    proc = torchrun(str(ROOT / "stages" / "train.py"), "--params", str(params), "--cache", str(two_rank_cache),
+                    "--out", str(ddp), "--resume", cwd=world["root"])
+    assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
+    assert np.allclose(_losses(ddp), full, rtol=0, atol=1e-6)
+    assert json.loads((ddp / "training.json").read_text())["complete"]
