@@ -91,30 +91,70 @@ def shard_name(index: int) -> str:
 
 
 def build_cache(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, out_dir: str | Path,
-                rank: int = 0, world_size: int = 1, progress: bool = False) -> Manifest | None:
+                rank: int | None = None, world_size: int | None = None, progress: bool = False) -> Manifest | None:
     """Score this rank's missing shards into ``out_dir``; rank 0 then writes the manifest.
 
-    Returns the manifest, or ``None`` on other ranks and while shards of other ranks are missing
-    (rerun rank 0, or the seal step, once they finish). Raises ``CacheWriteError`` on mismatched
-    inputs, foreign shards in ``out_dir`` or non-finite teacher logits with ``on_nan: fail``; a
-    failed run leaves finished shards in place, no ``.tmp`` file and no new manifest.
+    ``rank``/``world_size`` default to the initialized ``torch.distributed`` group (else 0/1). Under
+    a process group every rank scores its shards, then all ranks meet in one collective (an
+    all-reduce of a failure flag, which is also the barrier); rank 0 writes the manifest and
+    returns it, other ranks return ``None``. If any rank failed, no rank writes a manifest: the
+    failing rank re-raises its error, the others raise ``CacheWriteError``. Without a process group,
+    rank 0 returns ``None`` while shards of other ranks are missing (rerun it once they finish).
+
+    Raises ``CacheWriteError`` on mismatched inputs, foreign shards in ``out_dir``, non-finite
+    teacher logits with ``on_nan: fail`` or a failed write (naming the file); a failed run leaves
+    finished shards in place, no ``.tmp`` file and no new manifest.
     """
+    group = _group_rank_world()
+    rank = (group[0] if group else 0) if rank is None else rank
+    world_size = (group[1] if group else 1) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if group and group != (rank, world_size):
+        raise ValueError(f"rank/world_size {rank}/{world_size} disagree with the process group's {group[0]}/{group[1]}")
     out = Path(out_dir)
-    header = _manifest_header(teacher, tokens, cfg)
-    layout = TargetLayout.from_dict(header["targets"])
-    build_key = sha256_json({k: v for k, v in header.items() if k != "tokenizer"}
-                            | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]})
-    ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
-    todo = _plan(out, num_shards=len(ranges), build_key=build_key, rank=rank, world_size=world_size)
-    if rank == 0:
-        header["tokenizer"]["files"] = _save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
-    written = _score_shards(teacher, tokens, cfg, layout=layout, out=out, shards=[(i, *ranges[i]) for i in todo],
-                            build_key=build_key, progress=progress)
+    try:
+        header = _manifest_header(teacher, tokens, cfg)
+        layout = TargetLayout.from_dict(header["targets"])
+        build_key = sha256_json({k: v for k, v in header.items() if k != "tokenizer"}
+                                | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]})
+        ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
+        todo = _plan(out, num_shards=len(ranges), build_key=build_key, rank=rank, world_size=world_size)
+        if rank == 0:
+            header["tokenizer"]["files"] = _save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
+        written = _score_shards(teacher, tokens, cfg, layout=layout, out=out, shards=[(i, *ranges[i]) for i in todo],
+                                build_key=build_key, progress=progress)
+    except Exception:
+        if group:
+            _any_rank_failed(True)  # let the other ranks through the collective, and stop them sealing
+        raise
+    if group and _any_rank_failed(False):
+        raise CacheWriteError(f"{out}: another rank failed (see its error); no manifest written — fix the cause "
+                              "and rerun: finished shards are kept")
     if rank != 0:
         return None
-    return _seal(out, header, build_key=build_key, num_shards=len(ranges), known=written)
+    manifest = _seal(out, header, build_key=build_key, num_shards=len(ranges), known=written)
+    if manifest is None and group:
+        raise CacheWriteError(f"{out}: every rank finished but shard files are missing here — out_dir must be on "
+                              "storage shared by all ranks (all nodes)")
+    return manifest
+
+
+def _group_rank_world() -> tuple[int, int] | None:
+    """(rank, world_size) of the initialized default process group, else ``None``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    """All-reduce (MAX) a failure flag over the process group: a barrier that also says if any rank failed."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(failed)], dtype=torch.int64, device=device)  # (1,)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> dict[str, Any]:

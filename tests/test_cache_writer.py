@@ -237,3 +237,57 @@ def test_default_cache_name_is_content_addressed(teacher, token_dir):
     other = cache_writer.target_layout(dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0),
                                        vocab_size=VOCAB, seq_len=T)
     assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s32seed0-t2")
+
+
+RANK_SCRIPT = """
+import sys
+import torch.distributed as dist
+import pipeline.cache_writer as cw
+from pipeline.config import CacheConfig, TeacherConfig
+from pipeline.teacher import load_teacher
+from pipeline.token_data import open_tokens
+
+teacher_dir, token_dir, out, fail_rank = sys.argv[1:5]
+dist.init_process_group("gloo")
+if dist.get_rank() == int(fail_rank):
+    def broken(*args, **kwargs):
+        raise OSError("injected write failure")
+    cw.encode_table = broken
+teacher = load_teacher(TeacherConfig(path=teacher_dir, device="cpu"))
+try:
+    m = cw.build_cache(teacher, open_tokens(token_dir, "train"), CacheConfig(top_k=8, batch_size=3, rows_per_shard=4),
+                       out_dir=out)
+    print("RESULT", dist.get_rank(), None if m is None else m.num_rows)
+except Exception as e:
+    print("ERROR", dist.get_rank(), type(e).__name__, e)
+dist.destroy_process_group()
+"""
+
+
+def _run_two_ranks(teacher: Teacher, token_dir: Path, out: Path, *, fail_rank: int) -> list[str]:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, teacher.info["path"], str(token_dir), str(out),
+                               str(fail_rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    return sorted(line for o, _ in outs for line in o.splitlines() if line.startswith(("RESULT", "ERROR")))
+
+
+def test_under_a_process_group_rank_zero_seals_after_every_rank_and_a_failed_rank_blocks_the_manifest(
+        teacher, token_dir, tmp_path):
+    failed = _run_two_ranks(teacher, token_dir, tmp_path / "bad", fail_rank=1)
+    assert failed[0].startswith("ERROR 0 CacheWriteError") and "another rank failed" in failed[0]
+    assert failed[1].startswith("ERROR 1 OSError") and "injected write failure" in failed[1]
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+    assert not list((tmp_path / "bad").glob("*.tmp"))
+    assert _run_two_ranks(teacher, token_dir, tmp_path / "bad", fail_rank=-1) == ["RESULT 0 10", "RESULT 1 None"]
+    assert Manifest.load(tmp_path / "bad").num_rows == N
