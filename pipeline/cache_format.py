@@ -1,21 +1,32 @@
-"""The cache contract: Parquet schema, value codecs and the manifest (format version 1).
+"""The cache contract: Parquet schema, row encoding/decoding and the manifest (format version 1).
 
-Writers and readers both import this module; nothing else knows the byte layout.
+Writers and readers both import this module (the value codecs live in ``cache_codec``); nothing
+else knows the byte layout. The full
+specification, with a by-hand decoder and the measurements behind every choice, is
+``cache/README.md``.
 
-One Parquet row per packed sequence. Per-token arrays are stored as little-endian binary
-blobs (one blob per row and column), which Parquet stores as plain byte arrays: they decode
-far faster than list columns and any tool can read them (see ``cache/README.md``).
-
-Columns (``T`` = seq_len, ``k`` = top_k, ids are ``uint16`` when vocab_size <= 65536 else ``uint32``):
+One Parquet row per packed sequence; per-token arrays are little-endian binary blobs (one per row
+and column), stored **byte-plane split** (all low bytes, then all next bytes, ...; a no-op for
+1-byte types) so zstd sees the near-constant high bytes as runs. ``T`` = seq_len; ids are
+``uint16`` when vocab_size <= 65536, else ``uint32``; lengths and counts are ``uint8`` when their
+limit (top_k, samples) is <= 255, else ``uint16``. Within a position, entries are in ascending id
+order and ids are **gap coded**: the first id as is, then ``id[j] - id[j-1] - 1``.
 
 - ``seq_index``      int64   global index of the sequence in the token split
 - ``input_ids``      binary  (T,) ids
-- ``topk_lengths``   binary  (T,) uint16 entries kept per position (adaptive top-k only)
-- ``topk_ids``       binary  (sum of lengths,) or (T*k,) ids, by descending probability per position
-- ``topk_logprobs``  binary  same length, uint16 codes: logprob = -code / LOGPROB_SCALE
-- ``sample_lengths`` binary  (T,) uint16 unique sampled ids per position (sampled targets)
-- ``sample_ids``     binary  (sum of lengths,) ids, ascending per position
-- ``sample_counts``  binary  same length, uint16 draw counts (sum per position = samples)
+- ``topk_lengths``   binary  (T,) entries kept per position (adaptive top-k only; else k each)
+- ``topk_ids``       binary  (n,) gap-coded ids, n = sum of lengths
+- ``topk_codes``     binary  (n,) uint8 value codes, relative to the position's largest log-prob:
+                             code = round(255 * (1 - (p / p_max) ** VALUE_GAMMA))
+- ``topk_tail``      binary  (T,) uint16 tail codes: code = round((TAIL_LOGIT_MAX - logit(p_tail)) * TAIL_SCALE),
+                             TAIL_EMPTY = no tail (k = V); p_tail = probability outside the kept ids
+- ``sample_lengths`` binary  (T,) unique sampled ids per position (sampled targets)
+- ``sample_ids``     binary  (m,) gap-coded ids, ascending per position
+- ``sample_counts``  binary  (m,) draws per id (sum per position = samples)
+
+Decoding top-k values: rel = log(u) / VALUE_GAMMA with u = 1 - code/255 (code 255: u = 0.25/255), then
+``logprob = rel + log(1 - p_tail) - log(sum_position exp(rel))``: the decoded top-k mass is exactly
+``1 - p_tail``, so the loss's tail bucket keeps its stored precision even when p_tail ~ 1e-9.
 """
 
 from __future__ import annotations
@@ -31,38 +42,46 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache_codec import (  # noqa: F401  re-exported: the format's codecs
+    TAIL_EMPTY,
+    TAIL_LOGIT_MAX,
+    TAIL_SCALE,
+    VALUE_GAMMA,
+    VALUE_LEVELS,
+    CacheFormatError,
+    column_values,
+    count_dtype_for,
+    decode_gaps,
+    decode_log_mass,
+    decode_topk_logprobs,
+    encode_gaps,
+    encode_tail,
+    encode_values,
+    from_planes,
+    id_dtype_for,
+    padded,
+    row_blobs,
+    segment_starts,
+    sorted_entries,
+    to_planes,
+    value_table,
+)
+
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = "1.0"
 """major.minor: readers refuse another major; minors only add optional fields."""
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"\Ashard-[0-9]{5}\.parquet\Z")  # \Z, not $ (which accepts a trailing newline)
-LOGPROB_SCALE = 2048.0
-"""uint16 fixed point on -logprob: step 1/2048 nats (KL cost ~ step^2/24 ~ 1e-8), floor -32 nats."""
-MAX_CODE = np.iinfo(np.uint16).max
-LENGTH_DTYPE = np.dtype("<u2")
-CODE_DTYPE = np.dtype("<u2")
+VALUE_ENCODING = f"u8-pow{VALUE_GAMMA:.4f}-rel+u16-tail-logit/{int(TAIL_SCALE)}"
+"""Recorded in the manifest; readers refuse any other value encoding."""
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": False,
+                                   "write_page_checksum": True}
+"""``pq.ParquetWriter`` keyword arguments every shard writer uses (level chosen by bench/cache_format.py)."""
 MAX_TOP_K = 1024
 MAX_SAMPLES = 65535
 
 
-class CacheFormatError(ValueError):
-    """A cache file or manifest does not follow the format contract."""
-
-
-def id_dtype_for(vocab_size: int) -> np.dtype:
-    """Narrowest little-endian unsigned dtype holding ids < vocab_size."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def encode_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    """float log-probs (<= 0) -> uint16 codes, rounding -logprob to 1/LOGPROB_SCALE nats."""
-    scaled = np.rint(-np.asarray(logprobs, dtype=np.float64) * LOGPROB_SCALE)
-    return np.clip(scaled, 0, MAX_CODE).astype(CODE_DTYPE)
-
-
-def decode_logprobs(codes: np.ndarray) -> np.ndarray:
-    """uint16 codes -> float32 log-probs."""
-    return codes.astype(np.float32) * np.float32(-1.0 / LOGPROB_SCALE)
+# ----------------------------------------------------------------------------- layout and rows
 
 
 @dataclass(frozen=True)
@@ -78,7 +97,7 @@ class TargetLayout:
     temperature: float = 1.0
     seed: int = 0
     values: str = "logprob"
-    value_encoding: str = f"uint16 -logprob*{int(LOGPROB_SCALE)}"
+    value_encoding: str = VALUE_ENCODING
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "seq_len", "top_k", "samples", "seed", "mass", "temperature"):
@@ -95,6 +114,9 @@ class TargetLayout:
             raise CacheFormatError(f"targets.samples must be in [1, {MAX_SAMPLES}], got {self.samples}")
         if not 0.0 <= self.mass < 1.0 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise CacheFormatError(f"bad targets.mass/temperature: {self.mass}/{self.temperature}")
+        if self.values != "logprob" or self.value_encoding != VALUE_ENCODING:
+            raise CacheFormatError(f"targets.values/value_encoding {self.values!r}/{self.value_encoding!r} are not "
+                                   f"supported by this kdcache (reads 'logprob'/{VALUE_ENCODING!r}); upgrade kdcache")
 
     @property
     def has_topk(self) -> bool:
@@ -112,13 +134,20 @@ class TargetLayout:
     def id_dtype(self) -> np.dtype:
         return id_dtype_for(self.vocab_size)
 
-    def columns(self) -> list[str]:
-        cols = ["seq_index", "input_ids"]
+    def blob_dtypes(self) -> dict[str, np.dtype]:
+        """Element dtype of every blob column (before byte-plane splitting)."""
+        ids = self.id_dtype
+        out = {"input_ids": ids}
         if self.has_topk:
-            cols += (["topk_lengths"] if self.adaptive else []) + ["topk_ids", "topk_logprobs"]
+            out |= ({"topk_lengths": count_dtype_for(self.top_k)} if self.adaptive else {}) | {
+                "topk_ids": ids, "topk_codes": np.dtype("u1"), "topk_tail": np.dtype("<u2")}
         if self.has_samples:
-            cols += ["sample_lengths", "sample_ids", "sample_counts"]
-        return cols
+            out |= {"sample_lengths": count_dtype_for(self.samples), "sample_ids": ids,
+                    "sample_counts": count_dtype_for(self.samples)}
+        return out
+
+    def columns(self) -> list[str]:
+        return ["seq_index", *self.blob_dtypes()]
 
     def schema(self) -> pa.Schema:
         return pa.schema([pa.field(c, pa.int64() if c == "seq_index" else pa.binary(), nullable=False)
@@ -138,13 +167,18 @@ class TargetLayout:
 
 @dataclass
 class SequenceTargets:
-    """Decoded targets of one sequence (what ``reader[i]`` returns, as a dict)."""
+    """Targets of one sequence: what the cache stage encodes and what ``reader[i]`` returns (as a dict).
+
+    Top-k entries may come in any order on encode (padding: id 0 / log-prob -inf past
+    ``topk_lengths``); decoded rows hold them in ascending id order, padding last.
+    """
 
     seq_index: int
     input_ids: np.ndarray  # (T,)
     topk_ids: np.ndarray | None = None  # (T, k) padded with 0 past topk_lengths
     topk_logprobs: np.ndarray | None = None  # (T, k) float32, -inf past topk_lengths
     topk_lengths: np.ndarray | None = None  # (T,) entries kept (== k unless adaptive)
+    topk_log_tail: np.ndarray | None = None  # (T,) log p_tail (encode input; None: 1 - sum of the kept mass)
     sample_ids: np.ndarray | None = None  # (T, S_max) padded with 0
     sample_counts: np.ndarray | None = None  # (T, S_max) int32, 0 marks padding
 
@@ -152,88 +186,146 @@ class SequenceTargets:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def _ragged(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Keep the first lengths[t] entries of each row of a padded (T, K) array -> flat (sum,)."""
-    keep = np.arange(values.shape[1])[None, :] < lengths[:, None]  # (T, K)
-    return values[keep]
+def _topk_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
+    ids, lps, lengths, tails = [], [], [], []
+    for t in rows:
+        if t.topk_ids is None or t.topk_logprobs is None:
+            raise CacheFormatError(f"sequence {t.seq_index}: a top-k layout needs topk_ids and topk_logprobs")
+        n = np.full(layout.seq_len, layout.top_k) if t.topk_lengths is None else np.asarray(t.topk_lengths)
+        if n.shape != (layout.seq_len,) or n.min() < 1 or (not layout.adaptive and np.any(n != layout.top_k)):
+            raise CacheFormatError(f"sequence {t.seq_index}: topk_lengths must be (T,) >= 1 (== top_k unless adaptive)")
+        i, v = sorted_entries(t.topk_ids, t.topk_logprobs, n, layout.vocab_size)
+        ids.append(i), lps.append(v), lengths.append(n.astype(np.int64)), tails.append(t.topk_log_tail)
+    n = np.concatenate(lengths)
+    codes, log_mass = encode_values(np.concatenate(lps), n)  # (sum n,), (R*T,)
+    with np.errstate(divide="ignore"):
+        approx = np.log(np.clip(-np.expm1(log_mass), 0.0, None))  # tail from the kept mass when not given
+    log_tail = np.concatenate([approx[r * layout.seq_len:(r + 1) * layout.seq_len] if t is None else np.asarray(t, np.float64)
+                               for r, t in enumerate(tails)])
+    per_row = np.array([x.sum() for x in lengths], np.int64)
+    dtypes, R = layout.blob_dtypes(), len(rows)
+    out = {"topk_lengths": row_blobs(n, np.full(R, layout.seq_len), dtypes["topk_lengths"])} if layout.adaptive else {}
+    return out | {"topk_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["topk_ids"]),
+                  "topk_codes": row_blobs(codes, per_row, np.dtype("u1")),
+                  "topk_tail": row_blobs(encode_tail(log_tail, log_mass), np.full(R, layout.seq_len), np.dtype("<u2"))}
 
 
-def _padded(flat: np.ndarray, lengths: np.ndarray, width: int, fill: Any) -> np.ndarray:
-    """Inverse of ``_ragged``: flat (sum,) -> (T, width) padded with ``fill``."""
-    out = np.full((lengths.shape[0], width), fill, dtype=flat.dtype)
-    out[np.arange(width)[None, :] < lengths[:, None]] = flat
-    return out
+def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
+    ids, counts, lengths = [], [], []
+    for t in rows:
+        if t.sample_ids is None or t.sample_counts is None:
+            raise CacheFormatError(f"sequence {t.seq_index}: a sampled layout needs sample_ids and sample_counts")
+        n = (t.sample_counts > 0).sum(-1)
+        i, c = sorted_entries(t.sample_ids, t.sample_counts, n, layout.vocab_size)
+        ids.append(i), counts.append(c), lengths.append(n)
+    n = np.concatenate(lengths)
+    per_row, dtypes = np.array([x.sum() for x in lengths], np.int64), layout.blob_dtypes()
+    return {"sample_lengths": row_blobs(n, np.full(len(rows), layout.seq_len), dtypes["sample_lengths"]),
+            "sample_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["sample_ids"]),
+            "sample_counts": row_blobs(np.concatenate(counts), per_row, dtypes["sample_counts"])}
+
+
+def encode_table(layout: TargetLayout, rows: list[SequenceTargets]) -> pa.Table:
+    """Sequences -> an Arrow table with ``layout.schema()`` (vectorized over the rows)."""
+    for t in rows:
+        if np.shape(t.input_ids) != (layout.seq_len,):
+            raise CacheFormatError(f"sequence {t.seq_index}: input_ids has shape {np.shape(t.input_ids)}, "
+                                   f"expected ({layout.seq_len},)")
+    cols: dict[str, list] = {"seq_index": [int(t.seq_index) for t in rows],
+                             "input_ids": [to_planes(np.asarray(t.input_ids).astype(layout.id_dtype)) for t in rows]}
+    if rows and layout.has_topk:
+        cols |= _topk_columns(layout, rows)
+    if rows and layout.has_samples:
+        cols |= _sample_columns(layout, rows)
+    if not rows:
+        cols = {c: [] for c in layout.columns()}
+    return pa.table({c: pa.array(cols[c], f.type) for c, f in zip(layout.columns(), layout.schema(), strict=True)},
+                    schema=layout.schema())
 
 
 def encode_row(layout: TargetLayout, t: SequenceTargets) -> dict[str, Any]:
     """One sequence -> a dict of column values (bytes blobs) following ``layout``."""
-    ids = layout.id_dtype
-    row: dict[str, Any] = {"seq_index": int(t.seq_index), "input_ids": t.input_ids.astype(ids).tobytes()}
+    return encode_table(layout, [t]).to_pylist()[0]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class StagedRows:
+    """Rows decoded to flat arrays (what staging memory-maps and batches gather from).
+
+    Per row ``r``: ``input_ids[r]`` (T,); per position (R*T,): ``topk_lengths``, ``topk_tail``,
+    ``sample_lengths``; per entry: ``topk_ids``, ``topk_codes``, ``sample_ids``, ``sample_counts``;
+    ids absolute and ascending per position; values still codes (``decode_topk_logprobs``).
+    """
+
+    seq_index: np.ndarray  # (R,) int64
+    input_ids: np.ndarray  # (R, T)
+    arrays: dict[str, np.ndarray]
+
+
+def stage_rows(layout: TargetLayout, table: pa.Table, *, where: str = "rows") -> StagedRows:
+    """Parquet columns (a table with ``layout.schema()``) -> ``StagedRows``; refuses malformed blobs."""
+    dtypes, T, R = layout.blob_dtypes(), layout.seq_len, table.num_rows
+    if table.schema != layout.schema():
+        raise CacheFormatError(f"{where}: columns {table.schema.names}, expected {layout.columns()}")
+    per_position = np.full(R, T, np.int64)
+
+    def column(name: str, per_row: np.ndarray) -> np.ndarray:
+        return column_values(table.column(name), dtypes[name], per_row, rows=R, where=f"{where}: {name}")
+
+    arrays = {"input_ids": column("input_ids", per_position)}
     if layout.has_topk:
-        assert t.topk_ids is not None and t.topk_logprobs is not None
-        if layout.adaptive:
-            assert t.topk_lengths is not None
-            lengths = t.topk_lengths.astype(LENGTH_DTYPE)
-            row["topk_lengths"] = lengths.tobytes()
-            row["topk_ids"] = _ragged(t.topk_ids, lengths).astype(ids).tobytes()
-            row["topk_logprobs"] = encode_logprobs(_ragged(t.topk_logprobs, lengths)).tobytes()
-        else:
-            row["topk_ids"] = t.topk_ids.astype(ids).tobytes()
-            row["topk_logprobs"] = encode_logprobs(t.topk_logprobs).tobytes()
+        k = layout.top_k
+        lengths = column("topk_lengths", per_position) if layout.adaptive else np.full(R * T, k, np.uint16)
+        _check_lengths(lengths, 1, k, f"{where}: topk_lengths")
+        per_row = lengths.reshape(R, T).sum(axis=1, dtype=np.int64)
+        codes, tail = column("topk_codes", per_row), column("topk_tail", per_position)
+        arrays |= {"topk_lengths": lengths.astype(np.uint16),
+                   "topk_ids": decode_gaps(column("topk_ids", per_row), lengths, layout.id_dtype),
+                   "topk_codes": codes, "topk_tail": tail}
     if layout.has_samples:
-        assert t.sample_ids is not None and t.sample_counts is not None
-        lengths = (t.sample_counts > 0).sum(-1).astype(LENGTH_DTYPE)
-        row["sample_lengths"] = lengths.tobytes()
-        row["sample_ids"] = _ragged(t.sample_ids, lengths).astype(ids).tobytes()
-        row["sample_counts"] = _ragged(t.sample_counts, lengths).astype(CODE_DTYPE).tobytes()
-    return row
+        lengths = column("sample_lengths", per_position)
+        _check_lengths(lengths, 0, layout.samples, f"{where}: sample_lengths")
+        per_row = lengths.reshape(R, T).sum(axis=1, dtype=np.int64)
+        arrays |= {"sample_lengths": lengths.astype(np.uint16),
+                   "sample_ids": decode_gaps(column("sample_ids", per_row), lengths, layout.id_dtype),
+                   "sample_counts": column("sample_counts", per_row).astype(np.uint16)}
+    seq_index = table.column("seq_index").to_numpy().astype(np.int64)
+    return StagedRows(seq_index=seq_index, input_ids=arrays.pop("input_ids").reshape(R, T), arrays=arrays)
 
 
-def encode_table(layout: TargetLayout, rows: list[SequenceTargets]) -> pa.Table:
-    """Sequences -> an Arrow table with ``layout.schema()``."""
-    encoded = [encode_row(layout, r) for r in rows]
-    return pa.Table.from_pylist(encoded, schema=layout.schema())
+def _check_lengths(lengths: np.ndarray, low: int, high: int, where: str) -> None:
+    if lengths.size and (int(lengths.min()) < low or int(lengths.max()) > high):
+        raise CacheFormatError(f"{where}: values outside [{low}, {high}]")
 
 
 def decode_row(layout: TargetLayout, row: dict[str, Any]) -> SequenceTargets:
-    """A dict of column values (bytes or buffers, e.g. ``table.slice(i, 1).to_pylist()[0]``) -> arrays."""
-    ids = layout.id_dtype
-    T = layout.seq_len
-    out = SequenceTargets(seq_index=int(row["seq_index"]), input_ids=np.frombuffer(row["input_ids"], ids))
-    if out.input_ids.shape != (T,):
-        raise CacheFormatError(f"row {out.seq_index}: input_ids has {out.input_ids.size} tokens, expected {T}")
+    """A dict of column values (bytes, e.g. ``table.slice(i, 1).to_pylist()[0]``) -> padded arrays."""
+    try:
+        table = pa.table({c: [row[c]] for c in layout.columns()}, schema=layout.schema())
+    except (KeyError, pa.ArrowException) as e:
+        raise CacheFormatError(f"row {row.get('seq_index')}: columns do not follow the layout ({e})") from e
+    staged = stage_rows(layout, table, where=f"row {row.get('seq_index')}")
+    return unpack_row(layout, staged.seq_index[0], staged.input_ids[0], staged.arrays)
+
+
+def unpack_row(layout: TargetLayout, seq_index: int, input_ids: np.ndarray, a: dict[str, np.ndarray]) -> SequenceTargets:
+    """One row's staged arrays (per-position and per-entry slices) -> ``SequenceTargets`` (padded, new arrays)."""
+    out = SequenceTargets(seq_index=int(seq_index), input_ids=np.array(input_ids))
     if layout.has_topk:
-        k = layout.top_k
-        flat_ids = np.frombuffer(row["topk_ids"], ids)
-        flat_lp = decode_logprobs(np.frombuffer(row["topk_logprobs"], CODE_DTYPE))
-        if layout.adaptive:
-            lengths = np.frombuffer(row["topk_lengths"], LENGTH_DTYPE)
-            _check_lengths(lengths, flat_ids, flat_lp, k, T, f"row {out.seq_index}: topk")
-            out.topk_ids = _padded(flat_ids, lengths, k, 0)
-            out.topk_logprobs = _padded(flat_lp, lengths, k, -np.inf)
-            out.topk_lengths = lengths
-        else:
-            if flat_ids.size != T * k or flat_lp.size != T * k:
-                raise CacheFormatError(f"row {out.seq_index}: topk blobs hold {flat_ids.size}/{flat_lp.size} entries, expected {T * k}")
-            out.topk_ids, out.topk_logprobs = flat_ids.reshape(T, k), flat_lp.reshape(T, k)
-            out.topk_lengths = np.full(T, k, LENGTH_DTYPE)
+        lengths = a["topk_lengths"]
+        keep = np.arange(layout.top_k)[None, :] < lengths[:, None]  # (T, k)
+        out.topk_ids = padded(a["topk_ids"], lengths, layout.top_k, 0)
+        out.topk_logprobs = decode_topk_logprobs(padded(a["topk_codes"], lengths, layout.top_k, 0), a["topk_tail"], keep)
+        out.topk_lengths = lengths.copy()
     if layout.has_samples:
-        lengths = np.frombuffer(row["sample_lengths"], LENGTH_DTYPE)
-        flat_ids = np.frombuffer(row["sample_ids"], ids)
-        flat_counts = np.frombuffer(row["sample_counts"], CODE_DTYPE)
+        lengths = a["sample_lengths"]
         width = max(int(lengths.max(initial=0)), 1)
-        _check_lengths(lengths, flat_ids, flat_counts, layout.samples, T, f"row {out.seq_index}: samples")
-        out.sample_ids = _padded(flat_ids, lengths, width, 0)
-        out.sample_counts = _padded(flat_counts, lengths, width, 0).astype(np.int32)
+        out.sample_ids = padded(a["sample_ids"], lengths, width, 0)
+        out.sample_counts = padded(a["sample_counts"], lengths, width, 0, np.int32)
     return out
-
-
-def _check_lengths(lengths: np.ndarray, a: np.ndarray, b: np.ndarray, limit: int, T: int, where: str) -> None:
-    if lengths.shape != (T,) or int(lengths.max(initial=0)) > limit:
-        raise CacheFormatError(f"{where}_lengths malformed (shape {lengths.shape}, max {lengths.max(initial=0)}, limit {limit})")
-    total = int(lengths.sum(dtype=np.int64))
-    if a.size != total or b.size != total:
-        raise CacheFormatError(f"{where}: blobs hold {a.size}/{b.size} entries, lengths say {total}")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -342,7 +434,7 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
                         corpus=data["corpus"], targets=data["targets"], shards=shards, stats=data["stats"],
                         created_by=str(data.get("created_by", "")), format=FORMAT_NAME, format_version=version)
     try:
-        layout = manifest.layout  # validates kind, k, samples, sizes
+        layout = manifest.layout  # validates kind, k, samples, sizes, value encoding
     except CacheFormatError as e:
         raise CacheFormatError(f"{source}: {e}") from e
     need(layout.vocab_size == manifest.tokenizer.get("vocab_size"), "targets.vocab_size differs from tokenizer.vocab_size")

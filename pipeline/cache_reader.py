@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.cache_format import CODE_DTYPE, CacheFormatError, Manifest, TargetLayout, decode_logprobs, decode_row
+from pipeline.cache_format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
 from pipeline.cache_shards import (
     CacheError,
     MappedShard,
@@ -29,6 +29,7 @@ from pipeline.cache_shards import (
     default_staging_dir,
     load_shard,
     sha_error,
+    staged_columns,
     verify_cache,
 )
 from pipeline.fingerprint import sha256_file
@@ -114,9 +115,8 @@ class CacheReader:
             raise IndexError(f"sequence {i} out of range for a cache of {n}")
         i %= n
         s = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        shard = self._shard(s)
-        out = decode_row(self.layout, shard.row(i - int(self._offsets[s]))).as_dict()
-        return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in out.items()}
+        row = self._shard(s).row(i - int(self._offsets[s]))
+        return unpack_row(self.layout, row.pop("seq_index"), row.pop("input_ids"), row).as_dict()  # new arrays
 
     def iter_sequences(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
         """``reader[i]`` for i in [start, stop), staging the next shards ahead."""
@@ -207,20 +207,21 @@ class CacheReader:
         for shard, sel, local in parts:
             out["input_ids"][sel] = shard.fixed["input_ids"][local]
             out["seq_index"][sel] = shard.seq_index[local]
-        if lay.has_topk and not lay.adaptive:
-            k = lay.top_k
-            out["topk_ids"], out["topk_logprobs"] = np.empty((B, T, k), np.int64), np.empty((B, T, k), np.float32)
+        if lay.has_topk:
+            out["topk_ids"], codes, keep = _gather_ragged(parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive,
+                                                           dtypes=staged_columns(lay))
+            tail = np.empty((B, T), np.uint16)
             for shard, sel, local in parts:
-                out["topk_ids"][sel] = shard.fixed["topk_ids"][local].reshape(-1, T, k)
-                out["topk_logprobs"][sel] = decode_logprobs(shard.fixed["topk_logprobs"][local]).reshape(-1, T, k)
-        elif lay.has_topk:
-            out["topk_ids"], out["topk_logprobs"], out["topk_mask"] = _gather_ragged(
-                parts, "topk", (B, T, lay.top_k), lay.id_dtype, decode_logprobs)
+                tail[sel] = shard.fixed["topk_tail"][local]
+            lp = decode_topk_logprobs(codes, tail, keep if lay.adaptive else None)  # (B, T, k) as reader[i]
+            out["topk_logprobs"] = np.where(keep, lp, np.float32(0.0)) if lay.adaptive else lp
+            if lay.adaptive:
+                out["topk_mask"] = keep
         if lay.has_samples:
             width = max((int(p[0].fixed["sample_lengths"][p[2]].max(initial=0)) for p in parts), default=0)
-            ids, counts, _ = _gather_ragged(parts, "sample", (B, T, max(width, 1)), lay.id_dtype,
-                                            lambda c: c.astype(np.float32))
-            out["sample_ids"], out["sample_counts"] = ids, counts
+            ids, counts, _ = _gather_ragged(parts, "sample", (B, T, max(width, 1)), fixed=False,
+                                            dtypes=staged_columns(lay))
+            out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- staging, mapping, prefetch
@@ -276,28 +277,34 @@ class CacheReader:
 
 
 def _gather_ragged(parts: list[tuple[MappedShard, np.ndarray, np.ndarray]], prefix: str, shape: tuple[int, int, int],
-                   id_dtype: np.dtype, decode: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Variable-length lists per position -> padded ``shape`` = (B, T, width) ids, values and real-entry mask.
+                   *, fixed: bool, dtypes: dict[str, np.dtype]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-position entry lists -> padded ``shape`` = (B, T, width) int64 ids, raw values (codes or
+    counts, 0 where padded) and the real-entry mask.
 
     A row's entries are stored position by position, i.e. in the C order of its padded (T, width)
-    block restricted to ``keep``; so the batch's entries are the selected rows' byte ranges
-    concatenated in batch order, and one boolean-mask assignment pads them.
+    block restricted to ``keep``; so the batch's entries are the selected rows' ranges concatenated
+    in batch order, and one boolean-mask assignment pads them. Fixed top-k rows are plain (T*k,) blocks.
     """
-    ids_col, val_col = (f"{prefix}_ids", f"{prefix}_logprobs") if prefix == "topk" else ("sample_ids", "sample_counts")
+    ids_col, val_col = ("topk_ids", "topk_codes") if prefix == "topk" else ("sample_ids", "sample_counts")
     B, T, width = shape
+    ids, vals = np.zeros(shape, np.int64), np.zeros(shape, dtypes[val_col])
+    if fixed:
+        for shard, sel, local in parts:
+            ids[sel] = shard.fixed[ids_col][local].reshape(-1, T, width)
+            vals[sel] = shard.fixed[val_col][local].reshape(-1, T, width)
+        return ids, vals, np.ones(shape, bool)
     lens = np.zeros((B, T), np.int64)
     for shard, sel, local in parts:
-        lens[sel] = shard.fixed[f"{prefix}_lengths"][local]
+        lens[sel] = shard.lengths(prefix, local)
     sizes = lens.sum(axis=1)  # (B,) entries per row
-    first = np.cumsum(sizes) - sizes  # (B,) where each row starts in the batch's entries
-    flat_ids, flat_vals = np.empty(int(sizes.sum()), id_dtype), np.empty(int(sizes.sum()), CODE_DTYPE)
+    start = np.cumsum(sizes) - sizes  # (B,) where each row starts in the batch's entries
+    flat_ids, flat_vals = np.empty(int(sizes.sum()), dtypes[ids_col]), np.empty(int(sizes.sum()), vals.dtype)
     for shard, sel, local in parts:
         src = _ranges(shard.starts[ids_col][local], sizes[sel])  # into the shard's values
-        dst = _ranges(first[sel], sizes[sel])  # into the batch's entries
+        dst = _ranges(start[sel], sizes[sel])  # into the batch's entries
         flat_ids[dst], flat_vals[dst] = shard.flat[ids_col][src], shard.flat[val_col][src]
     keep = np.arange(width) < lens[..., None]  # (B, T, width)
-    ids, vals = np.zeros(shape, np.int64), np.zeros(shape, np.float32)
-    ids[keep], vals[keep] = flat_ids, decode(flat_vals)
+    ids[keep], vals[keep] = flat_ids, flat_vals
     return ids, vals, keep
 
 

@@ -31,13 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache_format import (
-    CODE_DTYPE,
-    LENGTH_DTYPE,
     CacheFormatError,
     Manifest,
     ShardInfo,
+    StagedRows,
     TargetLayout,
-    decode_logprobs,
+    stage_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -82,14 +81,29 @@ def sha_error(path: Path, digest: str, expected: str) -> CacheError:
                       "pull it again (dvc pull) or rerun the cache stage")
 
 
+STAGED_DTYPES = {"topk_lengths": np.dtype("<u2"), "topk_codes": np.dtype("u1"), "topk_tail": np.dtype("<u2"),
+                 "sample_lengths": np.dtype("<u2"), "sample_counts": np.dtype("<u2")}
+"""Staged (decoded, memory-mapped) element types; ids keep ``layout.id_dtype``."""
+
+
+def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
+    """Blob columns of a staged shard and their element dtypes (fixed top-k stores no lengths)."""
+    names = ["input_ids"]
+    if layout.has_topk:
+        names += (["topk_lengths"] if layout.adaptive else []) + ["topk_ids", "topk_codes", "topk_tail"]
+    if layout.has_samples:
+        names += ["sample_lengths", "sample_ids", "sample_counts"]
+    return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names}
+
+
 def _staged_schema(layout: TargetLayout) -> pa.Schema:
-    """Parquet's binary columns become large_binary (64-bit offsets) so no shard hits Arrow's 2 GiB limit."""
-    return pa.schema([pa.field(f.name, pa.large_binary() if f.type == pa.binary() else f.type, nullable=False)
-                      for f in layout.schema()])
+    """large_binary (64-bit offsets) blobs, so no shard hits Arrow's 2 GiB limit."""
+    return pa.schema([pa.field("seq_index", pa.int64(), nullable=False)]
+                     + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)])
 
 
 def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
-    """Read a shard once into memory, check its size and sha256, parse it; one chunk per column."""
+    """Read a shard once into memory, check its size and sha256, parse it (Parquet columns, as stored)."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -102,16 +116,37 @@ def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
         table = pq.read_table(pa.BufferReader(data), use_threads=False)  # one core; page CRCs add nothing past sha256
     except (pa.ArrowException, OSError) as e:
         raise CacheError(f"{path}: not a readable Parquet file ({e}); pull it again or rerun the cache stage") from e
-    if table.column_names != layout.columns():
-        raise CacheError(f"{path}: columns {table.column_names}, the manifest's targets need {layout.columns()}; "
-                         "the shard belongs to another cache — rebuild it")
-    try:
-        table = table.cast(_staged_schema(layout)).combine_chunks()
-    except (pa.ArrowException, ValueError) as e:
-        raise CacheError(f"{path}: column types do not follow the cache format ({e}); rebuild the shard") from e
+    if table.schema != layout.schema():
+        raise CacheError(f"{path}: columns {table.schema.names} ({table.schema.types}), the manifest's targets need "
+                         f"{layout.columns()} (int64 seq_index, binary blobs); the shard belongs to another cache — rebuild it")
     if table.num_rows != info.rows:
         raise CacheError(f"{path}: {table.num_rows} rows but the manifest says {info.rows}; rebuild the shard")
     return table
+
+
+def decode_shard(table: pa.Table, layout: TargetLayout, *, where: str) -> StagedRows:
+    """Parquet columns -> decoded flat arrays (ids absolute); malformed blobs raise ``CacheError``."""
+    try:
+        return stage_rows(layout, table, where=where)
+    except CacheFormatError as e:
+        raise CacheError(f"{e}; the shard does not follow the cache format — rebuild it (rerun the cache stage)") from e
+
+
+def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
+    """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps)."""
+    R, T = staged.input_ids.shape
+    arrays = [pa.array(staged.seq_index, pa.int64())]
+    for name, dtype in staged_columns(layout).items():
+        flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name], dtype)
+        if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths"):
+            per_row = np.full(R, T, np.int64)
+        else:
+            lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
+            per_row = lens.reshape(R, T).sum(axis=1, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(per_row)]) * dtype.itemsize  # (R+1,) byte offsets
+        arrays.append(pa.LargeBinaryArray.from_buffers(pa.large_binary(), R, [None, pa.py_buffer(offsets.astype(np.int64)),
+                                                                              pa.py_buffer(flat.reshape(-1).view(np.uint8))]))
+    return pa.Table.from_arrays(arrays, schema=_staged_schema(layout))
 
 
 def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path, *, force: bool = False) -> Path:
@@ -123,7 +158,7 @@ def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: 
             if target.exists() and not force:
                 return target  # another process staged it while we waited
             t0 = time.perf_counter()
-            table = read_shard(path, info, layout)
+            table = staged_table(decode_shard(read_shard(path, info, layout), layout, where=str(path)), layout)
             MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
             tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:
@@ -179,32 +214,32 @@ class MappedShard:
     """One staged shard's columns as numpy views into the mapped file (no copies).
 
     ``flat[c]``: every value of blob column c, (n,); ``starts[c]``: (rows + 1,) element offsets into it;
-    ``fixed[c]``: (rows, width) for fixed-width columns (input_ids, *_lengths, fixed top-k).
+    ``fixed[c]``: (rows, width) for fixed-width columns (input_ids, lengths, offsets, fixed top-k).
+    Columns are those of ``staged_columns``: ids absolute and ascending per position, top-k values as
+    uint8 codes plus a tail code per position (``cache_format.decode_topk_logprobs``).
     """
 
     def __init__(self, seq_index: np.ndarray, flat: dict[str, np.ndarray], starts: dict[str, np.ndarray],
-                 fixed: dict[str, np.ndarray]) -> None:
-        self.seq_index, self.flat, self.starts, self.fixed = seq_index, flat, starts, fixed
+                 fixed: dict[str, np.ndarray], layout: TargetLayout) -> None:
+        self.seq_index, self.flat, self.starts, self.fixed, self.layout = seq_index, flat, starts, fixed, layout
 
     @classmethod
     def from_table(cls, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> MappedShard:
         if table.schema != _staged_schema(layout) or table.num_rows != rows:
             raise _malformed(where, f"schema {table.schema} and {table.num_rows} rows, expected "
                                     f"{_staged_schema(layout)} and {rows} rows")
-        T, ids = layout.seq_len, layout.id_dtype
-        dtypes = {"input_ids": ids, "topk_ids": ids, "sample_ids": ids, "topk_logprobs": CODE_DTYPE,
-                  "sample_counts": CODE_DTYPE, "topk_lengths": LENGTH_DTYPE, "sample_lengths": LENGTH_DTYPE}
-        widths = {"input_ids": T, "topk_lengths": T, "sample_lengths": T}
+        T = layout.seq_len
+        widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
         if layout.has_topk and not layout.adaptive:
-            widths |= {"topk_ids": T * layout.top_k, "topk_logprobs": T * layout.top_k}
+            widths |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
         flat, starts, fixed = {}, {}, {}
-        for name in layout.columns()[1:]:
-            flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtypes[name], f"{where}:{name}")
+        for name, dtype in staged_columns(layout).items():
+            flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtype, f"{where}:{name}")
             if name in widths:
                 if not np.all(np.diff(starts[name]) == widths[name]):
                     raise _malformed(where, f"column {name} has rows of the wrong length (expected {widths[name]} values)")
                 fixed[name] = flat[name].reshape(rows, widths[name])
-        for prefix, vals, limit in (("topk", "topk_logprobs", layout.top_k), ("sample", "sample_counts", layout.samples)):
+        for prefix, vals, limit in (("topk", "topk_codes", layout.top_k), ("sample", "sample_counts", layout.samples)):
             if f"{prefix}_lengths" in fixed:
                 lens = fixed[f"{prefix}_lengths"]  # (rows, T)
                 per_row = lens.sum(axis=1, dtype=np.int64)
@@ -212,13 +247,21 @@ class MappedShard:
                                                                for c in (f"{prefix}_ids", vals)):
                     raise _malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
         seq_index = table.column("seq_index").to_numpy()
-        return cls(seq_index, flat, starts, fixed)
+        return cls(seq_index, flat, starts, fixed, layout)
+
+    def lengths(self, prefix: str, local: np.ndarray) -> np.ndarray:
+        """(len(local), T) entries per position of rows ``local`` ('topk' or 'sample')."""
+        if prefix == "topk" and not self.layout.adaptive:
+            return np.full((len(local), self.layout.seq_len), self.layout.top_k, np.int64)
+        return self.fixed[f"{prefix}_lengths"][local]
 
     def row(self, j: int) -> dict[str, Any]:
-        """Row j as ``decode_row`` input: seq_index and one contiguous array slice per blob column."""
+        """Row j: seq_index, input_ids and one array slice per staged column (``unpack_row`` input)."""
         out: dict[str, Any] = {"seq_index": int(self.seq_index[j])}
         for name, values in self.flat.items():
             out[name] = values[self.starts[name][j]:self.starts[name][j + 1]]
+        if self.layout.has_topk and not self.layout.adaptive:
+            out["topk_lengths"] = self.lengths("topk", np.array([j]))[0]
         return out
 
 
@@ -242,10 +285,11 @@ def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray
 def verify_cache(path: str | Path, *, progress: bool = False) -> list[str]:
     """Every problem found in a cache, human-readable and naming its file; empty means OK.
 
-    Checks the manifest, each shard's size, sha256 and Parquet structure, row and token counts, that
-    ``seq_index`` is increasing from the shard's ``first_seq`` and unique across shards, ids <
-    vocab_size, top-k log-probs finite, <= 0, descending, distinct ids with mass <= 1, adaptive
-    lengths >= 1, and sampled ids ascending with counts summing to ``samples``.
+    Checks the manifest, each shard's size, sha256, Parquet structure and blob sizes, row and token
+    counts, that ``seq_index`` is increasing from the shard's ``first_seq`` and unique across shards,
+    ids < vocab_size and strictly ascending within a position (gap coding wraps on corrupt gaps),
+    lengths within [1, top_k] (adaptive) / [1, samples], and sample counts >= 1 summing to ``samples``.
+    Top-k values need no check: every code and tail code decodes to a finite, normalized distribution.
     """
     root = Path(path)
     try:
@@ -261,52 +305,43 @@ def verify_cache(path: str | Path, *, progress: bool = False) -> list[str]:
     for info in shards:
         try:
             file = check_shard_file(root, info)
-            shard = MappedShard.from_table(read_shard(file, info, layout), layout, rows=info.rows, where=str(file))
+            staged = decode_shard(read_shard(file, info, layout), layout, where=str(file))
         except CacheFormatError as e:
             problems.append(str(e))
             continue
-        problems += [f"{file}: {p}" for p in _content_problems(shard, layout, info, meta.corpus.get("num_sequences"))]
-        seen.append(shard.seq_index)
+        problems += [f"{file}: {p}" for p in _content_problems(staged, layout, info, meta.corpus.get("num_sequences"))]
+        seen.append(staged.seq_index)
     if seen and len(np.unique(all_seq := np.concatenate(seen))) != len(all_seq):
         problems.append(f"{root / 'manifest.json'}: some seq_index values appear more than once")
     return problems
 
 
-def _content_problems(shard: MappedShard, layout: TargetLayout, info: ShardInfo, num_sequences: Any) -> list[str]:
-    out, sq, rows, T = [], shard.seq_index, info.rows, layout.seq_len
+def _content_problems(staged: StagedRows, layout: TargetLayout, info: ShardInfo, num_sequences: Any) -> list[str]:
+    out, sq, rows, a = [], staged.seq_index, info.rows, staged.arrays
     if rows and int(sq.min()) != info.first_seq:
         out.append(f"smallest seq_index {int(sq.min())} != the manifest's first_seq {info.first_seq}")
     if np.any(np.diff(sq) <= 0) or (rows and int(sq.min()) < 0):
         out.append("seq_index values are not increasing and non-negative")
     if rows and isinstance(num_sequences, int) and int(sq.max()) >= num_sequences:
         out.append(f"seq_index {int(sq.max())} >= the corpus's {num_sequences} sequences")
-    for name in ("input_ids", "topk_ids", "sample_ids"):
-        if name in shard.flat and shard.flat[name].size and int(shard.flat[name].max()) >= layout.vocab_size:
-            out.append(f"{name}: ids >= vocab_size {layout.vocab_size}")
-    if layout.has_topk:
-        lens = shard.fixed["topk_lengths"] if layout.adaptive else np.full((rows, T), layout.top_k)
-        seg = np.repeat(np.arange(rows * T), lens.ravel())  # (n,) position of each entry
-        codes, lp, same = shard.flat["topk_logprobs"], decode_logprobs(shard.flat["topk_logprobs"]), seg[1:] == seg[:-1]
-        if layout.adaptive and rows and int(lens.min()) < 1:
-            out.append("topk_lengths: positions with no top-k entry")
-        if not np.all(np.isfinite(lp)) or np.any(lp > 0):
-            out.append("topk_logprobs: non-finite or positive log-probs")
-        if np.any((np.diff(codes.astype(np.int32)) < 0) & same):
-            out.append("topk_logprobs: not in descending order within a position")
-        ids = shard.flat["topk_ids"][np.lexsort((shard.flat["topk_ids"], seg))]
-        if np.any((ids[1:] == ids[:-1]) & same):
-            out.append("topk_ids: an id repeats within a position")
-        if seg.size and (mass := np.bincount(seg, weights=np.exp(lp.astype(np.float64)))).max() > 1 + 1e-3:
-            out.append(f"topk_logprobs: top-k probabilities sum to {mass.max():.4f} > 1")
+    if staged.input_ids.size and int(staged.input_ids.max()) >= layout.vocab_size:
+        out.append(f"input_ids: ids >= vocab_size {layout.vocab_size}")
+    for prefix in ("topk", "sample"):
+        if f"{prefix}_ids" not in a:
+            continue
+        ids, lens = a[f"{prefix}_ids"].astype(np.int64), a[f"{prefix}_lengths"]
+        same = np.repeat(np.arange(lens.size), lens.astype(np.int64))  # (n,) position of each entry
+        if ids.size and int(ids.max()) >= layout.vocab_size:
+            out.append(f"{prefix}_ids: ids >= vocab_size {layout.vocab_size}")
+        if np.any((np.diff(ids) <= 0) & (same[1:] == same[:-1])):
+            out.append(f"{prefix}_ids: not strictly ascending within a position")
+        if lens.size and int(lens.min()) < 1:
+            out.append(f"{prefix}_lengths: positions with no entry")
     if layout.has_samples:
-        lens = shard.fixed["sample_lengths"]
-        seg = np.repeat(np.arange(rows * T), lens.ravel())
-        counts, ids = shard.flat["sample_counts"], shard.flat["sample_ids"].astype(np.int64)
-        sums = np.bincount(seg, weights=counts, minlength=rows * T)
+        counts, lens = a["sample_counts"], a["sample_lengths"]
+        sums = np.bincount(np.repeat(np.arange(lens.size), lens.astype(np.int64)), weights=counts, minlength=lens.size)
         if counts.size and int(counts.min()) < 1:
             out.append("sample_counts: stored entries with zero draws")
         if np.any(sums != layout.samples):
             out.append(f"sample_counts: {int(np.sum(sums != layout.samples))} positions do not sum to {layout.samples} draws")
-        if np.any((np.diff(ids) <= 0) & (seg[1:] == seg[:-1])):
-            out.append("sample_ids: not strictly ascending within a position")
     return out

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.cache_format import SequenceTargets, TargetLayout
 
-SMALL_KEYS = ("topk_ids", "topk_logprobs", "topk_lengths", "sample_ids", "sample_counts")
+SMALL_KEYS = ("topk_ids", "topk_logprobs", "topk_lengths", "topk_log_tail", "sample_ids", "sample_counts")
 """Keys of ``sparsify``'s result that become ``SequenceTargets`` fields."""
 
 
@@ -49,9 +49,12 @@ def sparsify(logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.T
     Logits past ``layout.vocab_size`` (padding rows of the output embedding) are dropped before the
     softmax; they are divided by ``layout.temperature`` first. Returns small tensors:
 
-    - ``topk_ids`` (B, T, k) int32 and ``topk_logprobs`` (B, T, k) float32, descending; with
-      adaptive top-k (``layout.mass > 0``) entries past ``topk_lengths`` hold id 0 / -inf
+    - ``topk_ids`` (B, T, k) int32 and ``topk_logprobs`` (B, T, k) float32, in ascending id order
+      (the cache's order); with adaptive top-k (``layout.mass > 0``) entries past ``topk_lengths``
+      hold id 0 / -inf
     - ``topk_lengths`` (B, T) int32: entries kept (smallest n whose mass reaches ``layout.mass``, in [1, k])
+    - ``topk_log_tail`` (B, T) float32: log of the probability outside the kept ids, summed over
+      those ids (no ``1 - mass`` cancellation; -inf when k = V)
     - ``sample_ids`` (B, T, S) int32 ascending unique ids and ``sample_counts`` (B, T, S) int32,
       padded with id 0 / count 0; counts sum to S per position
     - ``entropy`` (B, T) float32 nats, ``topk_mass`` (B, T) float32 probability of the kept entries
@@ -76,6 +79,7 @@ def sparsify(logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.T
         out["topk_ids"] = torch.empty((N, k), dtype=torch.int32, device=device)
         out["topk_logprobs"] = torch.empty((N, k), dtype=torch.float32, device=device)
         out["topk_lengths"] = torch.empty(N, dtype=torch.int32, device=device)
+        out["topk_log_tail"] = torch.empty(N, dtype=torch.float32, device=device)
     uniforms = None
     if layout.has_samples:
         uniforms = sample_uniforms(layout.seed, seq_indices, T, S).view(N, S).to(device)  # (N, S)
@@ -99,31 +103,45 @@ def _sparsify_chunk(chunk: torch.Tensor, layout: TargetLayout, out: dict[str, to
     logprobs.sub_(torch.logsumexp(logprobs, dim=-1, keepdim=True))  # (n, V) log-softmax in place
     # NaN anywhere poisons the logsumexp, +inf gives inf - inf = NaN, -inf stays -inf: a finite row sum means clean.
     out["nonfinite"][rows] = ~torch.isfinite(logprobs.sum(dim=-1))
-    kept_mass = None
+    kept = None
     if layout.has_topk:
-        top_lp, top_ids = torch.topk(logprobs, layout.top_k, dim=-1, sorted=True)  # (n, k) descending
-        top_p = top_lp.exp()  # (n, k)
-        if layout.adaptive:
-            cum = top_p.cumsum(dim=-1)  # (n, k)
-            lengths = ((cum < layout.mass).sum(dim=-1) + 1).clamp_(max=layout.top_k)  # (n,)
-            pad = torch.arange(layout.top_k, device=chunk.device)[None, :] >= lengths[:, None]  # (n, k)
-            top_lp = top_lp.masked_fill(pad, float("-inf"))
-            top_ids = top_ids.masked_fill(pad, 0)
-            top_p = top_p.masked_fill(pad, 0.0)
-        else:
-            lengths = torch.full((n,), layout.top_k, dtype=torch.int64, device=chunk.device)
-        out["topk_ids"][rows] = top_ids.to(torch.int32)
-        out["topk_logprobs"][rows] = top_lp
-        out["topk_lengths"][rows] = lengths.to(torch.int32)
-        kept_mass = top_p.sum(dim=-1)  # (n,)
+        kept = _top_entries(logprobs, layout)
+        out["topk_ids"][rows], out["topk_logprobs"][rows], out["topk_lengths"][rows] = kept[:3]
     probs = logprobs.exp()  # (n, V) second buffer: probabilities, then their CDF
     # Entropy -sum p log p as a batched dot product: no third (n, V) temporary.
     out["entropy"][rows] = -torch.bmm(probs.unsqueeze(1), logprobs.unsqueeze(2)).view(n)
+    if kept is not None:
+        ids, values = kept[3:]  # (n, k) unsorted ids and -inf at kept entries / their log-probs elsewhere
+        out["topk_log_tail"][rows] = logprobs.scatter_(1, ids, values).logsumexp(dim=-1)  # kept ids masked out
+        out["topk_mass"][rows] = out["topk_logprobs"][rows].exp().sum(dim=-1)
+    else:
+        out["topk_mass"][rows] = 0.0
     del logprobs
-    out["topk_mass"][rows] = kept_mass if kept_mass is not None else torch.zeros(n, device=chunk.device)
     if uniforms is not None:
         ids = _draw(probs.cumsum_(dim=-1), uniforms)  # (n, S)
         out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(ids)
+
+
+def _top_entries(logprobs: torch.Tensor, layout: TargetLayout) -> tuple[torch.Tensor, ...]:
+    """Top-k (or adaptive) entries of (n, V) log-probs, ascending by id with padding last.
+
+    Returns ids (n, k) int32, log-probs (n, k) float32 (-inf padded), lengths (n,) int32, and for
+    masking the kept ids out of ``logprobs``: the topk ids (n, k) int64 and (n, k) -inf at kept
+    entries / the original log-prob at dropped ones.
+    """
+    k, V = layout.top_k, logprobs.shape[1]
+    top_lp, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)  # (n, k) descending
+    if layout.adaptive:
+        cum = top_lp.exp().cumsum(dim=-1)  # (n, k)
+        lengths = ((cum < layout.mass).sum(dim=-1) + 1).clamp_(max=k)  # (n,)
+    else:
+        lengths = torch.full((len(top_lp),), k, dtype=torch.int64, device=top_lp.device)
+    pad = torch.arange(k, device=top_lp.device)[None, :] >= lengths[:, None]  # (n, k)
+    mask_values = top_lp.masked_fill(~pad, float("-inf"))  # (n, k)
+    order = torch.where(pad, V + torch.arange(k, device=top_lp.device), top_ids).argsort(dim=-1)  # (n, k) by id
+    ids = top_ids.gather(1, order).masked_fill_(pad, 0)  # pad stays last: lengths are a prefix after sorting
+    values = top_lp.gather(1, order).masked_fill_(pad, float("-inf"))
+    return ids.to(torch.int32), values, lengths.to(torch.int32), top_ids, mask_values
 
 
 def _draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -311,13 +311,13 @@ def test_verify_cache_finds_bad_values_the_format_can_hold(tmp_path) -> None:
     layout = LAYOUTS["both"]
     rows = random_targets(layout, 6, seed=9)
     rows[0].input_ids[3] = layout.vocab_size + 5  # id out of range
-    rows[1].topk_logprobs[2] = rows[1].topk_logprobs[2][::-1].copy()  # ascending instead of descending
+    rows[1].topk_ids[2, 0] = layout.vocab_size + 7  # a top-k id out of range (gap coding holds any id < 2**16)
     rows[2].sample_counts[0, 0] += 1  # 9 draws instead of 8
     rows[5].seq_index = 4  # duplicate of row 4, and not increasing
     write_test_cache(tmp_path / "bad", rows, layout, rows_per_shard=3)
     problems = "\n".join(verify_cache(tmp_path / "bad"))
     assert "shard-00000.parquet: input_ids: ids >= vocab_size 300" in problems
-    assert "shard-00000.parquet: topk_logprobs: not in descending order" in problems
+    assert "shard-00000.parquet: topk_ids: ids >= vocab_size 300" in problems
     assert "shard-00000.parquet: sample_counts: 1 positions do not sum to 8" in problems
     assert "shard-00001.parquet: seq_index values are not increasing" in problems
     assert "seq_index values appear more than once" in problems

@@ -28,15 +28,32 @@ def _run(logits: torch.Tensor, layout: TargetLayout, seqs=None, chunk: int = 409
     return sparsify(logits, layout=layout, seq_indices=seqs, chunk_tokens=chunk)
 
 
-def test_topk_ids_and_logprobs_equal_dense_fp32_log_softmax():
+def _by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort(dim=-1)
+    return ids.gather(-1, order), values.gather(-1, order)
+
+
+def test_topk_ids_and_logprobs_equal_dense_fp32_log_softmax_in_ascending_id_order():
     logits = _logits()
     out = _run(logits, _layout())
     dense = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
     ref_lp, ref_ids = dense.topk(8, dim=-1)
+    ref_ids, ref_lp = _by_id(ref_ids, ref_lp)
     assert torch.equal(out["topk_ids"].long(), ref_ids)
     torch.testing.assert_close(out["topk_logprobs"].double(), ref_lp, atol=1e-5, rtol=0)
     assert (out["topk_lengths"] == 8).all()
     assert not out["nonfinite"].any()
+
+
+def test_log_tail_is_the_mass_outside_the_kept_ids_without_cancellation():
+    logits = _logits(11) * 6  # confident positions: tails down to ~1e-12, where 1 - mass in fp32 is 0
+    out = _run(logits, _layout(top_k=8))
+    dense = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
+    rest = dense.scatter(-1, out["topk_ids"].long(), float("-inf")).logsumexp(-1)  # (B, T)
+    assert rest.min() < -20
+    torch.testing.assert_close(out["topk_log_tail"].double(), rest, atol=1e-4, rtol=1e-5)
+    everything = _run(_logits(12, width=V), _layout(top_k=V))
+    assert torch.isneginf(everything["topk_log_tail"]).all()
 
 
 def test_topk_mass_is_one_minus_tail_and_entropy_matches_dense():
@@ -53,8 +70,8 @@ def test_topk_mass_is_one_minus_tail_and_entropy_matches_dense():
 def test_temperature_divides_logits_before_log_softmax():
     logits = _logits(2)
     out = _run(logits, _layout(temperature=2.5))
-    ref = torch.log_softmax(logits.double() / 2.5, dim=-1).topk(8, dim=-1).values
-    torch.testing.assert_close(out["topk_logprobs"].double(), ref, atol=1e-5, rtol=0)
+    ref_lp, ref_ids = torch.log_softmax(logits.double() / 2.5, dim=-1).topk(8, dim=-1)
+    torch.testing.assert_close(out["topk_logprobs"].double(), _by_id(ref_ids, ref_lp)[1], atol=1e-5, rtol=0)
 
 
 def test_logits_past_layout_vocab_are_dropped_before_softmax():
@@ -62,6 +79,7 @@ def test_logits_past_layout_vocab_are_dropped_before_softmax():
     logits[..., V:] = 50.0  # padding rows of the output embedding would dominate if kept
     out = _run(logits, _layout())
     ref_lp, ref_ids = torch.log_softmax(logits[..., :V].double(), dim=-1).topk(8, dim=-1)
+    ref_ids, ref_lp = _by_id(ref_ids, ref_lp)
     assert torch.equal(out["topk_ids"].long(), ref_ids)
     torch.testing.assert_close(out["topk_logprobs"].double(), ref_lp, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="fewer than"):
@@ -83,7 +101,12 @@ def test_adaptive_lengths_are_the_smallest_prefix_reaching_the_mass():
     pad = torch.arange(16)[None, None, :] >= lengths[..., None]
     assert torch.isinf(out["topk_logprobs"][pad]).all() and (out["topk_ids"][pad] == 0).all()
     assert torch.isfinite(out["topk_logprobs"][~pad]).all()
+    kept_ids = out["topk_ids"].long()
+    assert ((kept_ids[..., 1:] > kept_ids[..., :-1]) | pad[..., 1:]).all()  # ascending ids, padding last
     torch.testing.assert_close(out["topk_mass"].double(), (p_sorted * ~pad).sum(-1), atol=1e-5, rtol=0)
+    dense = torch.log_softmax(logits.double(), dim=-1)
+    kept = dense.gather(-1, kept_ids).masked_fill(pad, float("-inf")).logsumexp(-1)  # (B, T) kept log-mass
+    torch.testing.assert_close(out["topk_log_tail"].double().exp(), 1 - kept.exp(), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled", "both"])
@@ -167,8 +190,11 @@ def test_rows_round_trip_through_the_cache_encoding():
         assert back.seq_index == 3 + b and np.array_equal(back.input_ids, input_ids[b])
         assert np.array_equal(back.topk_lengths, out["topk_lengths"][b].numpy())
         keep = np.isfinite(back.topk_logprobs)
+        assert np.array_equal(keep, np.isfinite(out["topk_logprobs"][b].numpy()))
         assert np.array_equal(back.topk_ids[keep], out["topk_ids"][b].numpy()[keep])
-        assert np.abs(back.topk_logprobs[keep] - out["topk_logprobs"][b].numpy()[keep]).max() <= 0.5 / 2048 + 1e-6
+        assert np.abs(np.exp(back.topk_logprobs[keep]) - np.exp(out["topk_logprobs"][b].numpy()[keep])).max() < 5e-3
+        tail = 1 - np.exp(back.topk_logprobs.astype(np.float64)).sum(-1)  # what the loss derives
+        np.testing.assert_allclose(tail, np.exp(out["topk_log_tail"][b].numpy().astype(np.float64)), rtol=2e-3)
         width = back.sample_counts.shape[1]
         assert np.array_equal(back.sample_counts, out["sample_counts"][b, :, :width].numpy())
         assert np.array_equal(back.sample_ids, out["sample_ids"][b, :, :width].numpy())
