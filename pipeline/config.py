@@ -59,7 +59,9 @@ class DemoTeacherConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 768
-    batch_size: int = 16
+    batch_size: int = 8
+    """Sequences per step. 8 beat 16 at equal tokens (val CE 6.08 vs 6.44 after 393k tokens): with a
+    CPU budget of ~1M tokens, more optimizer steps matter more than bigger batches."""
     lr: float = 3e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 10

@@ -135,7 +135,8 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
 
 def _load(builder: str, files: list[Path], **kwargs: Any) -> datasets.Dataset:
     with tempfile.TemporaryDirectory(prefix="kdcache-datasets-") as cache_dir:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+        # datasets treats data_files as glob patterns: escape names such as "notes[1].txt"
+        return datasets.load_dataset(builder, data_files=[glob.escape(str(f)) for f in files], split="train",
                                      cache_dir=cache_dir, keep_in_memory=True, **kwargs)
 
 
@@ -150,8 +151,13 @@ def _read_text_files(files: list[Path], cfg: CorpusConfig) -> datasets.Dataset:
     return ds.add_column("source", [str(f) for f in files])
 
 
-def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Dataset:
-    """One document per row of a JSON Lines / JSON / Parquet file, taken from ``cfg.text_field``."""
+def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Dataset | None:
+    """One document per row of a JSON Lines / JSON / Parquet file, taken from ``cfg.text_field``.
+
+    An empty (0-byte) file holds no documents: None.
+    """
+    if path.stat().st_size == 0:
+        return None
     kwargs: dict[str, Any] = {}
     if kind == "json":
         if cfg.errors == "strict":
@@ -160,7 +166,7 @@ def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Datas
             kwargs = {"encoding": "utf-8-sig", "encoding_errors": "replace"}  # makes the builder re-encode
     try:
         ds = _load(kind, [path], **kwargs)
-    except (DatasetGenerationError, ValueError) as e:
+    except (DatasetGenerationError, ValueError, StopIteration) as e:
         raise CorpusError(f"{path}: cannot read as {kind} ({e.__cause__ or e}) — fix the file or its extension") from e
     field = cfg.text_field
     if field not in ds.column_names:
@@ -194,24 +200,24 @@ def read_documents(cfg: CorpusConfig, *, progress: bool = False) -> datasets.Dat
         for kind, run in groupby(files, key=_file_kind):
             run = list(run)
             loaded = [_read_text_files(run, cfg)] if kind == "text" else [_read_table_file(p, kind, cfg) for p in run]
-            for ds in loaded:
+            for ds in (d for d in loaded if d is not None):
                 ds = ds.filter(_is_nonempty, batched=True, keep_in_memory=True)
                 parts.append(ds)
                 count += len(ds)
             if cfg.max_documents and count >= cfg.max_documents:
                 break
-        docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if count == 0:
+        raise CorpusError(f"corpus: all {len(files)} files are empty (first: {files[0]}) — add text to corpus.paths")
+    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if cfg.max_documents and len(docs) > cfg.max_documents:
         docs = docs.select(range(cfg.max_documents), keep_in_memory=True)
-    if len(docs) == 0:
-        raise CorpusError(f"corpus: all {len(files)} files are empty (first: {files[0]}) — add text to corpus.paths")
     log.info("read %d documents from %d files", len(docs), len(files))
     return docs
 
 
 def _content_hash(text: str) -> float:
     """sha256 of the text mapped to a uniform number in [0, 1)."""
-    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).digest()
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -225,7 +231,8 @@ def split_documents(ds: datasets.Dataset, *, val_fraction: float) -> dict[str, d
     """
     if len(ds) < 2:
         raise CorpusError(f"corpus has {len(ds)} document(s); a train/val split needs at least 2 — add documents")
-    hashes = np.array([_content_hash(t) for t in ds["text"]])  # (D,)
+    hashes = np.array([_content_hash(t) for rows in ds.select_columns(["text"]).iter(batch_size=1024)
+                       for t in rows["text"]])  # (D,)
     is_val = hashes < val_fraction
     if not is_val.any():
         is_val[np.argmin(hashes)] = True

@@ -62,7 +62,7 @@ def _batches(num_rows: int, batch_size: int, generator: torch.Generator):
     """Endless random batches of row indices: a fresh permutation per epoch."""
     while True:
         perm = torch.randperm(num_rows, generator=generator)
-        for start in range(0, num_rows - batch_size + 1 if num_rows >= batch_size else 1, batch_size):
+        for start in range(0, max(num_rows - batch_size, 0) + 1, batch_size):  # a short last batch is dropped
             yield perm[start:start + batch_size]
 
 

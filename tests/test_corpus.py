@@ -138,6 +138,13 @@ def test_missing_text_field_names_the_key_columns_and_file(tmp_path, suffix):
         read_documents(cfg_for(path))
 
 
+def test_malformed_jsonl_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a"}\n{"text": oops\n')
+    with pytest.raises(CorpusError, match=r"broken\.jsonl: cannot read as json"):
+        read_documents(cfg_for(path))
+
+
 def test_non_utf8_text_file_fails_under_strict_naming_file_and_byte(tmp_path):
     write_txt_corpus(tmp_path, n=2)
     (tmp_path / "bad.txt").write_bytes("ok é ".encode() + b"\xff rest")
@@ -162,8 +169,16 @@ def test_errors_replace_substitutes_the_replacement_character(tmp_path):
 def test_all_empty_documents_is_an_error(tmp_path):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text("\n\n")
-    with pytest.raises(CorpusError, match=r"all 2 files are empty"):
-        read_documents(cfg_for(tmp_path / "*.txt"))
+    (tmp_path / "c.jsonl").write_text("")
+    with pytest.raises(CorpusError, match=r"all 3 files are empty"):
+        read_documents(cfg_for(tmp_path / "*.txt", tmp_path / "c.jsonl"))
+
+
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    (tmp_path / "notes[1].txt").write_text("bracketed")
+    (tmp_path / "star*.txt").write_text("starred")
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    assert sorted(ds["text"]) == ["bracketed", "starred"]
 
 
 # --- splitting ----------------------------------------------------------------------------------
