@@ -10,6 +10,17 @@ main thread runs the next forward. Each shard carries its own statistics and a b
 Parquet key-value metadata, so a rerun keeps finished shards (after checking they were made with
 the same teacher, corpus and settings) and rebuilds the manifest without sidecar files. The
 manifest is written last, by rank 0, only when every shard exists.
+
+Crash safety: a ``kill -9`` at any moment leaves only complete shards under final names (a shard
+is fsynced as ``.tmp`` and renamed), at most stale ``.tmp`` files that the rerun deletes, and
+either the previous manifest or the new one (written the same way). The rerun keeps every
+complete shard and writes a cache byte-identical to an uninterrupted run.
+
+Test-only fault injection: with the environment variable ``KDCACHE_FAULT`` set to one of
+``during_shard:N`` (after the first batch of shard N reached its ``.tmp``), ``after_shard:N``
+(shard N renamed) or ``before_replace:manifest.json`` (the manifest ``.tmp`` is complete), the
+process kills itself with SIGKILL at that point (``tests/test_crash.py``). Unset, it costs one
+``None`` check per shard.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import logging
 import os
 import queue
 import shutil
+import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,10 +63,27 @@ log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
 SHARD_META_KEY = b"kdcache.shard"
 """Parquet key-value metadata key holding a shard's JSON statistics and build key."""
+_FAULT = os.environ.get("KDCACHE_FAULT") or None
+"""Test-only crash point (module docstring); read once at import."""
 
 
-class CacheWriteError(RuntimeError):
-    """The cache cannot be built: mismatched inputs, foreign files in the output dir, bad teacher outputs."""
+class CacheWriteError(ValueError):
+    """The cache cannot be built: mismatched inputs, foreign files in the output dir, bad teacher
+    outputs, or a failed write (disk full, read-only directory) — the message names the file."""
+
+
+def _fault(point: str) -> None:
+    """Test-only: SIGKILL this process if ``KDCACHE_FAULT`` names ``point`` (callers check ``_FAULT`` first)."""
+    if point == _FAULT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_error(path: Path, e: OSError) -> CacheWriteError:
+    err = CacheWriteError(f"{path}: cannot write ({e.strerror or e}) — free space on that filesystem (or raise the "
+                          "file-size/quota limit) or choose a writable output directory; finished shards are kept, "
+                          "rerun to resume")
+    err.__cause__ = e
+    return err
 
 
 def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int) -> TargetLayout:
@@ -183,7 +213,7 @@ def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> 
 
 def _plan(out: Path, *, num_shards: int, build_key: str, rank: int, world_size: int) -> list[int]:
     """This rank's shards still to score. Refuses shards of another cache; removes this rank's stale ``.tmp``."""
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     existing = [p for p in sorted(out.glob("shard-*.parquet")) if SHARD_PATTERN.match(p.name)]
     for path in existing:
         if int(path.name[6:11]) >= num_shards:
@@ -200,11 +230,26 @@ def _plan(out: Path, *, num_shards: int, build_key: str, rank: int, world_size: 
     return todo
 
 
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there, before hours of scoring."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".kdcache-probe-"):
+            pass
+    except OSError as e:
+        raise CacheWriteError(f"{out}: the cache directory is not writable ({e.strerror or e}) — choose a writable "
+                              "output directory (--out / the stage's out) or fix its permissions") from e
+
+
 def _save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, str]:
     """Save the teacher's tokenizer to ``out/tokenizer/`` (replaced only if it changed); return file sha256s."""
     final, tmp = out / TOKENIZER_DIR, out / f"{TOKENIZER_DIR}.incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(tmp, e) from e
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     saved = tokenizer_fingerprint(load_tokenizer(tmp))
     if saved != fingerprint:
@@ -328,6 +373,7 @@ def _seal(out: Path, header: dict[str, Any], *, build_key: str, num_shards: int,
     manifest = Manifest(name=out.name, shards=shards, stats=stats, created_by=f"kdcache {__version__}", **header)
     text = manifest.to_json()
     path = out / MANIFEST_NAME
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # left by a kill mid-write
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(path, text)
     log.info("cache %s sealed: %d rows, %d tokens, %.2f bytes/token, mean entropy %.3f nats, top-k mass %.4f",
@@ -336,17 +382,23 @@ def _seal(out: Path, header: dict[str, Any], *, build_key: str, num_shards: int,
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` via ``path.tmp`` + fsync + rename, then fsync the directory."""
+    """Write ``path`` via ``path.tmp`` + fsync + rename, then fsync the directory.
+
+    Raises ``CacheWriteError`` naming ``path`` if the write fails (no ``.tmp`` is left behind)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if _FAULT:
+            _fault(f"before_replace:{path.name}")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -411,7 +463,7 @@ class ShardWriter:
         self.wait_s += time.perf_counter() - began
 
     def _run(self) -> None:
-        writer, tmp, rows = None, None, 0
+        writer, tmp, rows, shard = None, None, 0, -1
         try:
             while (item := self._queue.get()) is not _STOP:
                 if self._abort.is_set():
@@ -423,6 +475,8 @@ class ShardWriter:
                     writer, rows = self._open(tmp), 0
                 if kind == "rows" and payload:
                     writer.write_table(encode_table(self.layout, payload))
+                    if _FAULT and rows == 0:
+                        _fault(f"during_shard:{shard}")
                     rows += len(payload)
                 elif kind == "finish":
                     meta = payload | {"rows": rows, "tokens": rows * self.layout.seq_len}
@@ -430,6 +484,8 @@ class ShardWriter:
                     self._close(closing, tmp, shard, meta)
                     tmp = None
                 self.busy_s += time.perf_counter() - began
+        except OSError as e:  # disk full, quota, read-only: name the file
+            self._error = _write_error(self.out / shard_name(shard), e)
         except BaseException as e:  # handed to the main thread, which re-raises it
             self._error = e
         finally:
@@ -452,3 +508,5 @@ class ShardWriter:
         os.replace(tmp, self.out / shard_name(shard))
         _fsync_dir(self.out)
         self.written[shard] = {"meta": meta, "bytes": size, "sha256": digest}
+        if _FAULT:
+            _fault(f"after_shard:{shard}")

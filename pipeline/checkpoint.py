@@ -8,8 +8,14 @@ A checkpoint is a directory ``<out>/checkpoints/step-NNNNNN/`` holding
   JSON skeleton whose tensors are ``{"__tensor__": path}`` references;
 - ``trainer.json``  the loop position (step, epoch, next batch) and counters.
 
-It is written into a hidden temp dir and renamed when complete, so a crash mid-write never leaves
-a directory that looks like a checkpoint; only the newest ``keep`` checkpoints are kept.
+It is written into a hidden temp dir (``.step-NNNNNN.incomplete``), every file and the dir fsynced,
+and renamed when complete, so a crash (``kill -9``, power loss after the rename) or a failed write
+(disk full) never leaves a directory that looks like a checkpoint: the previous one stays the
+newest. Only directories holding all four files count as checkpoints; the newest ``keep`` are kept.
+
+Test-only fault injection: ``KDCACHE_FAULT=checkpoint_write:N`` (SIGKILL after the weights of step
+N reached the temp dir) or ``checkpoint_replace:N`` (temp dir complete, not yet renamed) make the
+process kill itself there (``tests/test_crash.py``); unset, one ``None`` check per checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,9 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = "model.safetensors", "state.safetensors", "state.json", "trainer.json"
+FILES = (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON)
+_FAULT = os.environ.get("KDCACHE_FAULT") or None
+"""Test-only crash point (module docstring); read once at import."""
 
 
 class CheckpointError(ValueError):
@@ -102,35 +113,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(out_dir: str | Path, *, step: int, model: torch.nn.Module, state: dict[str, Any],
                     trainer: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``<out_dir>/checkpoints/step-NNNNNN`` atomically; prune to the newest ``keep``."""
+    """Write ``<out_dir>/checkpoints/step-NNNNNN`` atomically; prune to the newest ``keep``.
+
+    A failed write raises ``CheckpointError`` naming the directory and leaves no partial files;
+    the previous checkpoints are untouched.
+    """
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
     tmp = root / f".{final.name}.incomplete"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
-    skeleton, tensors = flatten_state(state)
-    save_file(tensors, str(tmp / STATE_FILE))
-    _write_json(tmp / STATE_JSON, skeleton)
-    _write_json(tmp / TRAINER_JSON, {**trainer, "step": step})
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.incomplete"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        if _FAULT:
+            _fault(f"checkpoint_write:{step}")
+        skeleton, tensors = flatten_state(state)
+        save_file(tensors, str(tmp / STATE_FILE))
+        _write_json(tmp / STATE_JSON, skeleton)
+        _write_json(tmp / TRAINER_JSON, {**trainer, "step": step})
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if _FAULT:
+            _fault(f"checkpoint_replace:{step}")
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): move the old one aside first
+            os.replace(final, root / f".{final.name}.old.incomplete")
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(out_dir)
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({getattr(e, 'strerror', None) or e}) — free "
+                              f"space on that filesystem or choose a writable output directory; the newest complete "
+                              f"checkpoint is still {previous or 'none'}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(root / f".{final.name}.old.incomplete", ignore_errors=True)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     log.info("checkpoint %s", final)
     return final
 
 
+def _fault(point: str) -> None:
+    """Test-only: SIGKILL this process if ``KDCACHE_FAULT`` names ``point`` (callers check ``_FAULT`` first)."""
+    if point == _FAULT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoint dirs, oldest first."""
+    """Complete checkpoint dirs (all four files present), oldest first."""
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and p.is_dir() and all((p / n).is_file() for n in FILES)]
     return [p for _, p in sorted(found)]
 
 
@@ -142,7 +191,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model``; return (state, trainer) as saved by :func:`save_checkpoint`."""
     path = Path(path)
-    missing = [n for n in (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON) if not (path / n).is_file()]
+    missing = [n for n in FILES if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}; delete this checkpoint dir to resume from the previous one")
     try:
@@ -150,7 +199,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[s
         skeleton = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         trainer = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
         state = unflatten_state(skeleton, load_file(str(path / STATE_FILE)))
-    except (OSError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, RuntimeError, SafetensorError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot load checkpoint ({e}); delete it to resume from the previous one") from e
     return state, trainer
 
