@@ -112,7 +112,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
     cfg = config_from_args(CacheConfig, args)
     from pipeline.cache_writer import build_cache, default_cache_name, target_layout
-    from pipeline.distributed import barrier, process_group
+    from pipeline.distributed import process_group
     from pipeline.teacher import load_teacher, tokenizer_vocab_size
     from pipeline.token_data import open_tokens
 
@@ -126,12 +126,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
                     "targets.rows_per_shard": cfg.rows_per_shard, "targets.compute_dtype": teacher.info["dtype"],
                     **{f"targets.{k}": v for k, v in layout.to_dict().items()}}
         check_cache_dir(out, expected, content_named=args.out is None)
-        build = functools.partial(build_cache, teacher, tokens, cfg, out_dir=out, world_size=world)
-        manifest = build(rank=rank, progress=show_progress() and rank == 0)
-        if world > 1:
-            barrier()  # every rank's shards are written
-            if rank == 0 and manifest is None:
-                manifest = build(rank=0, progress=False)  # nothing left to score: writes the manifest
+        # under torchrun: this rank's shards, then a barrier; rank 0 writes the manifest
+        build_cache(teacher, tokens, cfg, out_dir=out, rank=rank, world_size=world,
+                    progress=show_progress() and rank == 0)
         if rank == 0:
             print(out)
 

@@ -104,9 +104,6 @@ def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resum
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else _id_space(student_tok)
     model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
-    if vmap is not None:
-        vmap = VocabMap(vmap.to_student, student_vocab_size=model.get_output_embeddings().weight.shape[0],
-                        fallback_id=vmap.fallback_id)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     pos = _start(out, resume=resume, model=model, optimizer=optimizer, scheduler=scheduler, is_main=rank == 0)

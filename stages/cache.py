@@ -10,7 +10,7 @@ import sys
 
 from pipeline.cache_writer import build_cache
 from pipeline.config import CacheConfig, TeacherConfig, load_params, load_section
-from pipeline.distributed import barrier, process_group
+from pipeline.distributed import process_group
 from pipeline.entry import run, setup_logging, show_progress
 from pipeline.teacher import load_teacher
 from pipeline.token_data import open_tokens
@@ -29,12 +29,8 @@ def main() -> None:
     teacher_cfg = load_section(TeacherConfig, params.get("teacher"), section="teacher")
     with process_group("gloo", timeout_s=TIMEOUT_S) as (rank, world):  # only collective: one barrier
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
-        manifest = build_cache(teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world,
-                               progress=show_progress() and rank == 0)
-        if world > 1:
-            barrier()  # every rank's shards are written
-            if rank == 0 and manifest is None:  # nothing left to score: writes the manifest
-                build_cache(teacher, tokens, cfg, out_dir=args.out, rank=0, world_size=world)
+        build_cache(teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world,
+                    progress=show_progress() and rank == 0)  # ends with a barrier; rank 0 writes the manifest
 
 
 if __name__ == "__main__":
