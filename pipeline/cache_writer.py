@@ -32,6 +32,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -332,6 +333,7 @@ def _score_batch(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, layo
 
 def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
     """The statistics a shard carries in its Parquet metadata; refuse shards made with other settings."""
+    _check_regular_file(path)
     try:
         meta = json.loads(pq.read_metadata(path).metadata[SHARD_META_KEY])
     except (OSError, KeyError, TypeError, ValueError) as e:
@@ -340,6 +342,18 @@ def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
         raise CacheWriteError(f"{path}: was written with another teacher, corpus or target settings — write to an "
                               "empty out_dir (or delete this directory) instead of mixing caches")
     return meta
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse, before opening it, a shard that is a FIFO, device or directory, or a symlink out of its directory."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        if not path.resolve().is_relative_to(path.parent.resolve()):
+            raise CacheWriteError(f"{path}: symlink to {path.resolve()}, outside the cache directory — remove it (the "
+                                  "cache stage writes its own shards; with DVC use `dvc config cache.type copy`)")
+        st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheWriteError(f"{path}: not a regular file — remove it and rerun")
 
 
 def _seal(out: Path, header: dict[str, Any], *, build_key: str, num_shards: int,
