@@ -102,6 +102,8 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
     if not (path / "config.json").is_file():
         raise TeacherError(f"teacher.path '{path}': no config.json — point teacher.path at a Hugging Face model "
                            "directory (the one holding config.json and the weights)")
+    if not trust_remote_code:
+        _refuse_shipped_code(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -117,6 +119,21 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
         raise TeacherError(f"teacher.path '{path}': {what} (model_type {model_type!r}) is not a causal LM — "
                            "the teacher must be a decoder-only model loadable with AutoModelForCausalLM")
     return config
+
+
+def _refuse_shipped_code(path: Path) -> None:
+    """A config whose model type exists only as code shipped in the directory needs trust_remote_code: say so."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    if auto_map and raw.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise TeacherError(f"teacher.path '{path}': model_type {raw.get('model_type')!r} exists only as Python code "
+                           f"shipped in the directory (auto_map: {sorted(auto_map)}); kdcache does not run it unless "
+                           "you review it and set teacher.trust_remote_code: true")
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -123,3 +123,32 @@ def test_model_dir_without_tokenizer_is_refused(tmp_path):
         (tmp_path / name).unlink()
     with pytest.raises(TeacherError, match="no tokenizer files"):
         load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))
+
+
+MARKER_CODE = "import os, pathlib\npathlib.Path(os.environ['KDCACHE_TEST_MARKER']).write_text('executed')\n"
+
+
+def _with_shipped_code(src: Path, dst: Path, **config) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "config.json").read_text()) | config
+    (dst / "config.json").write_text(json.dumps(data))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (dst / name).write_text(MARKER_CODE)
+    return dst
+
+
+def test_code_shipped_in_the_teacher_dir_never_runs_unless_trusted(teacher_dir, tmp_path, monkeypatch):
+    assert TeacherConfig(path="x").trust_remote_code is False
+    marker = tmp_path / "executed"
+    monkeypatch.setenv("KDCACHE_TEST_MARKER", str(marker))
+    auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    custom = _with_shipped_code(teacher_dir, tmp_path / "custom", model_type="evil_lm",
+                                architectures=["EvilForCausalLM"], auto_map=auto_map)
+    with pytest.raises(TeacherError, match=f"{custom}.*teacher.trust_remote_code: true"):
+        load_teacher(TeacherConfig(path=str(custom), device="cpu"))
+    assert not marker.exists()
+    shadow = _with_shipped_code(teacher_dir, tmp_path / "shadow", auto_map=auto_map)  # a llama that also ships code
+    teacher = load_teacher(TeacherConfig(path=str(shadow), device="cpu"))
+    assert type(teacher.model).__name__ == "LlamaForCausalLM" and not marker.exists()
