@@ -242,19 +242,50 @@ def split_documents(ds: datasets.Dataset, *, val_fraction: float) -> dict[str, d
             "val": ds.select(np.flatnonzero(is_val), keep_in_memory=True)}
 
 
-def _text_batches(ds: datasets.Dataset, max_chars: int = _TOKENIZE_CHARS) -> Iterator[list[str]]:
-    """Documents in order, grouped so that one tokenizer call sees about ``max_chars`` characters."""
+def _text_batches(ds: datasets.Dataset) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Documents in order as (pieces, ends) batches of about ``_TOKENIZE_CHARS`` characters.
+
+    ``ends[i]`` is True where piece i is the last of its document. A document longer than
+    ``_TOKENIZE_CHARS`` is cut into pieces (``_cut_points``), so no tokenizer call — whose
+    encodings cost ~100 bytes per token — ever sees more than that many characters.
+    """
+    max_chars = _TOKENIZE_CHARS  # read per call (tests shrink it)
     batch: list[str] = []
+    ends: list[bool] = []
     size = 0
     for rows in ds.select_columns(["text"]).iter(batch_size=256):
         for text in rows["text"]:
-            batch.append(text)
-            size += len(text)
-            if size >= max_chars:
-                yield batch
-                batch, size = [], 0
+            bounds = [0, *_cut_points(text, max_chars), len(text)]
+            for a, b in zip(bounds, bounds[1:], strict=False):
+                batch.append(text[a:b])
+                ends.append(b == len(text))
+                size += b - a
+                if size >= max_chars:
+                    yield batch, np.array(ends)
+                    batch, ends, size = [], [], 0
     if batch:
-        yield batch
+        yield batch, np.array(ends)
+
+
+def _cut_points(text: str, max_chars: int) -> list[int]:
+    """Where to cut a document longer than ``max_chars``: just before a newline that follows a
+    non-space character, at most ``max_chars`` apart (a single longer line is cut at ``max_chars``).
+
+    With a byte-level BPE tokenizer (GPT-2-style pre-tokenizer regex, as ``pipeline.tokenizer``
+    trains) such a point is always a pre-token boundary, so the pieces' ids equal the whole
+    document's; other pre-tokenizers (e.g. SentencePiece's Metaspace) may tokenize the first
+    characters after a cut differently.
+    """
+    cuts, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind("\n", start + 1, start + max_chars)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind("\n", start + 1, cut)
+        if cut <= start:
+            cut = start + max_chars
+        cuts.append(cut)
+        start = cut
+    return cuts
 
 
 def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max_sequences: int = 0,
@@ -263,7 +294,8 @@ def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max
     """Tokenize documents, append EOS to each, concatenate and cut into rows of ``seq_len``.
 
     Returns ``(N, seq_len)`` int32; the incomplete last row is dropped. Tokenizing streams over
-    batches of documents (about 1M characters each) and stops once ``max_sequences`` rows exist
+    batches of documents (about 1M characters each; a longer document is tokenized in pieces cut
+    at line starts, see ``_cut_points``) and stops once ``max_sequences`` rows exist
     (0 = all). Fewer tokens than one row raise ``CorpusError`` unless ``allow_empty`` (then the
     result is ``(0, seq_len)``).
     """
@@ -274,11 +306,11 @@ def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max
     carry = np.zeros(0, dtype=np.int32)
     n_rows = n_tokens = 0
     bar = tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress)
-    for texts in _text_batches(ds):
+    for texts, ends in _text_batches(ds):
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (docs,)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (pieces,)
         flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        flat = np.insert(flat, np.cumsum(lengths), eos)  # (tokens + docs,) EOS after every document
+        flat = np.insert(flat, np.cumsum(lengths)[ends], eos)  # (tokens + docs,) EOS after every document
         n_tokens += flat.size
         flat = np.concatenate([carry, flat])
         full = flat.size // seq_len
@@ -287,7 +319,7 @@ def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max
         rows.append(flat[: full * seq_len].reshape(full, seq_len))  # (full, T)
         carry = flat[full * seq_len:]
         n_rows += full
-        bar.update(len(texts))
+        bar.update(int(ends.sum()))
         if max_sequences and n_rows >= max_sequences:
             break
     bar.close()

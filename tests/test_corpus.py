@@ -238,6 +238,29 @@ def test_packing_streams_in_batches_with_the_same_result(tmp_path, tok, monkeypa
     assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16), whole)
 
 
+def test_one_huge_document_is_tokenized_in_bounded_pieces_with_the_whole_documents_ids(tmp_path, tok, monkeypatch):
+    text = "".join(doc(i, lines=40) + ("    indented\n\n" if i % 3 else "") for i in range(60))  # ~78k chars, one file
+    text += "x" * 2500 + "\n"  # and one line longer than a piece
+    (tmp_path / "huge.txt").write_text(text)
+    (tmp_path / "small.txt").write_text(doc(99))
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    monkeypatch.setattr("pipeline.corpus._TOKENIZE_CHARS", 1000)
+    calls: list[list[str]] = []
+
+    class Recording:  # the real tokenizer, recording what each call is given
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, texts, **kwargs):
+            calls.append(list(texts))
+            return tok(texts, **kwargs)
+
+    ids = tokenize_and_pack(ds, Recording(), seq_len=16)
+    assert max(len(t) for batch in calls for t in batch) <= 1000  # pieces, and so calls, stay small
+    assert max(sum(map(len, batch)) for batch in calls) < 2000
+    whole = [t for d in ds["text"] for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    assert ids.reshape(-1).tolist() == whole[: ids.size]  # EOS after each document only, same ids as in one call
+
+
 def test_corpus_smaller_than_one_sequence_is_an_error_unless_allowed(tmp_path, tok):
     (tmp_path / "a.txt").write_text("def f")
     ds = read_documents(cfg_for(tmp_path / "a.txt"))
