@@ -5,8 +5,9 @@ beyond the top ``max(k)`` in float64, sampled draws through ``pipeline.targets.s
 for every encoding candidate and k / mass / S measures, in one run:
 
 - bytes/token of one Parquet shard (``--sequences`` rows, all columns incl. input_ids and footer)
-- encode tokens/s (targets -> Parquet bytes) and stage tokens/s (Parquet bytes -> the arrays a
-  reader memory-maps), one core, best of ``--repeat``
+- encode tokens/s (targets -> Parquet bytes; v1 gets ids in ascending order, as ``sparsify`` sorts
+  them on the device) and stage tokens/s (Parquet bytes -> the arrays a reader memory-maps: ids
+  absolute, values still codes), one core, best of ``--repeat``
 - fidelity of what the loss sees: mean KL(p_stored || p_fp32) per token on the coarse (kept ids +
   tail) distribution, with the stored tail taken as the loss takes it (1 - sum of decoded
   probabilities, float64), and the max abs error of stored probabilities (entries and tail)
@@ -108,6 +109,12 @@ class TopK:
     log_tail: np.ndarray  # (P,) float64
     mass: float = 0.0
 
+    def __post_init__(self) -> None:
+        keep = np.arange(self.k)[None, :] < self.lengths[:, None]
+        order = np.argsort(np.where(keep, self.ids, np.iinfo(np.int64).max), axis=1, kind="stable")
+        self.sorted_ids = np.take_along_axis(self.ids, order, 1)
+        self.sorted_lp = np.take_along_axis(self.lp, order, 1)
+
 
 def topk_setting(sc: Scored, k: int, mass: float = 0.0) -> TopK:
     lp = sc.lp[:, :k].astype(np.float64)
@@ -131,6 +138,16 @@ class Candidate:
     encode: Callable[[TopK, np.ndarray], pa.Table]  # (setting, input_ids (R, T)) -> table
     decode: Callable[[pa.Table, TopK], tuple[np.ndarray, np.ndarray]]  # -> ids (P, k), lp (P, k) float32 (-inf pad)
     options: dict[str, Any]
+    stage: Callable[[pa.Table, TopK], Any] | None = None  # table -> what a reader maps (None: zero-copy blobs)
+
+
+def _blob_views(t: pa.Table, s: TopK) -> list[np.ndarray]:
+    """Staging of the plain-blob candidates: every blob column as one zero-copy byte view."""
+    out = []
+    for name in t.column_names[1:]:
+        arr = t.column(name).combine_chunks()
+        out.append(np.frombuffer(arr.buffers()[2], np.uint8))
+    return out
 
 
 def _rows_table(cols: dict[str, list], types: dict[str, pa.DataType] | None = None) -> pa.Table:
@@ -182,7 +199,7 @@ def list_candidate() -> Candidate:
 
     opts = dict(BASE_OPTS, column_encoding={"topk_ids": "DELTA_BINARY_PACKED", "topk_logprobs": "BYTE_STREAM_SPLIT",
                                             "input_ids": "DELTA_BINARY_PACKED"})
-    return Candidate("lists: int32 DELTA ids + fp16 BSS", encode, decode, opts)
+    return Candidate("lists: int32 DELTA ids + fp16 BSS", encode, decode, opts, stage=decode)
 
 
 def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, levels: int = 255, planes: bool = True,
@@ -238,8 +255,14 @@ def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, leve
             lp = (rel[codes] + np.repeat(offsets, lengths).astype(np.float32)).astype(np.float32)
         return (cf.padded(ids.astype(np.int64), lengths, s.k, 0), cf.padded(lp, lengths, s.k, -np.inf))
 
+    def stage(t: pa.Table, s: TopK) -> list[np.ndarray]:
+        lengths = (np.frombuffer(t.column("topk_lengths").combine_chunks().buffers()[2], np.uint8)
+                   if s.mass else np.full(len(s.lengths), s.k, np.int64))
+        gaps = np.concatenate([unpack(b, np.dtype("<u2")) for b in t.column("topk_ids").to_pylist()])
+        return [cf.decode_gaps(gaps, lengths, np.dtype("<u2")), *_blob_views(t.select(["seq_index", "topk_codes"]), s)]
+
     opts = dict(BASE_OPTS, compression_level=level or cf.PARQUET_OPTIONS["compression_level"])
-    return Candidate(name, encode, decode, opts)
+    return Candidate(name, encode, decode, opts, stage=stage)
 
 
 def v1_candidate(level: int | None = None) -> Candidate:
@@ -250,8 +273,9 @@ def v1_candidate(level: int | None = None) -> Candidate:
 
     def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
         R, T = input_ids.shape
-        rows = [SequenceTargets(seq_index=r, input_ids=input_ids[r], topk_ids=s.ids[r * T:(r + 1) * T],
-                                topk_logprobs=s.lp[r * T:(r + 1) * T], topk_lengths=s.lengths[r * T:(r + 1) * T],
+        ids, lp = s.sorted_ids, s.sorted_lp  # ascending ids, as targets.sparsify hands them to the writer
+        rows = [SequenceTargets(seq_index=r, input_ids=input_ids[r], topk_ids=ids[r * T:(r + 1) * T],
+                                topk_logprobs=lp[r * T:(r + 1) * T], topk_lengths=s.lengths[r * T:(r + 1) * T],
                                 topk_log_tail=s.log_tail[r * T:(r + 1) * T]) for r in range(R)]
         return cf.encode_table(layout(s, T, VOCAB), rows)
 
@@ -263,8 +287,11 @@ def v1_candidate(level: int | None = None) -> Candidate:
         lp = cf.decode_topk_logprobs(cf.padded(a["topk_codes"], n, s.k, 0), a["topk_tail"], keep)
         return cf.padded(a["topk_ids"].astype(np.int64), n, s.k, 0), lp
 
+    def stage(t: pa.Table, s: TopK) -> cf.StagedRows:
+        return cf.stage_rows(layout(s, len(s.lengths) // t.num_rows, VOCAB), t)
+
     opts = dict(cf.PARQUET_OPTIONS) | ({"compression_level": level} if level else {})
-    return Candidate(f"v1 (zstd {opts['compression_level']})", encode, decode, opts)
+    return Candidate(f"v1 (zstd {opts['compression_level']})", encode, decode, opts, stage=stage)
 
 
 VOCAB = 0  # set from the scored data before candidates run
@@ -311,7 +338,9 @@ def fidelity(s: TopK, ids: np.ndarray, lp: np.ndarray) -> dict[str, float]:
 def measure_topk(c: Candidate, s: TopK, input_ids: np.ndarray, repeat: int) -> dict[str, Any]:
     n_tok = input_ids.size
     enc_s, blob = best_time(lambda: write_parquet(c.encode(s, input_ids), c.options), repeat)
-    dec_s, (ids, lp) = best_time(lambda: c.decode(pq.read_table(pa.BufferReader(blob), use_threads=False), s), repeat)
+    stage = c.stage or _blob_views
+    dec_s, _ = best_time(lambda: stage(pq.read_table(pa.BufferReader(blob), use_threads=False), s), repeat)
+    ids, lp = c.decode(pq.read_table(pa.BufferReader(blob)), s)
     return {"candidate": c.name, "setting": s.name, "bytes_per_token": len(blob) / n_tok,
             "encode_tok_s": n_tok / enc_s, "stage_tok_s": n_tok / dec_s, **fidelity(s, ids, lp),
             "tail_mass": float(np.exp(s.log_tail).mean()), "entries_per_token": float(s.lengths.mean())}
@@ -461,6 +490,7 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                        "torch": torch.__version__, "pyarrow": pa.__version__, "load_avg_1m_at_end": os.getloadavg()[0]},
            "data": {"tokens": int(sc.input_ids.size), "vocab": sc.vocab, "mean_entropy": float(sc.entropy.mean())},
+           "teacher": teacher_info(args.teacher),
            "topk": topk_rows, "adaptive": adaptive_rows, "sampled": sampled_rows,
            "loader": loader | {"trainer_tok_s": trainer, "batch_over_trainer": ratio}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -473,6 +503,15 @@ def _trainer_tokens_per_s() -> float | None:
         return float(json.loads(path.read_text())["trainer_tokens_per_s"]["topk_tail"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def teacher_info(path: str) -> dict[str, Any]:
+    """How the teacher was made (the demo teacher's ``training.json``: steps, val loss), if recorded."""
+    try:
+        info = json.loads((Path(path) / "training.json").read_text())
+    except (OSError, ValueError):
+        return {"path": path}
+    return {"path": path} | {k: info.get(k) for k in ("steps", "stopped_by", "val_loss", "tokens_seen", "elapsed_s")}
 
 
 if __name__ == "__main__":

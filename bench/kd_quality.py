@@ -206,9 +206,18 @@ def main() -> None:
                        "torch": torch.__version__},
            "config": {"train": {k: getattr(cfg, k) for k in ("alpha", "lr", "warmup_steps", "max_steps", "batch_size")},
                       "student": vars(cfg.student), "teacher": args.teacher, "val_sequences": args.val, "seq_len": T},
-           "wall_s": time.perf_counter() - began, "target_s": target_s, "results": rows}
+           "teacher": teacher_info(args.teacher), "wall_s": time.perf_counter() - began, "target_s": target_s, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
+def teacher_info(path: str) -> dict[str, Any]:
+    """How the teacher was made (the demo teacher's ``training.json``: steps, val loss), if recorded."""
+    try:
+        info = json.loads((Path(path) / "training.json").read_text())
+    except (OSError, ValueError):
+        return {"path": path}
+    return {"path": path} | {k: info.get(k) for k in ("steps", "stopped_by", "val_loss", "tokens_seen", "elapsed_s")}
 
 
 if __name__ == "__main__":
