@@ -35,6 +35,7 @@ import json
 import math
 import numbers
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,7 +381,11 @@ class Manifest:
     def load(cls, cache_dir: str | Path) -> Manifest:
         path = Path(cache_dir) / MANIFEST_NAME
         try:
-            raw = path.read_bytes()
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 20:
+                raise CacheFormatError(f"{path}: not a regular file of at most 64 MiB; the cache is damaged or hostile")
+            with open(path, "rb") as f:
+                raw = f.read((64 << 20) + 1)
         except FileNotFoundError as e:
             raise CacheFormatError(f"{path}: no manifest — the cache is incomplete or not a kdcache cache; "
                                    "rerun the cache stage (it resumes) or pull the cache again") from e

@@ -158,7 +158,11 @@ def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: 
             if target.exists() and not force:
                 return target  # another process staged it while we waited
             t0 = time.perf_counter()
-            table = staged_table(decode_shard(read_shard(path, info, layout), layout, where=str(path)), layout)
+            staged = decode_shard(read_shard(path, info, layout), layout, where=str(path))
+            problems = _content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
+            if problems:
+                raise CacheError(f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again")
+            table = staged_table(staged, layout)
             MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
             tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:

@@ -208,8 +208,6 @@ def test_training_refuses_a_cache_that_fails_its_checks_naming_the_shard(cache, 
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the loader does not check id ranges when staging a shard; needs "
-                   "cache_shards.stage_shard to refuse ids >= vocab_size (reported to the format owner)")
 def test_training_refuses_a_forged_shard_with_ids_beyond_the_vocabulary(cache, tmp_path, capsys):
     def forge(rows):
         ids = from_planes(rows[0]["input_ids"], np.dtype("<u2"))
