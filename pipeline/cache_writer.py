@@ -46,6 +46,7 @@ import torch
 from pipeline import __version__
 from pipeline.cache_format import (
     MANIFEST_NAME,
+    PARQUET_OPTIONS,
     SHARD_PATTERN,
     Manifest,
     SequenceTargets,
@@ -510,8 +511,7 @@ class ShardWriter:
                 tmp.unlink(missing_ok=True)
 
     def _open(self, tmp: Path) -> pq.ParquetWriter:
-        return pq.ParquetWriter(tmp, self.layout.schema(), compression="zstd", use_dictionary=False,
-                                write_statistics=["seq_index"], write_page_checksum=True)
+        return pq.ParquetWriter(tmp, self.layout.schema(), **PARQUET_OPTIONS, write_statistics=["seq_index"])
 
     def _close(self, writer: pq.ParquetWriter, tmp: Path, shard: int, meta: dict[str, Any]) -> None:
         writer.add_key_value_metadata({SHARD_META_KEY: json.dumps(meta, sort_keys=True)})
