@@ -1,7 +1,7 @@
 """Benchmark: cache encodings side by side on a real teacher's soft targets.
 
 Scores ``--sequences`` train sequences with the teacher once (fp32 log-softmax, the exact tail mass
-beyond the top ``max(k)`` in float64, sampled draws through ``pipeline.targets.sparsify``), then
+beyond the top ``max(k)`` in float64, sampled draws through ``kdcache.cache.targets.sparsify``), then
 for every encoding candidate and k / mass / S measures, in one run:
 
 - bytes/token of one Parquet shard (``--sequences`` rows, all columns incl. input_ids and footer)
@@ -13,7 +13,7 @@ for every encoding candidate and k / mass / S measures, in one run:
   probabilities, float64), and the max abs error of stored probabilities (entries and tail)
 - the tail mass (mean p_tail) and kept entries per position
 
-Then the chosen format end to end (``pipeline.cache_format`` through a real cache directory and
+Then the chosen format end to end (``kdcache.cache.format`` through a real cache directory and
 ``open_cache``): staging to Arrow IPC and batch assembly tokens/s, vs the trainer's tokens/s from
 ``bench/results/train_step.json``. Prints markdown tables; writes ``bench/results/cache_format.json``.
 
@@ -40,12 +40,12 @@ import pyarrow.parquet as pq
 import torch
 import zstandard
 
-from pipeline import cache_format as cf
-from pipeline.cache_format import SequenceTargets, TargetLayout
-from pipeline.config import TeacherConfig
-from pipeline.targets import sparsify
-from pipeline.teacher import load_teacher, teacher_logits
-from pipeline.token_data import open_tokens
+from kdcache.cache import format as cf
+from kdcache.cache.format import SequenceTargets, TargetLayout
+from kdcache.config import TeacherConfig
+from kdcache.cache.targets import sparsify
+from kdcache.teacher import load_teacher, teacher_logits
+from kdcache.token_data import open_tokens
 
 RESULTS = Path(__file__).parent / "results" / "cache_format.json"
 BASE_OPTS = {"compression": "zstd", "use_dictionary": False, "write_page_checksum": True}
@@ -266,7 +266,7 @@ def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, leve
 
 
 def v1_candidate(level: int | None = None) -> Candidate:
-    """The chosen format, through ``pipeline.cache_format`` itself (encode_table / stage_rows)."""
+    """The chosen format, through ``kdcache.cache.format`` itself (encode_table / stage_rows)."""
 
     def layout(s: TopK, T: int, V: int) -> TargetLayout:
         return TargetLayout(kind="topk", vocab_size=V, seq_len=T, top_k=s.k, mass=s.mass)
@@ -385,8 +385,8 @@ def measure_sampled(sc: Scored, S: int, repeat: int) -> list[dict[str, Any]]:
 
 def loader_throughput(sc: Scored, s: TopK, *, batch_size: int, repeat: int) -> dict[str, float]:
     """The chosen format through a real cache dir: stage (Parquet -> Arrow IPC, sha-checked) and batches."""
-    from pipeline.cache_reader import open_cache
-    from pipeline.fingerprint import sha256_file
+    from kdcache.cache.reader import open_cache
+    from kdcache.fingerprint import sha256_file
 
     R, T = sc.input_ids.shape
     with tempfile.TemporaryDirectory() as tmp:

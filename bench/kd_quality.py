@@ -33,15 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache_format import TargetLayout, decode_row, encode_table
-from pipeline.config import TeacherConfig, TrainConfig
-from pipeline.evaluate import Tally
-from pipeline.losses import KDLossSpec, dense_kl, kd_loss
-from pipeline.student import build_student
-from pipeline.targets import sparsify, to_sequence_targets
-from pipeline.teacher import load_teacher, teacher_logits
-from pipeline.token_data import open_tokens
-from pipeline.train import lr_factor, make_optimizer
+from kdcache.cache.format import TargetLayout, decode_row, encode_table
+from kdcache.config import TeacherConfig, TrainConfig
+from kdcache.evaluate import Tally
+from kdcache.losses import KDLossSpec, dense_kl, kd_loss
+from kdcache.student import build_student
+from kdcache.cache.targets import sparsify, to_sequence_targets
+from kdcache.teacher import load_teacher, teacher_logits
+from kdcache.token_data import open_tokens
+from kdcache.train import lr_factor, make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "kd_quality.json"
 log = logging.getLogger("kd_quality")

@@ -41,8 +41,8 @@ def make_inputs(root: Path, *, sequences: int, seq_len: int) -> tuple[Path, Path
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from pipeline.fingerprint import tokenizer_fingerprint
-    from pipeline.token_data import write_tokens
+    from kdcache.fingerprint import tokenizer_fingerprint
+    from kdcache.token_data import write_tokens
 
     teacher, tokens = root / "teacher", root / "tokens"
     torch.manual_seed(0)
@@ -63,14 +63,14 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
-    from pipeline.distributed import barrier, process_group
+    from kdcache.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
+    from kdcache.distributed import barrier, process_group
 
     with process_group("gloo") as (rank, world):
         if args.what == "cache":
-            from pipeline.cache_writer import build_cache
-            from pipeline.teacher import load_teacher
-            from pipeline.token_data import open_tokens
+            from kdcache.cache.writer import build_cache
+            from kdcache.teacher import load_teacher
+            from kdcache.token_data import open_tokens
 
             teacher = load_teacher(TeacherConfig(path=args.teacher, device="cpu"))
             tokens = open_tokens(args.tokens, "train")
@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
             barrier()
             seconds, count = time.perf_counter() - began, len(tokens) * tokens.seq_len
         else:
-            from pipeline.train import train
+            from kdcache.train import train
 
             cfg = TrainConfig(batch_size=args.batch_size // world, max_steps=args.steps, warmup_steps=2,
                               checkpoint_every=10**6, log_every=10**6, student=StudentConfig(**STUDENT))

@@ -36,13 +36,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache_format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
-from pipeline.cache_reader import open_cache
-from pipeline.config import StudentConfig, TrainConfig
-from pipeline.fingerprint import sha256_file
-from pipeline.losses import KDLossSpec, kd_loss
-from pipeline.student import count_parameters
-from pipeline.train import make_optimizer
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.cache.reader import open_cache
+from kdcache.config import StudentConfig, TrainConfig
+from kdcache.fingerprint import sha256_file
+from kdcache.losses import KDLossSpec, kd_loss
+from kdcache.student import count_parameters
+from kdcache.train import make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 VARIANTS = ("topk_tail", "ce", "plain_ce")
@@ -84,7 +84,7 @@ def make_student(vocab: int, seq_len: int) -> torch.nn.Module:
 
 
 class Trainer:
-    """The same step as ``pipeline.train``: forward, ``kd_loss``, backward, clip, AdamW."""
+    """The same step as ``kdcache.train``: forward, ``kd_loss``, backward, clip, AdamW."""
 
     def __init__(self, kind: str, *, vocab: int, seq_len: int, device: torch.device) -> None:
         self.plain = kind == "plain_ce"  # unchunked F.cross_entropy: the reference plain CE step

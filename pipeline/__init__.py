@@ -1,6 +1,6 @@
 """kdcache: offline teacher-logit caching and sparse knowledge distillation for causal LMs.
 
-``pipeline.open_cache(path)`` is the public entry point for reading a cache; it is resolved
+``kdcache.open_cache(path)`` is the public entry point for reading a cache; it is resolved
 lazily (PEP 562) so that importing any submodule does not import the reader, which keeps each
 DVC stage's code dependencies exact.
 """
@@ -13,7 +13,7 @@ __all__ = ["open_cache", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "open_cache":
-        from pipeline.cache_reader import open_cache
+        from kdcache.cache.reader import open_cache
 
         return open_cache
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")

@@ -18,8 +18,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import __version__, config
-from pipeline.config import (
+from kdcache import __version__, config
+from kdcache.config import (
     CacheConfig,
     CorpusConfig,
     DemoTeacherConfig,
@@ -30,7 +30,7 @@ from pipeline.config import (
     TrainConfig,
     load_section,
 )
-from pipeline.entry import run, setup_logging, show_progress
+from kdcache.entry import run, setup_logging, show_progress
 
 SECTIONS = {CorpusConfig: "corpus", DemoTeacherConfig: "demo_teacher", TeacherConfig: "teacher",
             PrepareConfig: "prepare", CacheConfig: "cache", TrainConfig: "train", EvaluateConfig: "evaluate"}
@@ -86,14 +86,14 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def cmd_demo_teacher(args: argparse.Namespace) -> None:
-    from pipeline.demo_teacher import train_demo_teacher
+    from kdcache.demo_teacher import train_demo_teacher
 
     train_demo_teacher(config_from_args(CorpusConfig, args), config_from_args(DemoTeacherConfig, args),
                        out_dir=args.out, progress=show_progress())
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from pipeline.corpus import prepare_tokens
+    from kdcache.corpus import prepare_tokens
 
     corpus = config_from_args(CorpusConfig, args, **({"paths": args.corpus} if args.corpus else {}))
     prepare_tokens(corpus, config_from_args(PrepareConfig, args), tokenizer_dir=args.tokenizer,
@@ -111,10 +111,10 @@ class CacheDirError(ValueError):
 def cmd_cache(args: argparse.Namespace) -> None:
     teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
     cfg = config_from_args(CacheConfig, args)
-    from pipeline.cache_writer import build_cache, default_cache_name, target_layout
-    from pipeline.distributed import process_group
-    from pipeline.teacher import load_teacher, tokenizer_vocab_size
-    from pipeline.token_data import open_tokens
+    from kdcache.cache.writer import build_cache, default_cache_name, target_layout
+    from kdcache.distributed import process_group
+    from kdcache.teacher import load_teacher, tokenizer_vocab_size
+    from kdcache.token_data import open_tokens
 
     # gloo even on GPUs: the cache build's only collective is a barrier, which may wait for hours
     with process_group("gloo", timeout_s=CACHE_TIMEOUT_S) as (rank, world):
@@ -135,7 +135,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 def check_cache_dir(out: Path, expected: dict[str, Any], *, content_named: bool) -> None:
     """Refuse to resume into ``out`` if its manifest was made by another teacher, corpus or settings."""
-    from pipeline.cache_format import MANIFEST_NAME, Manifest
+    from kdcache.cache.format import MANIFEST_NAME, Manifest
 
     if not (out / MANIFEST_NAME).exists():
         return  # shards without a manifest are checked one by one by the writer
@@ -152,8 +152,8 @@ def check_cache_dir(out: Path, expected: dict[str, Any], *, content_named: bool)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.distributed import process_group
-    from pipeline.train import train
+    from kdcache.distributed import process_group
+    from kdcache.train import train
 
     student = _student_config(args.student) if args.student else StudentConfig()
     cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
@@ -163,8 +163,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate import evaluate, write_metrics
-    from pipeline.token_data import open_tokens
+    from kdcache.evaluate import evaluate, write_metrics
+    from kdcache.token_data import open_tokens
 
     models = dict(m.split("=", 1) for m in args.model)
     metrics = evaluate(config_from_args(EvaluateConfig, args), tokens=open_tokens(args.tokens, "val"),
@@ -174,7 +174,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from pipeline.cache_format import Manifest
+    from kdcache.cache.format import Manifest
 
     manifest = Manifest.load(args.cache)
     if args.json:
@@ -186,7 +186,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from pipeline.cache_reader import verify_cache
+    from kdcache.cache.reader import verify_cache
 
     problems = verify_cache(args.cache)
     for p in problems:

@@ -29,10 +29,10 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
-from pipeline import token_data
-from pipeline.config import CorpusConfig, PrepareConfig, to_dict
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.tokenizer import load_tokenizer
+from kdcache import token_data
+from kdcache.config import CorpusConfig, PrepareConfig, to_dict
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _cut_points(text: str, max_chars: int) -> list[int]:
     """Where to cut a document longer than ``max_chars``: just before a newline that follows a
     non-space character, at most ``max_chars`` apart (a single longer line is cut at ``max_chars``).
 
-    With a byte-level BPE tokenizer (GPT-2-style pre-tokenizer regex, as ``pipeline.tokenizer``
+    With a byte-level BPE tokenizer (GPT-2-style pre-tokenizer regex, as ``kdcache.tokenizer``
     trains) such a point is always a pre-token boundary, so the pieces' ids equal the whole
     document's; other pre-tokenizers (e.g. SentencePiece's Metaspace) may tokenize the first
     characters after a cut differently.
@@ -333,7 +333,7 @@ def prepare_tokens(corpus_cfg: CorpusConfig, prepare_cfg: PrepareConfig, *, toke
                    out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
     """The prepare stage: read, split by document, tokenize with the teacher's tokenizer, pack, write.
 
-    Returns the token-data manifest written to ``out_dir`` (see ``pipeline.token_data``).
+    Returns the token-data manifest written to ``out_dir`` (see ``kdcache.token_data``).
     """
     docs = read_documents(corpus_cfg, progress=progress)
     splits = split_documents(docs, val_fraction=corpus_cfg.val_fraction)

@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from pipeline.config import CorpusConfig, DemoTeacherConfig, to_dict
-from pipeline.corpus import read_documents, split_documents, tokenize_and_pack
-from pipeline.tokenizer import train_bpe_tokenizer
+from kdcache.config import CorpusConfig, DemoTeacherConfig, to_dict
+from kdcache.corpus import read_documents, split_documents, tokenize_and_pack
+from kdcache.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pipeline.config import EvaluateConfig
-from pipeline.fingerprint import WEIGHT_SUFFIXES
-from pipeline.losses import dense_kl
-from pipeline.token_data import TokenSplit
+from kdcache.config import EvaluateConfig
+from kdcache.fingerprint import WEIGHT_SUFFIXES
+from kdcache.losses import dense_kl
+from kdcache.token_data import TokenSplit
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from pipeline.config import StudentConfig
-from pipeline.fingerprint import tokenizer_fingerprint
+from kdcache.config import StudentConfig
+from kdcache.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TeacherConfig
-from pipeline.fingerprint import model_dir_fingerprint
+from kdcache.config import TeacherConfig
+from kdcache.fingerprint import model_dir_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _refuse_shipped_code(path: Path) -> None:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from pipeline.tokenizer import TokenizerError, load_tokenizer
+    from kdcache.tokenizer import TokenizerError, load_tokenizer
 
     try:
         return load_tokenizer(path)

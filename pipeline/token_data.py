@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.fingerprint import array_fingerprint
+from kdcache.fingerprint import array_fingerprint
 
 TOKENS_FORMAT = "kdcache-tokens"
 TOKENS_VERSION = 1

@@ -4,7 +4,7 @@ Data order depends only on ``cfg.seed`` and the epoch (the cache reader's batchi
 and its CE baseline see the same batches, and a resumed run continues exactly where the
 checkpoint left off: its per-step losses equal an uninterrupted run's.
 
-Under ``torchrun`` (a process group initialized by the caller, see ``pipeline.distributed``) the
+Under ``torchrun`` (a process group initialized by the caller, see ``kdcache.distributed``) the
 model is wrapped in DDP and rank r reads the r-th slice of every global batch (``batch_size``
 sequences per rank): each rank's loss is a mean over its own, equally many tokens and DDP averages
 gradients, so 2 ranks x batch b follow the same loss curve as 1 rank x batch 2b. The logged loss is
@@ -12,7 +12,7 @@ the mean over ranks; rank 0 alone writes the log, the checkpoints and the final 
 
 Output directory::
 
-    out_dir/checkpoints/step-NNNNNN/   resumable state (pipeline.checkpoint), newest 2 kept
+    out_dir/checkpoints/step-NNNNNN/   resumable state (kdcache.checkpoint), newest 2 kept
     out_dir/train_log.jsonl            one JSON line per optimizer step
     out_dir/config.json, model.safetensors, tokenizer files   the final student (from_pretrained)
     out_dir/training.json              written last: the run finished
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from pipeline import __version__
-from pipeline.cache_reader import CacheReader, open_cache
-from pipeline.checkpoint import (
+from kdcache import __version__
+from kdcache.cache.reader import CacheReader, open_cache
+from kdcache.checkpoint import (
     CHECKPOINTS,
     latest_checkpoint,
     load_checkpoint,
@@ -46,11 +46,11 @@ from pipeline.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.config import ConfigError, TrainConfig, to_dict
-from pipeline.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.losses import KDLossSpec, kd_loss
-from pipeline.student import (
+from kdcache.config import ConfigError, TrainConfig, to_dict
+from kdcache.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.losses import KDLossSpec, kd_loss
+from kdcache.student import (
     VocabMap,
     build_student,
     build_vocab_map,
@@ -156,7 +156,7 @@ def _id_space(tokenizer: Any) -> int:
 
 def resolve_device(device: str) -> torch.device:
     """``auto``: cuda if available, else cpu. A bare ``cuda`` means the current GPU (``cuda:LOCAL_RANK``
-    under torchrun, see ``pipeline.distributed.process_group``)."""
+    under torchrun, see ``kdcache.distributed.process_group``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

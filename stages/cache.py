@@ -8,12 +8,12 @@ i % N == rank and rank 0 writes the manifest once every rank is done.
 import argparse
 import sys
 
-from pipeline.cache_writer import build_cache
-from pipeline.config import CacheConfig, TeacherConfig, load_params, load_section
-from pipeline.distributed import process_group
-from pipeline.entry import run, setup_logging, show_progress
-from pipeline.teacher import load_teacher
-from pipeline.token_data import open_tokens
+from kdcache.cache.writer import build_cache
+from kdcache.config import CacheConfig, TeacherConfig, load_params, load_section
+from kdcache.distributed import process_group
+from kdcache.entry import run, setup_logging, show_progress
+from kdcache.teacher import load_teacher
+from kdcache.token_data import open_tokens
 
 TIMEOUT_S = 24 * 3600.0  # ranks that finish early wait at the final barrier
 

@@ -7,9 +7,9 @@ model directory and run `dvc repro evaluate` (which does not depend on this stag
 import argparse
 import sys
 
-from pipeline.config import CorpusConfig, DemoTeacherConfig, load_params, load_section
-from pipeline.demo_teacher import train_demo_teacher
-from pipeline.entry import run, setup_logging, show_progress
+from kdcache.config import CorpusConfig, DemoTeacherConfig, load_params, load_section
+from kdcache.demo_teacher import train_demo_teacher
+from kdcache.entry import run, setup_logging, show_progress
 
 
 def main() -> None:

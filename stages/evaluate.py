@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from pipeline.config import EvaluateConfig, load_params, load_section
-from pipeline.entry import run, setup_logging, show_progress
-from pipeline.evaluate import evaluate, write_metrics
-from pipeline.token_data import open_tokens
+from kdcache.config import EvaluateConfig, load_params, load_section
+from kdcache.entry import run, setup_logging, show_progress
+from kdcache.evaluate import evaluate, write_metrics
+from kdcache.token_data import open_tokens
 
 
 def main() -> None:

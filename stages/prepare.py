@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from pipeline.config import CorpusConfig, PrepareConfig, TeacherConfig, load_params, load_section
-from pipeline.corpus import prepare_tokens
-from pipeline.entry import run, setup_logging, show_progress
+from kdcache.config import CorpusConfig, PrepareConfig, TeacherConfig, load_params, load_section
+from kdcache.corpus import prepare_tokens
+from kdcache.entry import run, setup_logging, show_progress
 
 
 def main() -> None:

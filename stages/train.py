@@ -8,10 +8,10 @@ training runs data-parallel (DDP; gloo on CPU, nccl on CUDA) with `batch_size` s
 import argparse
 import sys
 
-from pipeline.config import TrainConfig, load_params, load_section
-from pipeline.distributed import process_group
-from pipeline.entry import run, setup_logging, show_progress
-from pipeline.train import train
+from kdcache.config import TrainConfig, load_params, load_section
+from kdcache.distributed import process_group
+from kdcache.entry import run, setup_logging, show_progress
+from kdcache.train import train
 
 
 def main() -> None:

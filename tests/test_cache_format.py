@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.cache_format import (
+from kdcache.cache.format import (
     TAIL_EMPTY,
     TAIL_SCALE,
     VALUE_GAMMA,

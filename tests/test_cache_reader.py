@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_cache_format import LAYOUTS, assert_same_targets, random_targets
 
-from pipeline.cache_format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
-from pipeline.cache_reader import CacheError, CacheReader, open_cache, verify_cache
-from pipeline.fingerprint import sha256_file
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.cache.reader import CacheError, CacheReader, open_cache, verify_cache
+from kdcache.fingerprint import sha256_file
 
 N = 23  # sequences; 5 shards of 5, 5, 5, 5, 3 rows
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_format import Manifest, TargetLayout
-from pipeline.cache_reader import open_cache
-from pipeline.cache_writer import build_cache
-from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.teacher import Teacher, load_teacher
-from pipeline.token_data import open_tokens, write_tokens
+from kdcache.cache.format import Manifest, TargetLayout
+from kdcache.cache.reader import open_cache
+from kdcache.cache.writer import build_cache
+from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.teacher import Teacher, load_teacher
+from kdcache.token_data import open_tokens, write_tokens
 
 README = Path(__file__).resolve().parents[1] / "cache" / "README.md"
 N, T, VOCAB = 6, 16, 300

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pipeline.cache_writer as cache_writer
-from pipeline.cache_format import VALUE_GAMMA, VALUE_LEVELS, Manifest, TargetLayout, decode_row
-from pipeline.cache_writer import CacheWriteError, build_cache, default_cache_name, read_shard_meta
-from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.teacher import Teacher, load_teacher
-from pipeline.token_data import open_tokens, write_tokens
+import kdcache.cache.writer as cache_writer
+from kdcache.cache.format import VALUE_GAMMA, VALUE_LEVELS, Manifest, TargetLayout, decode_row
+from kdcache.cache.writer import CacheWriteError, build_cache, default_cache_name, read_shard_meta
+from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.teacher import Teacher, load_teacher
+from kdcache.token_data import open_tokens, write_tokens
 
 N, T, VOCAB = 10, 16, 300
 CFG = CacheConfig(top_k=8, batch_size=3, rows_per_shard=4, split="train")  # shards of 4, 4, 2 rows
@@ -246,10 +246,10 @@ def test_default_cache_name_is_content_addressed(teacher, token_dir):
 RANK_SCRIPT = """
 import sys
 import torch.distributed as dist
-import pipeline.cache_writer as cw
-from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.teacher import load_teacher
-from pipeline.token_data import open_tokens
+import kdcache.cache.writer as cw
+from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.teacher import load_teacher
+from kdcache.token_data import open_tokens
 
 teacher_dir, token_dir, out, fail_rank = sys.argv[1:5]
 dist.init_process_group("gloo")

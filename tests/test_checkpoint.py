@@ -1,7 +1,7 @@
 """Checkpoints are atomic: a failed or interrupted save never shadows the previous checkpoint.
 
 Crashes of a real training process (``kill -9`` mid-save, disk full) are in ``test_crash.py``; these
-are the in-process edge cases of ``pipeline.checkpoint``.
+are the in-process edge cases of ``kdcache.checkpoint``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from kdcache.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,

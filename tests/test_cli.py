@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser, field_docs, main
-from pipeline.config import CacheConfig
+from kdcache.cli import build_parser, field_docs, main
+from kdcache.config import CacheConfig
 
 COMMANDS = ["demo-teacher", "prepare", "cache", "train", "evaluate", "inspect", "verify"]
 
 
 def _kdcache(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -84,7 +84,7 @@ def _cache(made: dict[str, Path], *extra: str, teacher: str = "teacher") -> list
 
 
 def test_cache_without_out_writes_to_a_content_named_dir_and_prints_it(made, tmp_path, capsys) -> None:
-    from pipeline.cache_format import Manifest
+    from kdcache.cache.format import Manifest
 
     root = tmp_path / "caches"
     assert main(_cache(made, "--cache-root", str(root))) == 0
@@ -115,7 +115,7 @@ def test_cache_into_a_dir_made_by_another_teacher_or_settings_is_refused(made, t
 
 
 def test_inspect_shows_what_a_receiving_team_needs(made, tmp_path, capsys) -> None:
-    from pipeline.cache_format import FORMAT_VERSION, Manifest
+    from kdcache.cache.format import FORMAT_VERSION, Manifest
 
     out = tmp_path / "c"
     assert main(_cache(made, "--out", str(out))) == 0

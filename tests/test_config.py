@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import (
+from kdcache.config import (
     CacheConfig,
     ConfigError,
     CorpusConfig,

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CorpusConfig, PrepareConfig
-from pipeline.corpus import (
+from kdcache.config import CorpusConfig, PrepareConfig
+from kdcache.corpus import (
     STDLIB_SKIP_DIRS,
     CorpusError,
     default_corpus_files,
@@ -21,9 +21,9 @@ from pipeline.corpus import (
     split_documents,
     tokenize_and_pack,
 )
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.token_data import open_tokens, verify_tokens
-from pipeline.tokenizer import train_bpe_tokenizer
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.token_data import open_tokens, verify_tokens
+from kdcache.tokenizer import train_bpe_tokenizer
 
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
          "print", "data", "items", "key", "lambda", "yield", "with", "open"]
@@ -234,7 +234,7 @@ def test_packing_streams_in_batches_with_the_same_result(tmp_path, tok, monkeypa
     write_txt_corpus(tmp_path, n=12)
     ds = read_documents(cfg_for(tmp_path / "*.txt"))
     whole = tokenize_and_pack(ds, tok, seq_len=16)
-    monkeypatch.setattr("pipeline.corpus._TOKENIZE_CHARS", 50)
+    monkeypatch.setattr("kdcache.corpus._TOKENIZE_CHARS", 50)
     assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16), whole)
 
 
@@ -244,7 +244,7 @@ def test_one_huge_document_is_tokenized_in_bounded_pieces_with_the_whole_documen
     (tmp_path / "huge.txt").write_text(text)
     (tmp_path / "small.txt").write_text(doc(99))
     ds = read_documents(cfg_for(tmp_path / "*.txt"))
-    monkeypatch.setattr("pipeline.corpus._TOKENIZE_CHARS", 1000)
+    monkeypatch.setattr("kdcache.corpus._TOKENIZE_CHARS", 1000)
     calls: list[list[str]] = []
 
     class Recording:  # the real tokenizer, recording what each call is given

@@ -1,6 +1,6 @@
 """Crash safety of the real CLI: ``kill -9`` mid-cache and mid-training, disk full, read-only output.
 
-Every process under test is a real ``python -m pipeline.cli ...`` subprocess. Exact crash points come
+Every process under test is a real ``python -m kdcache.cli ...`` subprocess. Exact crash points come
 from the test-only ``KDCACHE_FAULT`` hook (``pipeline/cache_writer.py``, ``pipeline/checkpoint.py``):
 the process SIGKILLs itself there, as a pre-empted GPU box would be. Disk full is a real
 ``RLIMIT_FSIZE`` (with SIGXFSZ ignored, writes past it fail with EFBIG); a read-only directory is
@@ -25,11 +25,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from pipeline.cli import main as kdcache
-from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
-from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.token_data import write_tokens
+from kdcache.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from kdcache.cli import main as kdcache
+from kdcache.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
+from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.token_data import write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, N = 48, 16, 12
@@ -69,12 +69,12 @@ def identity(path: Path) -> tuple[int, int]:
 
 def cli(*args: str, fault: str | None = None, preexec=None, env: dict[str, str] | None = None,
         cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline.cli ARGS`` single-threaded (same kernels, same bytes as this process)."""
+    """Run ``python -m kdcache.cli ARGS`` single-threaded (same kernels, same bytes as this process)."""
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full.pop("KDCACHE_FAULT", None)
     if fault:
         full["KDCACHE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=full, cwd=cwd or ROOT,
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *args], env=full, cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=180, preexec_fn=preexec)
 
 
@@ -167,10 +167,10 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_training_killed_twice_resumes_from_the_last_checkpoint_with_identical_losses(world, tmp_path):
-    from pipeline.cache_writer import build_cache
-    from pipeline.teacher import load_teacher
-    from pipeline.token_data import open_tokens
-    from pipeline.train import train
+    from kdcache.cache.writer import build_cache
+    from kdcache.teacher import load_teacher
+    from kdcache.token_data import open_tokens
+    from kdcache.train import train
 
     cache = tmp_path / "cache"
     build_cache(load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
@@ -246,15 +246,15 @@ def test_disk_full_and_read_only_output_give_a_clear_error_and_leave_no_partial_
 def _popen(*args: str, preexec, env: dict[str, str] | None = None) -> subprocess.Popen:
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full.pop("KDCACHE_FAULT", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=full, cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], env=full, cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec)
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path):
-    from pipeline.cache_writer import build_cache
-    from pipeline.teacher import load_teacher
-    from pipeline.token_data import open_tokens
-    from pipeline.train import train
+    from kdcache.cache.writer import build_cache
+    from kdcache.teacher import load_teacher
+    from kdcache.token_data import open_tokens
+    from kdcache.train import train
 
     cache, out = tmp_path / "cache", tmp_path / "run"
     build_cache(load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import CorpusConfig, DemoTeacherConfig
-from pipeline.corpus import read_documents, split_documents
-from pipeline.demo_teacher import TRAINING_JSON, lr_factor, train_demo_teacher
-from pipeline.fingerprint import model_dir_fingerprint, tokenizer_fingerprint
-from pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
+from kdcache.config import CorpusConfig, DemoTeacherConfig
+from kdcache.corpus import read_documents, split_documents
+from kdcache.demo_teacher import TRAINING_JSON, lr_factor, train_demo_teacher
+from kdcache.fingerprint import model_dir_fingerprint, tokenizer_fingerprint
+from kdcache.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
          "print", "data", "items", "key", "lambda", "yield", "with", "open"]

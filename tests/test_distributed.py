@@ -19,11 +19,11 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.cli import main as kdcache
-from pipeline.config import StudentConfig, TrainConfig
-from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.token_data import write_tokens
-from pipeline.train import train
+from kdcache.cli import main as kdcache
+from kdcache.config import StudentConfig, TrainConfig
+from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.token_data import write_tokens
+from kdcache.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -16,9 +16,9 @@ import pytest
 import torch
 from test_distributed import SEQ, make_teacher_and_tokens
 
-from pipeline.cache_format import Manifest, decode_row
-from pipeline.cache_reader import open_cache
-from pipeline.cli import main as kdcache
+from kdcache.cache.format import Manifest, decode_row
+from kdcache.cache.reader import open_cache
+from kdcache.cli import main as kdcache
 
 DVC = [sys.executable, "-m", "dvc"]
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

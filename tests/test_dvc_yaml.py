@@ -17,27 +17,38 @@ def _stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def _imported_pipeline_modules(path: Path) -> set[str]:
-    """`pipeline.*` modules a file imports anywhere (module level or inside functions)."""
+def module_file(module: str) -> Path | None:
+    """The source file of a `kdcache.*` module (installed from the folder pipeline/), else None."""
+    parts = module.split(".")
+    if parts[0] != "kdcache":
+        return None
+    base = ROOT.joinpath("pipeline", *parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """`kdcache.*` modules a file imports anywhere (module level or inside functions), packages included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
-            if node.module == "pipeline":
-                found |= {f"pipeline.{a.name}" for a in node.names if (ROOT / "pipeline" / f"{a.name}.py").exists()}
-            else:
-                found.add(node.module)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kdcache":
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if module_file(f"{node.module}.{a.name}")}
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("pipeline.")}
-    return found
+            found |= {a.name for a in node.names if a.name.startswith("kdcache.")}
+    # importing kdcache.a.b runs kdcache/__init__ and kdcache/a/__init__ too
+    return {".".join(m.split(".")[:i]) for m in found for i in range(2, len(m.split(".")) + 1)}
 
 
 def _closure(script: Path) -> set[str]:
-    """Repository-relative .py files a stage script runs: itself + transitive pipeline imports."""
+    """Repository-relative .py files a stage script runs: itself + transitive kdcache imports."""
     files, todo = {script}, [script]
     while todo:
-        for module in _imported_pipeline_modules(todo.pop()):
-            path = ROOT / (module.replace(".", "/") + ".py")
-            if path not in files:
+        for module in imported_modules(todo.pop()):
+            path = module_file(module)
+            if path is not None and path not in files:
                 files.add(path)
                 todo.append(path)
     return {str(p.relative_to(ROOT)) for p in files}
@@ -52,8 +63,8 @@ def test_stage_code_deps_are_exactly_the_code_it_imports(name: str) -> None:
     stage = _stages()[name]
     declared = {d for d in stage["deps"] if isinstance(d, str) and d.endswith(".py")}
     expected = _closure(_script(stage["cmd"]))
-    if "pipeline/__init__.py" in expected:
-        expected.discard("pipeline/__init__.py")  # version string only; see pipeline/__init__.py
+    # package __init__ files hold a version string and docstrings only (see pipeline/__init__.py)
+    expected = {f for f in expected if not f.endswith("__init__.py")}
     assert declared == expected, f"stage {name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
 
 
@@ -70,7 +81,7 @@ def test_stage_params_are_the_sections_its_script_reads(name: str) -> None:
 
 
 def test_params_yaml_sections_all_load() -> None:
-    from pipeline import config
+    from kdcache import config
 
     params = config.load_params(ROOT / "params.yaml")
     classes = {"corpus": config.CorpusConfig, "demo_teacher": config.DemoTeacherConfig, "teacher": config.TeacherConfig,

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.config import EvaluateConfig
-from pipeline.evaluate import EvaluateError, evaluate, expected_calibration_error, write_metrics
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.token_data import open_tokens, write_tokens
+from kdcache.config import EvaluateConfig
+from kdcache.evaluate import EvaluateError, evaluate, expected_calibration_error, write_metrics
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.token_data import open_tokens, write_tokens
 
 VOCAB, SEQ = 48, 16
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_crash import STUDENT, make_world  # tiny word-level teacher + tokens
 
-from pipeline.cache_format import (
+from kdcache.cache.format import (
     TAIL_EMPTY,
     Manifest,
     ShardInfo,
@@ -29,12 +29,12 @@ from pipeline.cache_format import (
     from_planes,
     to_planes,
 )
-from pipeline.cache_reader import CacheError, open_cache
-from pipeline.cache_writer import build_cache
-from pipeline.cli import main as kdcache
-from pipeline.config import CacheConfig, TeacherConfig
-from pipeline.teacher import load_teacher
-from pipeline.token_data import open_tokens
+from kdcache.cache.reader import CacheError, open_cache
+from kdcache.cache.writer import build_cache
+from kdcache.cli import main as kdcache
+from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.teacher import load_teacher
+from kdcache.token_data import open_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 48
@@ -280,7 +280,7 @@ FORBIDDEN = {
 
 def test_no_pickle_and_no_forced_remote_code_in_any_source():
     assert FORBIDDEN["pickle"].search("import pickle\n") and FORBIDDEN["torch.save"].search("torch.save(x, p)")
-    sources = sorted((ROOT / "pipeline").glob("*.py")) + sorted((ROOT / "stages").glob("*.py"))
+    sources = sorted((ROOT / "pipeline").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py"))
     assert len(sources) > 10
     found = []
     for path in sources:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from pipeline.losses import KDLossSpec, dense_kl, kd_loss
+from kdcache.losses import KDLossSpec, dense_kl, kd_loss
 
 B, T, V = 2, 6, 13
 F64 = torch.float64

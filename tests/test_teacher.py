@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import TeacherConfig
-from pipeline.teacher import TeacherError, load_teacher, teacher_logits, tokenizer_vocab_size
+from kdcache.config import TeacherConfig
+from kdcache.teacher import TeacherError, load_teacher, teacher_logits, tokenizer_vocab_size
 
 MODEL_VOCAB = 320  # > the tokenizer's 300 ids: padding rows, as real models have
 
@@ -75,7 +75,7 @@ def test_explicit_dtype_is_used(teacher_dir):
 
 
 def test_trust_remote_code_logs_a_warning(teacher_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdcache.teacher"):
         load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu", trust_remote_code=True))
     assert "trust_remote_code" in caplog.text
 

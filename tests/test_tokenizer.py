@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pipeline.fingerprint import tokenizer_fingerprint
-from pipeline.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer
 
 WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
          "print", "data", "items", "key", "lambda", "yield", "with", "open"]

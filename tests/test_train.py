@@ -16,12 +16,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.cache_format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
-from pipeline.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
-from pipeline.config import ConfigError, StudentConfig, TrainConfig
-from pipeline.fingerprint import sha256_file, tokenizer_fingerprint
-from pipeline.student import StudentError, build_student, build_vocab_map, count_parameters
-from pipeline.train import Position, batch_stream, lr_factor, train
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
+from kdcache.config import ConfigError, StudentConfig, TrainConfig
+from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.student import StudentError, build_student, build_vocab_map, count_parameters
+from kdcache.train import Position, batch_stream, lr_factor, train
 
 VOCAB, SEQ = 48, 16
 TINY = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
@@ -220,7 +220,7 @@ def test_loss_the_cache_cannot_feed_is_refused(caches: dict, tmp_path: Path) -> 
 
 
 def test_data_order_depends_only_on_seed_and_rolls_over_epochs(caches: dict) -> None:
-    from pipeline.cache_reader import open_cache
+    from kdcache.cache.reader import open_cache
 
     with open_cache(caches["both"]) as reader:
         def seqs(pos: Position, n: int) -> list[tuple[tuple[int, int], list[int]]]:
@@ -267,11 +267,11 @@ def test_built_student_ties_embeddings_and_takes_special_ids_from_the_tokenizer(
 
 
 def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Path) -> None:
-    from pipeline.cache_writer import build_cache
-    from pipeline.config import CacheConfig, EvaluateConfig, TeacherConfig
-    from pipeline.evaluate import evaluate
-    from pipeline.teacher import load_teacher
-    from pipeline.token_data import open_tokens, write_tokens
+    from kdcache.cache.writer import build_cache
+    from kdcache.config import CacheConfig, EvaluateConfig, TeacherConfig
+    from kdcache.evaluate import evaluate
+    from kdcache.teacher import load_teacher
+    from kdcache.token_data import open_tokens, write_tokens
 
     teacher_dir, tok = tmp_path / "teacher", tiny_tokenizer()
     torch.manual_seed(0)
@@ -325,7 +325,7 @@ def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
 @pytest.mark.parametrize("loss", ["topk_tail", "sampled"])
 def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_kept_mass(
         loss: str, caches: dict, tmp_path: Path) -> None:
-    from pipeline.cache_reader import open_cache
+    from kdcache.cache.reader import open_cache
 
     student_dir = tmp_path / "pretrained"
     LlamaForCausalLM(LlamaConfig(vocab_size=41, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -16,7 +16,7 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline.cache_format import SequenceTargets, TargetLayout
+from kdcache.cache.format import SequenceTargets, TargetLayout
 
 SMALL_KEYS = ("topk_ids", "topk_logprobs", "topk_lengths", "topk_log_tail", "sample_ids", "sample_counts")
 """Keys of ``sparsify``'s result that become ``SequenceTargets`` fields."""

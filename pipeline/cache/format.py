@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cache_codec import (  # noqa: F401  re-exported: the format's codecs
+from kdcache.cache.codec import (  # noqa: F401  re-exported: the format's codecs
     TAIL_EMPTY,
     TAIL_LOGIT_MAX,
     TAIL_SCALE,

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.cache_format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
-from pipeline.cache_shards import (
+from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
+from kdcache.cache.staging import (
     CacheError,
     MappedShard,
     check_shard_file,
@@ -32,7 +32,7 @@ from pipeline.cache_shards import (
     staged_columns,
     verify_cache,
 )
-from pipeline.fingerprint import sha256_file
+from kdcache.fingerprint import sha256_file
 
 __all__ = ["CacheError", "CacheReader", "open_cache", "verify_cache"]
 log = logging.getLogger(__name__)

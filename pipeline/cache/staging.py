@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache_format import (
+from kdcache.cache.format import (
     CacheFormatError,
     Manifest,
     ShardInfo,

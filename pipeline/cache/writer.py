@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import __version__
-from pipeline.cache_format import (
+from kdcache import __version__
+from kdcache.cache.format import (
     MANIFEST_NAME,
     PARQUET_OPTIONS,
     SHARD_PATTERN,
@@ -54,12 +54,12 @@ from pipeline.cache_format import (
     TargetLayout,
     encode_table,
 )
-from pipeline.config import CacheConfig
-from pipeline.fingerprint import sha256_file, sha256_json, tokenizer_fingerprint
-from pipeline.targets import chunk_tokens_for, sparsify, to_sequence_targets
-from pipeline.teacher import Teacher, teacher_logits, tokenizer_vocab_size
-from pipeline.token_data import TokenSplit
-from pipeline.tokenizer import load_tokenizer
+from kdcache.config import CacheConfig
+from kdcache.fingerprint import sha256_file, sha256_json, tokenizer_fingerprint
+from kdcache.cache.targets import chunk_tokens_for, sparsify, to_sequence_targets
+from kdcache.teacher import Teacher, teacher_logits, tokenizer_vocab_size
+from kdcache.token_data import TokenSplit
+from kdcache.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
