@@ -42,8 +42,8 @@ import zstandard
 
 from kdcache.cache import format as cf
 from kdcache.cache.format import SequenceTargets, TargetLayout
-from kdcache.config import TeacherConfig
 from kdcache.cache.targets import sparsify
+from kdcache.config import TeacherConfig
 from kdcache.teacher import load_teacher, teacher_logits
 from kdcache.token_data import open_tokens
 
@@ -67,8 +67,9 @@ class Scored:
     vocab: int
 
 
-def score(teacher_path: str, tokens_dir: str, *, sequences: int, k_max: int, samples: list[int],
-          batch_size: int = 8) -> Scored:
+def score(
+    teacher_path: str, tokens_dir: str, *, sequences: int, k_max: int, samples: list[int], batch_size: int = 8
+) -> Scored:
     teacher = load_teacher(TeacherConfig(path=teacher_path, device="cpu", dtype="float32"))
     split = open_tokens(tokens_dir, "train")
     ids_all = np.asarray(split.ids[:sequences], dtype=np.int64)  # (R, T)
@@ -77,7 +78,7 @@ def score(teacher_path: str, tokens_dir: str, *, sequences: int, k_max: int, sam
     parts: dict[str, list] = {"ids": [], "lp": [], "tail": [], "ent": []}
     sampled: dict[int, list] = {s: [] for s in samples}
     for b0 in range(0, R, batch_size):
-        batch = torch.from_numpy(ids_all[b0:b0 + batch_size])
+        batch = torch.from_numpy(ids_all[b0 : b0 + batch_size])
         logits = teacher_logits(teacher, batch)[..., :V].float()  # (B, T, V)
         lp = torch.log_softmax(logits, dim=-1).reshape(-1, V)  # (n, V) fp32
         top_lp, top_ids = lp.topk(k_max, dim=-1)  # (n, K)
@@ -91,10 +92,15 @@ def score(teacher_path: str, tokens_dir: str, *, sequences: int, k_max: int, sam
             lay = TargetLayout(kind="sampled", vocab_size=V, seq_len=T, samples=s, seed=0)
             out = sparsify(logits, layout=lay, seq_indices=seqs)
             sampled[s].append((out["sample_ids"].reshape(-1, s).numpy(), out["sample_counts"].reshape(-1, s).numpy()))
-    return Scored(input_ids=ids_all, ids=np.concatenate(parts["ids"]).astype(np.int64), lp=np.concatenate(parts["lp"]),
-                  log_tail=np.concatenate(parts["tail"]), entropy=np.concatenate(parts["ent"]),
-                  samples={s: tuple(np.concatenate([p[i] for p in v]) for i in (0, 1)) for s, v in sampled.items()},
-                  vocab=V)
+    return Scored(
+        input_ids=ids_all,
+        ids=np.concatenate(parts["ids"]).astype(np.int64),
+        lp=np.concatenate(parts["lp"]),
+        log_tail=np.concatenate(parts["tail"]),
+        entropy=np.concatenate(parts["ent"]),
+        samples={s: tuple(np.concatenate([p[i] for p in v]) for i in (0, 1)) for s, v in sampled.items()},
+        vocab=V,
+    )
 
 
 @dataclass
@@ -125,8 +131,15 @@ def topk_setting(sc: Scored, k: int, mass: float = 0.0) -> TopK:
     with np.errstate(divide="ignore"):
         log_tail = np.logaddexp(sc.log_tail, np.log(np.where(drop, np.exp(sc.lp.astype(np.float64)), 0).sum(1)))
     pad = np.arange(k)[None, :] >= lengths[:, None]
-    return TopK(name=f"top{k}" + (f"-m{mass:g}" if mass else ""), k=k, ids=np.where(pad, 0, sc.ids[:, :k]),
-                lp=np.where(pad, -np.inf, sc.lp[:, :k]).astype(np.float32), lengths=lengths, log_tail=log_tail, mass=mass)
+    return TopK(
+        name=f"top{k}" + (f"-m{mass:g}" if mass else ""),
+        k=k,
+        ids=np.where(pad, 0, sc.ids[:, :k]),
+        lp=np.where(pad, -np.inf, sc.lp[:, :k]).astype(np.float32),
+        lengths=lengths,
+        log_tail=log_tail,
+        mass=mass,
+    )
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -152,8 +165,9 @@ def _blob_views(t: pa.Table, s: TopK) -> list[np.ndarray]:
 
 def _rows_table(cols: dict[str, list], types: dict[str, pa.DataType] | None = None) -> pa.Table:
     types = types or {}
-    return pa.table({c: pa.array(v, type=types.get(c, pa.int64() if c == "seq_index" else pa.binary()))
-                     for c, v in cols.items()})
+    return pa.table(
+        {c: pa.array(v, type=types.get(c, pa.int64() if c == "seq_index" else pa.binary())) for c, v in cols.items()}
+    )
 
 
 def _per_row(a: np.ndarray, R: int) -> list[np.ndarray]:
@@ -165,15 +179,28 @@ def naive_candidate(id_dtype: str, value: str) -> Candidate:
 
     def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
         R = len(input_ids)
-        vals = s.lp.astype(np.float16) if value == "fp16" else np.clip(np.rint(-s.lp.astype(np.float64) * 2048), 0, 65535).astype("<u2")
-        return _rows_table({"seq_index": list(range(R)), "input_ids": [r.astype(id_dtype).tobytes() for r in input_ids],
-                            "topk_ids": [r.tobytes() for r in _per_row(s.ids.astype(id_dtype), R)],
-                            "topk_logprobs": [r.tobytes() for r in _per_row(vals, R)]})
+        vals = (
+            s.lp.astype(np.float16)
+            if value == "fp16"
+            else np.clip(np.rint(-s.lp.astype(np.float64) * 2048), 0, 65535).astype("<u2")
+        )
+        return _rows_table(
+            {
+                "seq_index": list(range(R)),
+                "input_ids": [r.astype(id_dtype).tobytes() for r in input_ids],
+                "topk_ids": [r.tobytes() for r in _per_row(s.ids.astype(id_dtype), R)],
+                "topk_logprobs": [r.tobytes() for r in _per_row(vals, R)],
+            }
+        )
 
     def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
         ids = np.frombuffer(b"".join(t.column("topk_ids").to_pylist()), id_dtype).reshape(-1, s.k)
         raw = b"".join(t.column("topk_logprobs").to_pylist())
-        lp = np.frombuffer(raw, np.float16).astype(np.float32) if value == "fp16" else np.frombuffer(raw, "<u2") * np.float32(-1 / 2048)
+        lp = (
+            np.frombuffer(raw, np.float16).astype(np.float32)
+            if value == "fp16"
+            else np.frombuffer(raw, "<u2") * np.float32(-1 / 2048)
+        )
         return ids.astype(np.int64), lp.reshape(-1, s.k)
 
     name = f"{'int32' if id_dtype == '<i4' else 'uint16'} ids + {value}"
@@ -185,25 +212,45 @@ def list_candidate() -> Candidate:
 
     def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
         order = np.argsort(s.ids, axis=1)
-        ids, lp = np.take_along_axis(s.ids, order, 1).astype(np.int32), np.take_along_axis(s.lp, order, 1).astype(np.float16)
+        ids, lp = (
+            np.take_along_axis(s.ids, order, 1).astype(np.int32),
+            np.take_along_axis(s.lp, order, 1).astype(np.float16),
+        )
         R, T = input_ids.shape
-        return pa.table({"seq_index": pa.array(range(R), pa.int64()),
-                         "input_ids": pa.array(list(input_ids.astype(np.int32)), pa.list_(pa.int32())),
-                         "topk_ids": pa.array(list(ids.reshape(R, -1)), pa.list_(pa.int32())),
-                         "topk_logprobs": pa.array(list(lp.reshape(R, -1)), pa.list_(pa.float16()))})
+        return pa.table(
+            {
+                "seq_index": pa.array(range(R), pa.int64()),
+                "input_ids": pa.array(list(input_ids.astype(np.int32)), pa.list_(pa.int32())),
+                "topk_ids": pa.array(list(ids.reshape(R, -1)), pa.list_(pa.int32())),
+                "topk_logprobs": pa.array(list(lp.reshape(R, -1)), pa.list_(pa.float16())),
+            }
+        )
 
     def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
         ids = t.column("topk_ids").combine_chunks().values.to_numpy().reshape(-1, s.k)
         lp = t.column("topk_logprobs").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32)
         return ids.astype(np.int64), lp.reshape(-1, s.k)
 
-    opts = dict(BASE_OPTS, column_encoding={"topk_ids": "DELTA_BINARY_PACKED", "topk_logprobs": "BYTE_STREAM_SPLIT",
-                                            "input_ids": "DELTA_BINARY_PACKED"})
+    opts = dict(
+        BASE_OPTS,
+        column_encoding={
+            "topk_ids": "DELTA_BINARY_PACKED",
+            "topk_logprobs": "BYTE_STREAM_SPLIT",
+            "input_ids": "DELTA_BINARY_PACKED",
+        },
+    )
     return Candidate("lists: int32 DELTA ids + fp16 BSS", encode, decode, opts, stage=decode)
 
 
-def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, levels: int = 255, planes: bool = True,
-                  level: int | None = None) -> Candidate:
+def gap_candidate(
+    name: str,
+    *,
+    values: str,
+    gamma: float = cf.VALUE_GAMMA,
+    levels: int = 255,
+    planes: bool = True,
+    level: int | None = None,
+) -> Candidate:
     """Sorted, gap-coded ids (+/- byte planes) with ``values``: 'u16abs' | 'pow' (uint8 companded) | 'loglin'."""
     pack = cf.to_planes if planes else (lambda a: np.ascontiguousarray(a).tobytes())
     unpack = cf.from_planes if planes else (lambda b, dt, where="": np.frombuffer(b, dt))
@@ -227,8 +274,12 @@ def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, leve
         log_mass = np.logaddexp.reduceat(lp, cf.segment_starts(s.lengths))
         per_row = s.lengths.reshape(R, T).sum(1)
         cuts = np.cumsum(per_row)[:-1]
-        cols = {"seq_index": list(range(R)), "input_ids": [pack(r.astype("<u2")) for r in input_ids],
-                "topk_ids": [pack(r) for r in np.split(gaps, cuts)], "topk_codes": [pack(r) for r in np.split(vals, cuts)]}
+        cols = {
+            "seq_index": list(range(R)),
+            "input_ids": [pack(r.astype("<u2")) for r in input_ids],
+            "topk_ids": [pack(r) for r in np.split(gaps, cuts)],
+            "topk_codes": [pack(r) for r in np.split(vals, cuts)],
+        }
         if values != "u16abs":
             cols["topk_tail"] = [pack(r) for r in np.split(cf.encode_tail(s.log_tail, log_mass), R)]
         if s.mass:
@@ -236,8 +287,11 @@ def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, leve
         return _rows_table(cols)
 
     def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
-        lengths = (np.frombuffer(b"".join(t.column("topk_lengths").to_pylist()), np.uint8).astype(np.int64)
-                   if s.mass else np.full(len(s.lengths), s.k, np.int64))
+        lengths = (
+            np.frombuffer(b"".join(t.column("topk_lengths").to_pylist()), np.uint8).astype(np.int64)
+            if s.mass
+            else np.full(len(s.lengths), s.k, np.int64)
+        )
         gaps = np.concatenate([unpack(b, np.dtype("<u2")) for b in t.column("topk_ids").to_pylist()])
         ids = cf.decode_gaps(gaps, lengths, np.dtype("<u2"))
         vdt = np.dtype("<u2") if values == "u16abs" else np.dtype("u1")
@@ -256,8 +310,11 @@ def gap_candidate(name: str, *, values: str, gamma: float = cf.VALUE_GAMMA, leve
         return (cf.padded(ids.astype(np.int64), lengths, s.k, 0), cf.padded(lp, lengths, s.k, -np.inf))
 
     def stage(t: pa.Table, s: TopK) -> list[np.ndarray]:
-        lengths = (np.frombuffer(t.column("topk_lengths").combine_chunks().buffers()[2], np.uint8)
-                   if s.mass else np.full(len(s.lengths), s.k, np.int64))
+        lengths = (
+            np.frombuffer(t.column("topk_lengths").combine_chunks().buffers()[2], np.uint8)
+            if s.mass
+            else np.full(len(s.lengths), s.k, np.int64)
+        )
         gaps = np.concatenate([unpack(b, np.dtype("<u2")) for b in t.column("topk_ids").to_pylist()])
         return [cf.decode_gaps(gaps, lengths, np.dtype("<u2")), *_blob_views(t.select(["seq_index", "topk_codes"]), s)]
 
@@ -274,9 +331,17 @@ def v1_candidate(level: int | None = None) -> Candidate:
     def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
         R, T = input_ids.shape
         ids, lp = s.sorted_ids, s.sorted_lp  # ascending ids, as targets.sparsify hands them to the writer
-        rows = [SequenceTargets(seq_index=r, input_ids=input_ids[r], topk_ids=ids[r * T:(r + 1) * T],
-                                topk_logprobs=lp[r * T:(r + 1) * T], topk_lengths=s.lengths[r * T:(r + 1) * T],
-                                topk_log_tail=s.log_tail[r * T:(r + 1) * T]) for r in range(R)]
+        rows = [
+            SequenceTargets(
+                seq_index=r,
+                input_ids=input_ids[r],
+                topk_ids=ids[r * T : (r + 1) * T],
+                topk_logprobs=lp[r * T : (r + 1) * T],
+                topk_lengths=s.lengths[r * T : (r + 1) * T],
+                topk_log_tail=s.log_tail[r * T : (r + 1) * T],
+            )
+            for r in range(R)
+        ]
         return cf.encode_table(layout(s, T, VOCAB), rows)
 
     def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
@@ -319,9 +384,11 @@ def fidelity(s: TopK, ids: np.ndarray, lp: np.ndarray) -> dict[str, float]:
     """Mean KL(stored || fp32) on the coarse distribution and max |dp| (entries and tail), as the loss sees it."""
     V = VOCAB
     keep = np.arange(s.k)[None, :] < s.lengths[:, None]
+
     def by_id(i: np.ndarray, v: np.ndarray, kp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         o = np.argsort(np.where(kp, i, V + np.arange(s.k)), axis=1)
         return np.take_along_axis(i, o, 1), np.take_along_axis(v, o, 1)
+
     true_ids, true_lp = by_id(s.ids, s.lp.astype(np.float64), keep)
     got_ids, got_lp = by_id(ids, lp.astype(np.float64), np.isfinite(lp))
     if not np.array_equal(np.where(keep, true_ids, -1), np.where(keep, got_ids, -1)):
@@ -331,8 +398,11 @@ def fidelity(s: TopK, ids: np.ndarray, lp: np.ndarray) -> dict[str, float]:
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(q > 0, q * (np.log(q) - np.log(p)), 0.0).sum(1)
         kl += np.where(t_got > 0, t_got * (np.log(t_got) - np.log(t_true)), 0.0)
-    return {"kl": float(kl.mean()), "max_abs_dp": float(max(np.abs(q - p).max(), np.abs(t_got - t_true).max())),
-            "max_abs_dp_tail": float(np.abs(t_got - t_true).max())}
+    return {
+        "kl": float(kl.mean()),
+        "max_abs_dp": float(max(np.abs(q - p).max(), np.abs(t_got - t_true).max())),
+        "max_abs_dp_tail": float(np.abs(t_got - t_true).max()),
+    }
 
 
 def measure_topk(c: Candidate, s: TopK, input_ids: np.ndarray, repeat: int) -> dict[str, Any]:
@@ -341,9 +411,16 @@ def measure_topk(c: Candidate, s: TopK, input_ids: np.ndarray, repeat: int) -> d
     stage = c.stage or _blob_views
     dec_s, _ = best_time(lambda: stage(pq.read_table(pa.BufferReader(blob), use_threads=False), s), repeat)
     ids, lp = c.decode(pq.read_table(pa.BufferReader(blob)), s)
-    return {"candidate": c.name, "setting": s.name, "bytes_per_token": len(blob) / n_tok,
-            "encode_tok_s": n_tok / enc_s, "stage_tok_s": n_tok / dec_s, **fidelity(s, ids, lp),
-            "tail_mass": float(np.exp(s.log_tail).mean()), "entries_per_token": float(s.lengths.mean())}
+    return {
+        "candidate": c.name,
+        "setting": s.name,
+        "bytes_per_token": len(blob) / n_tok,
+        "encode_tok_s": n_tok / enc_s,
+        "stage_tok_s": n_tok / dec_s,
+        **fidelity(s, ids, lp),
+        "tail_mass": float(np.exp(s.log_tail).mean()),
+        "entries_per_token": float(s.lengths.mean()),
+    }
 
 
 def measure_raw_frames(s: TopK, input_ids: np.ndarray, level: int, repeat: int) -> dict[str, Any]:
@@ -354,32 +431,62 @@ def measure_raw_frames(s: TopK, input_ids: np.ndarray, level: int, repeat: int) 
     enc_s, frames = best_time(lambda: {c: cctx.compress(v) for c, v in cols.items()}, repeat)
     dec_s, _ = best_time(lambda: {c: dctx.decompress(f) for c, f in frames.items()}, repeat)
     n_tok = input_ids.size
-    return {"candidate": f"v1 blobs as raw zstd frames (level {level})", "setting": s.name,
-            "bytes_per_token": (sum(len(f) for f in frames.values()) + 8 * len(input_ids)) / n_tok,
-            "encode_tok_s": n_tok / enc_s, "decompress_only_tok_s": n_tok / dec_s}
+    return {
+        "candidate": f"v1 blobs as raw zstd frames (level {level})",
+        "setting": s.name,
+        "bytes_per_token": (sum(len(f) for f in frames.values()) + 8 * len(input_ids)) / n_tok,
+        "encode_tok_s": n_tok / enc_s,
+        "decompress_only_tok_s": n_tok / dec_s,
+    }
 
 
 def measure_sampled(sc: Scored, S: int, repeat: int) -> list[dict[str, Any]]:
     R, T = sc.input_ids.shape
     ids, counts = sc.samples[S]
     lay = TargetLayout(kind="sampled", vocab_size=sc.vocab, seq_len=T, samples=S)
-    rows = [SequenceTargets(seq_index=r, input_ids=sc.input_ids[r], sample_ids=ids[r * T:(r + 1) * T],
-                            sample_counts=counts[r * T:(r + 1) * T]) for r in range(R)]
+    rows = [
+        SequenceTargets(
+            seq_index=r,
+            input_ids=sc.input_ids[r],
+            sample_ids=ids[r * T : (r + 1) * T],
+            sample_counts=counts[r * T : (r + 1) * T],
+        )
+        for r in range(R)
+    ]
     n_tok, out = sc.input_ids.size, []
     enc_s, blob = best_time(lambda: write_parquet(cf.encode_table(lay, rows), cf.PARQUET_OPTIONS), repeat)
     dec_s, _ = best_time(lambda: cf.stage_rows(lay, pq.read_table(pa.BufferReader(blob), use_threads=False)), repeat)
     unique = float((counts > 0).sum(1).mean())
-    out.append({"candidate": "v1", "setting": f"S={S}", "bytes_per_token": len(blob) / n_tok,
-                "encode_tok_s": n_tok / enc_s, "stage_tok_s": n_tok / dec_s, "entries_per_token": unique})
+    out.append(
+        {
+            "candidate": "v1",
+            "setting": f"S={S}",
+            "bytes_per_token": len(blob) / n_tok,
+            "encode_tok_s": n_tok / enc_s,
+            "stage_tok_s": n_tok / dec_s,
+            "entries_per_token": unique,
+        }
+    )
     keep = counts > 0  # naive: int32 ids + uint16 counts, unique entries only, plus uint16 lengths
     lengths = keep.sum(1)
     per_row = np.cumsum(lengths.reshape(R, T).sum(1))[:-1]
-    naive = _rows_table({"seq_index": list(range(R)), "input_ids": [r.astype("<i4").tobytes() for r in sc.input_ids],
-                         "sample_lengths": [r.astype("<u2").tobytes() for r in np.split(lengths, R)],
-                         "sample_ids": [r.tobytes() for r in np.split(ids[keep].astype("<i4"), per_row)],
-                         "sample_counts": [r.tobytes() for r in np.split(counts[keep].astype("<u2"), per_row)]})
-    out.append({"candidate": "int32 ids + uint16 counts", "setting": f"S={S}",
-                "bytes_per_token": len(write_parquet(naive, BASE_OPTS)) / n_tok, "entries_per_token": unique})
+    naive = _rows_table(
+        {
+            "seq_index": list(range(R)),
+            "input_ids": [r.astype("<i4").tobytes() for r in sc.input_ids],
+            "sample_lengths": [r.astype("<u2").tobytes() for r in np.split(lengths, R)],
+            "sample_ids": [r.tobytes() for r in np.split(ids[keep].astype("<i4"), per_row)],
+            "sample_counts": [r.tobytes() for r in np.split(counts[keep].astype("<u2"), per_row)],
+        }
+    )
+    out.append(
+        {
+            "candidate": "int32 ids + uint16 counts",
+            "setting": f"S={S}",
+            "bytes_per_token": len(write_parquet(naive, BASE_OPTS)) / n_tok,
+            "entries_per_token": unique,
+        }
+    )
     return out
 
 
@@ -396,8 +503,14 @@ def loader_throughput(sc: Scored, s: TopK, *, batch_size: int, repeat: int) -> d
         path.write_bytes(write_parquet(v1_candidate().encode(s, sc.input_ids), cf.PARQUET_OPTIONS))
         lay = TargetLayout(kind="topk", vocab_size=VOCAB, seq_len=T, top_k=s.k, mass=s.mass)
         shard = cf.ShardInfo(file=path.name, rows=R, tokens=R * T, bytes=path.stat().st_size, sha256=sha256_file(path))
-        manifest = cf.Manifest(name="bench", teacher={}, tokenizer={"fingerprint": "x", "vocab_size": VOCAB},
-                               corpus={}, targets=lay.to_dict(), shards=[shard])
+        manifest = cf.Manifest(
+            name="bench",
+            teacher={},
+            tokenizer={"fingerprint": "x", "vocab_size": VOCAB},
+            corpus={},
+            targets=lay.to_dict(),
+            shards=[shard],
+        )
         (root / cf.MANIFEST_NAME).write_text(manifest.to_json())
         stage_times = []
         for i in range(repeat):
@@ -406,7 +519,9 @@ def loader_throughput(sc: Scored, s: TopK, *, batch_size: int, repeat: int) -> d
                 reader[0]  # stages the shard
             stage_times.append(time.perf_counter() - t0)
         with open_cache(root, staging_dir=Path(tmp) / "staging0", prefetch=0) as reader:
-            batch_s, n = best_time(lambda: sum(b["input_ids"].numel() for b in reader.batches(batch_size, seed=0)), repeat)
+            batch_s, n = best_time(
+                lambda: sum(b["input_ids"].numel() for b in reader.batches(batch_size, seed=0)), repeat
+            )
     return {"stage_tok_s": R * T / min(stage_times), "batch_tok_s": n / batch_s}
 
 
@@ -416,14 +531,22 @@ def loader_throughput(sc: Scored, s: TopK, *, batch_size: int, repeat: int) -> d
 def table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(format(r[k], f) if isinstance(r.get(k), int | float) else str(r.get(k, ""))
-                                       for _, k, f in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                format(r[k], f) if isinstance(r.get(k), int | float) else str(r.get(k, "")) for _, k, f in cols
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def candidates() -> list[Candidate]:
     return [
-        naive_candidate("<i4", "fp16"), list_candidate(), naive_candidate("<u2", "fp16"), naive_candidate("<u2", "u16abs"),
+        naive_candidate("<i4", "fp16"),
+        list_candidate(),
+        naive_candidate("<u2", "fp16"),
+        naive_candidate("<u2", "u16abs"),
         gap_candidate("gaps + uint16 abs", values="u16abs"),
         gap_candidate("gaps (no planes) + u8 pow1/3 + tail", values="pow", planes=False),
         gap_candidate("gaps + u8 loglin 1/16 + tail", values="loglin"),
@@ -431,7 +554,10 @@ def candidates() -> list[Candidate]:
         gap_candidate("gaps + u8 pow1/4 + tail", values="pow", gamma=0.25),
         gap_candidate("gaps + 7-bit pow1/3 + tail", values="pow", levels=127),
         gap_candidate("gaps + 6-bit pow1/3 + tail", values="pow", levels=63),
-        v1_candidate(1), v1_candidate(), v1_candidate(9), v1_candidate(19),
+        v1_candidate(1),
+        v1_candidate(),
+        v1_candidate(9),
+        v1_candidate(19),
     ]
 
 
@@ -450,11 +576,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pa.set_cpu_count(args.threads)
-    ks, masses, samples = ([t(x) for x in a.split(",") if x] for t, a in ((int, args.ks), (float, args.masses), (int, args.samples)))
+    ks, masses, samples = (
+        [t(x) for x in a.split(",") if x] for t, a in ((int, args.ks), (float, args.masses), (int, args.samples))
+    )
     t0 = time.perf_counter()
     sc = score(args.teacher, args.tokens, sequences=args.sequences, k_max=max(ks), samples=samples)
     VOCAB = sc.vocab
-    print(f"scored {sc.input_ids.size} tokens in {time.perf_counter() - t0:.1f}s; mean entropy {sc.entropy.mean():.3f} nats")
+    print(
+        f"scored {sc.input_ids.size} tokens in {time.perf_counter() - t0:.1f}s; "
+        f"mean entropy {sc.entropy.mean():.3f} nats"
+    )
     topk_rows = []
     for k in ks:
         s = topk_setting(sc, k)
@@ -465,34 +596,77 @@ def main() -> None:
     base = {r["setting"]: r["bytes_per_token"] for r in topk_rows if r["candidate"].startswith("int32 ids + fp16")}
     for r in topk_rows:
         r["vs_baseline"] = r["bytes_per_token"] / base[r["setting"]]
-    adaptive_rows = [measure_topk(v1_candidate(), topk_setting(sc, max(ks), m), sc.input_ids, args.repeat) for m in masses]
+    adaptive_rows = [
+        measure_topk(v1_candidate(), topk_setting(sc, max(ks), m), sc.input_ids, args.repeat) for m in masses
+    ]
     for r in adaptive_rows:
         r["vs_top64_baseline"] = r["bytes_per_token"] / base[f"top{max(ks)}"]
     sampled_rows = [r for S in samples for r in measure_sampled(sc, S, args.repeat)]
     for r in sampled_rows:
         r["vs_top64_baseline"] = r["bytes_per_token"] / base[f"top{max(ks)}"]
-    cols = [("candidate", "candidate", ""), ("targets", "setting", ""), ("bytes/token", "bytes_per_token", ".1f"),
-            ("vs baseline", "vs_baseline", ".3f"), ("encode tok/s", "encode_tok_s", ",.0f"),
-            ("stage tok/s", "stage_tok_s", ",.0f"), ("mean KL (nats)", "kl", ".2e"), ("max abs dp", "max_abs_dp", ".1e"),
-            ("tail mass", "tail_mass", ".4f")]
+    cols = [
+        ("candidate", "candidate", ""),
+        ("targets", "setting", ""),
+        ("bytes/token", "bytes_per_token", ".1f"),
+        ("vs baseline", "vs_baseline", ".3f"),
+        ("encode tok/s", "encode_tok_s", ",.0f"),
+        ("stage tok/s", "stage_tok_s", ",.0f"),
+        ("mean KL (nats)", "kl", ".2e"),
+        ("max abs dp", "max_abs_dp", ".1e"),
+        ("tail mass", "tail_mass", ".4f"),
+    ]
     print("\n## top-k encodings\n\n" + table(topk_rows, cols))
     print(f"\n## adaptive top-k (k_max {max(ks)}), chosen encoding\n")
-    print(table(adaptive_rows, [*cols[:2], ("entries/token", "entries_per_token", ".2f"), cols[2],
-                                ("vs top-64 baseline", "vs_top64_baseline", ".3f"), *cols[4:]]))
-    print("\n## sampled\n\n" + table(sampled_rows, [*cols[:2], ("unique ids/token", "entries_per_token", ".2f"), cols[2],
-                                                    ("vs top-64 baseline", "vs_top64_baseline", ".3f"), *cols[4:6]]))
+    print(
+        table(
+            adaptive_rows,
+            [
+                *cols[:2],
+                ("entries/token", "entries_per_token", ".2f"),
+                cols[2],
+                ("vs top-64 baseline", "vs_top64_baseline", ".3f"),
+                *cols[4:],
+            ],
+        )
+    )
+    print(
+        "\n## sampled\n\n"
+        + table(
+            sampled_rows,
+            [
+                *cols[:2],
+                ("unique ids/token", "entries_per_token", ".2f"),
+                cols[2],
+                ("vs top-64 baseline", "vs_top64_baseline", ".3f"),
+                *cols[4:6],
+            ],
+        )
+    )
     loader = loader_throughput(sc, topk_setting(sc, max(ks)), batch_size=16, repeat=args.repeat)
     trainer = _trainer_tokens_per_s()
     ratio = loader["batch_tok_s"] / trainer if trainer else None
-    print(f"\nloader (chosen format, top-{max(ks)}): stage {loader['stage_tok_s']:,.0f} tok/s, batches "
-          f"{loader['batch_tok_s']:,.0f} tok/s" + (f" = {ratio:.0f}x the trainer's {trainer:,.0f} tok/s" if ratio else ""))
-    out = {"command": "python bench/cache_format.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                       "torch": torch.__version__, "pyarrow": pa.__version__, "load_avg_1m_at_end": os.getloadavg()[0]},
-           "data": {"tokens": int(sc.input_ids.size), "vocab": sc.vocab, "mean_entropy": float(sc.entropy.mean())},
-           "teacher": teacher_info(args.teacher),
-           "topk": topk_rows, "adaptive": adaptive_rows, "sampled": sampled_rows,
-           "loader": loader | {"trainer_tok_s": trainer, "batch_over_trainer": ratio}}
+    print(
+        f"\nloader (chosen format, top-{max(ks)}): stage {loader['stage_tok_s']:,.0f} tok/s, batches "
+        f"{loader['batch_tok_s']:,.0f} tok/s" + (f" = {ratio:.0f}x the trainer's {trainer:,.0f} tok/s" if ratio else "")
+    )
+    out = {
+        "command": "python bench/cache_format.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "pyarrow": pa.__version__,
+            "load_avg_1m_at_end": os.getloadavg()[0],
+        },
+        "data": {"tokens": int(sc.input_ids.size), "vocab": sc.vocab, "mean_entropy": float(sc.entropy.mean())},
+        "teacher": teacher_info(args.teacher),
+        "topk": topk_rows,
+        "adaptive": adaptive_rows,
+        "sampled": sampled_rows,
+        "loader": loader | {"trainer_tok_s": trainer, "batch_over_trainer": ratio},
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.cache.format import TargetLayout, decode_row, encode_table
+from kdcache.cache.targets import sparsify, to_sequence_targets
 from kdcache.config import TeacherConfig, TrainConfig
 from kdcache.evaluate import Tally
 from kdcache.losses import KDLossSpec, dense_kl, kd_loss
 from kdcache.student import build_student
-from kdcache.cache.targets import sparsify, to_sequence_targets
 from kdcache.teacher import load_teacher, teacher_logits
 from kdcache.token_data import open_tokens
 from kdcache.train import lr_factor, make_optimizer
@@ -67,12 +67,20 @@ def variants(*, ks: list[int], masses: list[float], samples: list[int], vocab: i
     out += [Variant(f"top-{k} renorm", "topk_renorm", topk(k)) for k in ks]
     out += [Variant(f"top-{k} + tail", "topk_tail", topk(k)) for k in ks]
     out += [Variant(f"adaptive m={m:g} (k<={max(ks)}) + tail", "topk_tail", topk(max(ks), m)) for m in masses]
-    out += [Variant(f"sampled S={s}", "sampled", TargetLayout(kind="sampled", vocab_size=vocab, seq_len=seq_len,
-                                                             samples=s, seed=0)) for s in samples]
+    out += [
+        Variant(
+            f"sampled S={s}",
+            "sampled",
+            TargetLayout(kind="sampled", vocab_size=vocab, seq_len=seq_len, samples=s, seed=0),
+        )
+        for s in samples
+    ]
     return out + [Variant("online full KD", "online")]
 
 
-def cached_targets(logits: torch.Tensor, layout: TargetLayout, seqs: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
+def cached_targets(
+    logits: torch.Tensor, layout: TargetLayout, seqs: np.ndarray, ids: np.ndarray
+) -> dict[str, torch.Tensor]:
     """What the loader would serve for these sequences: sparsify -> encode -> decode, as batch tensors."""
     sparse = {k: v.cpu() for k, v in sparsify(logits, layout=layout, seq_indices=torch.from_numpy(seqs)).items()}
     table = encode_table(layout, to_sequence_targets(sparse, ids, seqs))
@@ -80,26 +88,35 @@ def cached_targets(logits: torch.Tensor, layout: TargetLayout, seqs: np.ndarray,
     if layout.has_topk:
         keep = np.stack([np.isfinite(r.topk_logprobs) for r in rows])  # (B, T, k)
         lp = np.where(keep, np.stack([r.topk_logprobs for r in rows]), 0.0)
-        return {"topk_ids": torch.from_numpy(np.stack([r.topk_ids for r in rows]).astype(np.int64)),
-                "topk_logprobs": torch.from_numpy(lp.astype(np.float32)), "topk_mask": torch.from_numpy(keep)}
+        return {
+            "topk_ids": torch.from_numpy(np.stack([r.topk_ids for r in rows]).astype(np.int64)),
+            "topk_logprobs": torch.from_numpy(lp.astype(np.float32)),
+            "topk_mask": torch.from_numpy(keep),
+        }
     width = max(r.sample_ids.shape[1] for r in rows)
     pad = [(0, 0), (0, 0)]
     ids_ = np.stack([np.pad(r.sample_ids, [pad[0], (0, width - r.sample_ids.shape[1])]) for r in rows])
     counts = np.stack([np.pad(r.sample_counts, [pad[0], (0, width - r.sample_counts.shape[1])]) for r in rows])
-    return {"sample_ids": torch.from_numpy(ids_.astype(np.int64)), "sample_counts": torch.from_numpy(counts.astype(np.float32))}
+    return {
+        "sample_ids": torch.from_numpy(ids_.astype(np.int64)),
+        "sample_counts": torch.from_numpy(counts.astype(np.float32)),
+    }
 
 
-def online_loss(logits: torch.Tensor, teacher_lp: torch.Tensor, ids: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float]:
+def online_loss(
+    logits: torch.Tensor, teacher_lp: torch.Tensor, ids: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, float]:
     """alpha * mean_t KL(p_t || q_t) over all positions + (1 - alpha) * CE, chunked over positions."""
     B, T, V = logits.shape
     flat, tflat = logits.reshape(-1, V), teacher_lp.reshape(-1, V)  # (N, V)
-    kl = torch.cat([dense_kl(tflat[i:i + 1024], flat[i:i + 1024]) for i in range(0, B * T, 1024)]).mean()
+    kl = torch.cat([dense_kl(tflat[i : i + 1024], flat[i : i + 1024]) for i in range(0, B * T, 1024)]).mean()
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1))
     return alpha * kl + (1 - alpha) * ce, float(kl.detach())
 
 
-def train_step(v: Variant, ids: torch.Tensor, targets: dict[str, torch.Tensor] | None, teacher_lp: torch.Tensor,
-               cfg: TrainConfig) -> None:
+def train_step(
+    v: Variant, ids: torch.Tensor, targets: dict[str, torch.Tensor] | None, teacher_lp: torch.Tensor, cfg: TrainConfig
+) -> None:
     t0 = time.perf_counter()
     v.optimizer.zero_grad(set_to_none=True)
     logits = v.model(input_ids=ids).logits  # (B, T, V)
@@ -118,18 +135,23 @@ def train_step(v: Variant, ids: torch.Tensor, targets: dict[str, torch.Tensor] |
 
 
 @torch.inference_mode()
-def evaluate_all(models: dict[str, Any], teacher: Any, val: np.ndarray, *, batch_size: int = 16,
-                 bins: int = 15) -> dict[str, dict[str, float]]:
+def evaluate_all(
+    models: dict[str, Any], teacher: Any, val: np.ndarray, *, batch_size: int = 16, bins: int = 15
+) -> dict[str, dict[str, float]]:
     """CE, KL(teacher || model), top-1 agreement, ECE, over-confidence on positions 0..T-2."""
     tallies = {name: Tally(bins=bins) for name in ["teacher", *models]}
     for b0 in range(0, len(val), batch_size):
-        ids = torch.from_numpy(val[b0:b0 + batch_size])  # (B, T)
+        ids = torch.from_numpy(val[b0 : b0 + batch_size])  # (B, T)
         labels = ids[:, 1:].reshape(-1)  # (N,)
         t_logits = teacher_logits(teacher, ids)[:, :-1].float()
         V = t_logits.shape[-1]
         t_lp = torch.log_softmax(t_logits.reshape(-1, V), dim=-1)  # (N, V)
         for name, tally in tallies.items():
-            logits = t_logits.reshape(-1, V) if name == "teacher" else models[name](input_ids=ids).logits[:, :-1].reshape(-1, V).float()
+            logits = (
+                t_logits.reshape(-1, V)
+                if name == "teacher"
+                else models[name](input_ids=ids).logits[:, :-1].reshape(-1, V).float()
+            )
             logq = torch.log_softmax(logits, dim=-1)  # (N, V)
             conf, pred = logq.max(dim=-1)
             tally.n += labels.numel()
@@ -138,10 +160,17 @@ def evaluate_all(models: dict[str, Any], teacher: Any, val: np.ndarray, *, batch
             tally.agree += int((pred == t_lp.argmax(-1)).sum())
             tally.correct += int((pred == labels).sum())
             tally.add_calibration(conf.exp(), pred == labels)
-    return {name: {"ce": t.ce / t.n, "kl_to_teacher": t.kl / t.n, "top1_agreement": t.agree / t.n,
-                   "top1_accuracy": t.correct / t.n, "ece": t.ece(),
-                   "overconfidence": float((t.bin_conf.sum() - t.bin_correct.sum()) / t.n)}
-            for name, t in tallies.items()}
+    return {
+        name: {
+            "ce": t.ce / t.n,
+            "kl_to_teacher": t.kl / t.n,
+            "top1_agreement": t.agree / t.n,
+            "top1_accuracy": t.correct / t.n,
+            "ece": t.ece(),
+            "overconfidence": float((t.bin_conf.sum() - t.bin_correct.sum()) / t.n),
+        }
+        for name, t in tallies.items()
+    }
 
 
 def main() -> None:
@@ -168,8 +197,13 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(len(train))[:need]  # one data order for all
     if len(order) < need:
         order = np.concatenate([order] * (need // len(order) + 1))[:need]
-    vs = variants(ks=[int(x) for x in args.ks.split(",")], masses=[float(x) for x in args.masses.split(",") if x],
-                  samples=[int(x) for x in args.samples.split(",")], vocab=V, seq_len=T)
+    vs = variants(
+        ks=[int(x) for x in args.ks.split(",")],
+        masses=[float(x) for x in args.masses.split(",") if x],
+        samples=[int(x) for x in args.samples.split(",")],
+        vocab=V,
+        seq_len=T,
+    )
     for v in vs:
         torch.manual_seed(cfg.seed)  # identical initial weights for every variant
         v.model = build_student(cfg.student, vocab_size=V, seq_len=T, tokenizer=teacher.tokenizer).train()
@@ -177,7 +211,7 @@ def main() -> None:
         v.scheduler = torch.optim.lr_scheduler.LambdaLR(v.optimizer, lambda s: lr_factor(s, cfg))
     began, target_s = time.perf_counter(), 0.0
     for step in range(args.steps):
-        seqs = np.sort(order[step * args.batch:(step + 1) * args.batch])
+        seqs = np.sort(order[step * args.batch : (step + 1) * args.batch])
         ids_np = np.asarray(train.ids[seqs], np.int64)
         ids = torch.from_numpy(ids_np)  # (B, T)
         t0 = time.perf_counter()
@@ -189,24 +223,49 @@ def main() -> None:
             train_step(v, ids, targets, teacher_lp, cfg)
             t0 = time.perf_counter()
         if (step + 1) % 10 == 0:
-            log.info("step %d/%d (%.0fs): %s", step + 1, args.steps, time.perf_counter() - began,
-                     ", ".join(f"{v.name} kd {v.kd_sum / (step + 1):.3f}" for v in vs[1:]))
-    metrics = evaluate_all({v.name: v.model.eval() for v in vs}, teacher, np.asarray(val.ids[:args.val], np.int64))
+            log.info(
+                "step %d/%d (%.0fs): %s",
+                step + 1,
+                args.steps,
+                time.perf_counter() - began,
+                ", ".join(f"{v.name} kd {v.kd_sum / (step + 1):.3f}" for v in vs[1:]),
+            )
+    metrics = evaluate_all({v.name: v.model.eval() for v in vs}, teacher, np.asarray(val.ids[: args.val], np.int64))
     rows = [{"variant": name, **m} for name, m in metrics.items()]
     for r in rows:
         v = next((v for v in vs if v.name == r["variant"]), None)
         r["train_s"] = v.train_s if v else None
-    cols = [("variant", "variant", ""), ("val CE", "ce", ".4f"), ("KL(teacher‖student)", "kl_to_teacher", ".4f"),
-            ("top-1 agreement", "top1_agreement", ".4f"), ("ECE", "ece", ".4f"), ("over-confidence", "overconfidence", "+.4f")]
+    cols = [
+        ("variant", "variant", ""),
+        ("val CE", "ce", ".4f"),
+        ("KL(teacher‖student)", "kl_to_teacher", ".4f"),
+        ("top-1 agreement", "top1_agreement", ".4f"),
+        ("ECE", "ece", ".4f"),
+        ("over-confidence", "overconfidence", "+.4f"),
+    ]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for _, k, f in cols) + " |" for r in rows]
     print("\n".join(lines))
-    out = {"command": "python bench/kd_quality.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                       "torch": torch.__version__},
-           "config": {"train": {k: getattr(cfg, k) for k in ("alpha", "lr", "warmup_steps", "max_steps", "batch_size")},
-                      "student": vars(cfg.student), "teacher": args.teacher, "val_sequences": args.val, "seq_len": T},
-           "teacher": teacher_info(args.teacher), "wall_s": time.perf_counter() - began, "target_s": target_s, "results": rows}
+    out = {
+        "command": "python bench/kd_quality.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
+        "config": {
+            "train": {k: getattr(cfg, k) for k in ("alpha", "lr", "warmup_steps", "max_steps", "batch_size")},
+            "student": vars(cfg.student),
+            "teacher": args.teacher,
+            "val_sequences": args.val,
+            "seq_len": T,
+        },
+        "teacher": teacher_info(args.teacher),
+        "wall_s": time.perf_counter() - began,
+        "target_s": target_s,
+        "results": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
 

@@ -29,8 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("1r x 1t", 1, 1), ("2r x 1t", 2, 1), ("1r x 2t", 1, 2)]
-TEACHER = {"vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "intermediate_size": 768}  # the demo teacher's shape
+TEACHER = {
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 768,
+}  # the demo teacher's shape
 STUDENT = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384}  # params.yaml's student
 
 
@@ -53,8 +58,12 @@ def make_inputs(root: Path, *, sequences: int, seq_len: int) -> tuple[Path, Path
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
     tok.save_pretrained(teacher)
     ids = np.random.default_rng(0).integers(2, TEACHER["vocab_size"], size=(sequences + 8, seq_len))
-    write_tokens(tokens, {"train": ids[:sequences], "val": ids[sequences:]}, vocab_size=TEACHER["vocab_size"],
-                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    write_tokens(
+        tokens,
+        {"train": ids[:sequences], "val": ids[sequences:]},
+        vocab_size=TEACHER["vocab_size"],
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+    )
     return teacher, tokens
 
 
@@ -83,8 +92,14 @@ def worker(args: argparse.Namespace) -> None:
         else:
             from kdcache.train import train
 
-            cfg = TrainConfig(batch_size=args.batch_size // world, max_steps=args.steps, warmup_steps=2,
-                              checkpoint_every=10**6, log_every=10**6, student=StudentConfig(**STUDENT))
+            cfg = TrainConfig(
+                batch_size=args.batch_size // world,
+                max_steps=args.steps,
+                warmup_steps=2,
+                checkpoint_every=10**6,
+                log_every=10**6,
+                student=StudentConfig(**STUDENT),
+            )
             summary = train(cfg, cache_dir=args.cache, out_dir=args.out, device="cpu")
             seconds, count = summary["elapsed_s"], summary["tokens"]  # the loop only, all ranks' tokens
         if rank == 0:
@@ -93,8 +108,20 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(what: str, ranks: int, threads: int, *, result: Path, extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "KDCACHE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(ranks),
-           str(Path(__file__).resolve()), "worker", what, "--threads", str(threads), "--result", str(result), *extra]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        str(Path(__file__).resolve()),
+        "worker",
+        what,
+        "--threads",
+        str(threads),
+        "--result",
+        str(result),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -111,36 +138,70 @@ def run_all(args: argparse.Namespace) -> dict:
         for rep in range(args.repeats if "cache" in args.stages else 1):
             for name, ranks, threads in CONFIGS if "cache" in args.stages else CONFIGS[:1]:
                 out = root / f"cache-{rep}-{ranks}-{threads}"
-                run = launch("cache", ranks, threads, result=root / "r.json",
-                             extra=["--teacher", str(teacher), "--tokens", str(tokens), "--out", str(out),
-                                    "--batch-size", str(args.cache_batch)])
+                run = launch(
+                    "cache",
+                    ranks,
+                    threads,
+                    result=root / "r.json",
+                    extra=[
+                        "--teacher",
+                        str(teacher),
+                        "--tokens",
+                        str(tokens),
+                        "--out",
+                        str(out),
+                        "--batch-size",
+                        str(args.cache_batch),
+                    ],
+                )
                 best = results["cache"].get(name)
                 results["cache"][name] = run if best is None or run["tokens_per_s"] > best["tokens_per_s"] else best
                 loads.append(os.getloadavg()[0])
         cache = root / "cache-0-1-1"
         for rep in range(args.repeats if "train" in args.stages else 0):
             for name, ranks, threads in CONFIGS:
-                run = launch("train", ranks, threads, result=root / "r.json",
-                             extra=["--cache", str(cache), "--out", str(root / f"student-{rep}-{ranks}-{threads}"),
-                                    "--batch-size", str(args.train_batch), "--steps", str(args.steps)])
+                run = launch(
+                    "train",
+                    ranks,
+                    threads,
+                    result=root / "r.json",
+                    extra=[
+                        "--cache",
+                        str(cache),
+                        "--out",
+                        str(root / f"student-{rep}-{ranks}-{threads}"),
+                        "--batch-size",
+                        str(args.train_batch),
+                        "--steps",
+                        str(args.steps),
+                    ],
+                )
                 best = results["train"].get(name)
                 results["train"][name] = run if best is None or run["tokens_per_s"] > best["tokens_per_s"] else best
                 loads.append(os.getloadavg()[0])
-    return {"results": results, "load_average_1min": loads, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "settings": {k: v for k, v in vars(args).items() if k not in ("fn", "out")}}
+    return {
+        "results": results,
+        "load_average_1min": loads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("fn", "out")},
+    }
 
 
 def table(report: dict) -> str:
     names = [n for n, _, _ in CONFIGS]
-    lines = ["| stage | " + " | ".join(f"{n} tokens/s" for n in names) + " | 2r x 1t / 1r x 1t | 1r x 2t / 1r x 1t |",
-             "|---" * (len(names) + 3) + "|"]
+    lines = [
+        "| stage | " + " | ".join(f"{n} tokens/s" for n in names) + " | 2r x 1t / 1r x 1t | 1r x 2t / 1r x 1t |",
+        "|---" * (len(names) + 3) + "|",
+    ]
     for stage, runs in report["results"].items():
         if len(runs) < len(names):
             continue
         base = runs["1r x 1t"]["tokens_per_s"]
         cells = [f"{runs[n]['tokens_per_s']:,.0f}" for n in names]
-        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {runs['2r x 1t']['tokens_per_s'] / base:.2f}x | "
-                     f"{runs['1r x 2t']['tokens_per_s'] / base:.2f}x |")
+        lines.append(
+            f"| {stage} | " + " | ".join(cells) + f" | {runs['2r x 1t']['tokens_per_s'] / base:.2f}x | "
+            f"{runs['1r x 2t']['tokens_per_s'] / base:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -48,8 +48,9 @@ RESULTS = Path(__file__).parent / "results" / "train_step.json"
 VARIANTS = ("topk_tail", "ce", "plain_ce")
 
 
-def write_random_cache(out: Path, *, sequences: int, seq_len: int, vocab: int, k: int, rows_per_shard: int = 64,
-                       seed: int = 0) -> Path:
+def write_random_cache(
+    out: Path, *, sequences: int, seq_len: int, vocab: int, k: int, rows_per_shard: int = 64, seed: int = 0
+) -> Path:
     """A valid top-k cache: ids uniform, targets = top-k of log_softmax(3 * randn) per position."""
     gen = torch.Generator().manual_seed(seed)
     layout = TargetLayout(kind="topk", vocab_size=vocab, seq_len=seq_len, top_k=k)
@@ -60,15 +61,34 @@ def write_random_cache(out: Path, *, sequences: int, seq_len: int, vocab: int, k
         for i in range(first, min(first + rows_per_shard, sequences)):
             logp = F.log_softmax(3.0 * torch.randn(seq_len, vocab, generator=gen), dim=-1)  # (T, V)
             top = logp.topk(k, dim=-1)  # (T, k) each
-            rows.append(SequenceTargets(seq_index=i, input_ids=torch.randint(vocab, (seq_len,), generator=gen).numpy(),
-                                        topk_ids=top.indices.numpy(), topk_logprobs=top.values.numpy()))
+            rows.append(
+                SequenceTargets(
+                    seq_index=i,
+                    input_ids=torch.randint(vocab, (seq_len,), generator=gen).numpy(),
+                    topk_ids=top.indices.numpy(),
+                    topk_logprobs=top.values.numpy(),
+                )
+            )
         path = out / f"shard-{first // rows_per_shard:05d}.parquet"
         pq.write_table(encode_table(layout, rows), path, compression="zstd")
-        shards.append(ShardInfo(file=path.name, rows=len(rows), tokens=len(rows) * seq_len, bytes=path.stat().st_size,
-                                sha256=sha256_file(path), first_seq=first))
-    manifest = Manifest(name="bench", teacher={"path": "random"}, tokenizer={"fingerprint": "random", "vocab_size": vocab},
-                        corpus={"split": "train", "seq_len": seq_len, "num_sequences": sequences},
-                        targets=layout.to_dict(), shards=shards)
+        shards.append(
+            ShardInfo(
+                file=path.name,
+                rows=len(rows),
+                tokens=len(rows) * seq_len,
+                bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                first_seq=first,
+            )
+        )
+    manifest = Manifest(
+        name="bench",
+        teacher={"path": "random"},
+        tokenizer={"fingerprint": "random", "vocab_size": vocab},
+        corpus={"split": "train", "seq_len": seq_len, "num_sequences": sequences},
+        targets=layout.to_dict(),
+        shards=shards,
+    )
     (out / "manifest.json").write_text(manifest.to_json())
     return out
 
@@ -78,9 +98,18 @@ def make_student(vocab: int, seq_len: int) -> torch.nn.Module:
 
     s = StudentConfig()
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
-                                        num_attention_heads=s.num_heads, intermediate_size=s.intermediate_size,
-                                        max_position_embeddings=seq_len, tie_word_embeddings=True, use_cache=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=s.hidden_size,
+            num_hidden_layers=s.num_layers,
+            num_attention_heads=s.num_heads,
+            intermediate_size=s.intermediate_size,
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=True,
+            use_cache=False,
+        )
+    )
 
 
 class Trainer:
@@ -92,7 +121,9 @@ class Trainer:
         self.device, self.clip = device, cfg.grad_clip
         self.model = make_student(vocab, seq_len).to(device)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.spec = KDLossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        self.spec = KDLossSpec(
+            kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens
+        )
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         dev = self.device
@@ -100,7 +131,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ids = batch["input_ids"].to(dev)  # (B, T)
         targets = {} if self.spec.kind == "ce" else {k: batch[k].to(dev) for k in ("topk_ids", "topk_logprobs")}
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        )
         with amp:
             logits = self.model(input_ids=ids).logits  # (B, T, V)
         if self.plain:
@@ -151,8 +184,24 @@ def loader_tokens_per_s(cache: Path, batch_size: int, staging: Path) -> dict[str
 def measure_memory(cache: Path, args: argparse.Namespace, kind: str) -> dict[str, float]:
     """Run ``--worker kind`` in a fresh subprocess; it prints JSON."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large frees go back to the OS: honest RSS deltas
-    cmd = [sys.executable, __file__, "--worker", kind, "--cache", str(cache), "--device", args.device,
-           "--threads", str(args.threads), "--vocab", str(args.vocab), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--cache",
+        str(cache),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--vocab",
+        str(args.vocab),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -175,8 +224,10 @@ def worker(args: argparse.Namespace) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _proc_status_kib("VmRSS")
         trainer.step(batch)
-        result = {"peak_step_bytes": (_proc_status_kib("VmHWM") - before) * 1024,
-                  "method": "VmHWM - VmRSS before the step (clear_refs reset, MALLOC_MMAP_THRESHOLD_=65536)"}
+        result = {
+            "peak_step_bytes": (_proc_status_kib("VmHWM") - before) * 1024,
+            "method": "VmHWM - VmRSS before the step (clear_refs reset, MALLOC_MMAP_THRESHOLD_=65536)",
+        }
     print(json.dumps(result))
 
 
@@ -213,8 +264,9 @@ def main() -> None:
     device = resolve(args.device)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         os.environ["KDCACHE_STAGING_DIR"] = str(Path(tmp) / "staging")
-        cache = write_random_cache(Path(tmp) / "cache", sequences=args.sequences, seq_len=args.seq_len,
-                                   vocab=args.vocab, k=args.top_k)
+        cache = write_random_cache(
+            Path(tmp) / "cache", sequences=args.sequences, seq_len=args.seq_len, vocab=args.vocab, k=args.top_k
+        )
         loader = loader_tokens_per_s(cache, args.batch_size, Path(tmp) / "loader-staging")
         times = time_steps(cache, args, device)
         memory = {kind: measure_memory(cache, args, kind) for kind in VARIANTS}
@@ -227,18 +279,35 @@ def report(args: argparse.Namespace, device: torch.device, *, times: dict, memor
     mib = {kind: m["peak_step_bytes"] / 2**20 for kind, m in memory.items()}
     trainer_tps = tokens / step["topk_tail"]
     result = {
-        "config": {"student": vars(StudentConfig()), "vocab": args.vocab, "seq_len": args.seq_len,
-                   "batch_size": args.batch_size, "top_k": args.top_k, "steps": args.steps, "device": str(device),
-                   "num_parameters": count_parameters(make_student(args.vocab, args.seq_len))},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "load_avg_1m_at_end": os.getloadavg()[0],
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "step_s": step, "step_s_all": times, "peak_step_mib": mib, "memory_method": memory["ce"]["method"],
-        "kd_over_ce_time": step["topk_tail"] / step["ce"], "kd_over_ce_peak_memory": mib["topk_tail"] / mib["ce"],
+        "config": {
+            "student": vars(StudentConfig()),
+            "vocab": args.vocab,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "top_k": args.top_k,
+            "steps": args.steps,
+            "device": str(device),
+            "num_parameters": count_parameters(make_student(args.vocab, args.seq_len)),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_avg_1m_at_end": os.getloadavg()[0],
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "step_s": step,
+        "step_s_all": times,
+        "peak_step_mib": mib,
+        "memory_method": memory["ce"]["method"],
+        "kd_over_ce_time": step["topk_tail"] / step["ce"],
+        "kd_over_ce_peak_memory": mib["topk_tail"] / mib["ce"],
         "kd_over_plain_ce_time": step["topk_tail"] / step["plain_ce"],
         "kd_over_plain_ce_peak_memory": mib["topk_tail"] / mib["plain_ce"],
         "trainer_tokens_per_s": {kind: tokens / s for kind, s in step.items()},
-        "loader_tokens_per_s": loader, "loader_over_trainer": loader["warm"] / trainer_tps,
+        "loader_tokens_per_s": loader,
+        "loader_over_trainer": loader["warm"] / trainer_tps,
         "command": "python " + " ".join(sys.argv),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,15 +317,21 @@ def report(args: argparse.Namespace, device: torch.device, *, times: dict, memor
         ("peak step memory (MiB)", *(f"{mib[v]:.0f}" for v in VARIANTS), f"{result['kd_over_ce_peak_memory']:.2f}"),
         ("trainer tokens/s", *(f"{tokens / step[v]:.0f}" for v in VARIANTS), ""),
     ]
-    print(f"\nstudent {result['config']['num_parameters']:,} params, vocab {args.vocab}, seq {args.seq_len}, "
-          f"batch {args.batch_size}, k {args.top_k}, {device} ({torch.get_num_threads()} threads)\n")
-    print("| measure | KD (topk_tail) | CE (kd_loss, chunked) | plain CE (F.cross_entropy) | KD / CE |\n"
-          "|---|---:|---:|---:|---:|")
+    print(
+        f"\nstudent {result['config']['num_parameters']:,} params, vocab {args.vocab}, seq {args.seq_len}, "
+        f"batch {args.batch_size}, k {args.top_k}, {device} ({torch.get_num_threads()} threads)\n"
+    )
+    print(
+        "| measure | KD (topk_tail) | CE (kd_loss, chunked) | plain CE (F.cross_entropy) | KD / CE |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for r in rows:
         print(f"| {' | '.join(r)} |")
-    print(f"\n| loader | tokens/s | / trainer KD tokens/s |\n|---|---:|---:|\n"
-          f"| cold (stages Parquet -> Arrow) | {loader['cold']:.0f} | {loader['cold'] / trainer_tps:.1f} |\n"
-          f"| warm (memory-mapped) | {loader['warm']:.0f} | {loader['warm'] / trainer_tps:.1f} |")
+    print(
+        f"\n| loader | tokens/s | / trainer KD tokens/s |\n|---|---:|---:|\n"
+        f"| cold (stages Parquet -> Arrow) | {loader['cold']:.0f} | {loader['cold'] / trainer_tps:.1f} |\n"
+        f"| warm (memory-mapped) | {loader['warm']:.0f} | {loader['warm'] / trainer_tps:.1f} |"
+    )
     print(f"\nmemory: {result['memory_method']}\nwrote {args.out}")
 
 

@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = "model.safetensors", "state.safetensors", "state.json", "trainer.json"
+MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = (
+    "model.safetensors",
+    "state.safetensors",
+    "state.json",
+    "trainer.json",
+)
 FILES = (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON)
 _FAULT = os.environ.get("KDCACHE_FAULT") or None
 """Test-only crash point (module docstring); read once at import."""
@@ -69,8 +74,10 @@ def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
-        raise CheckpointError(f"cannot checkpoint {type(x).__name__} at '{path}' without pickle; "
-                              "only tensors, arrays, dicts, lists, tuples and JSON scalars are supported")
+        raise CheckpointError(
+            f"cannot checkpoint {type(x).__name__} at '{path}' without pickle; "
+            "only tensors, arrays, dicts, lists, tuples and JSON scalars are supported"
+        )
 
     return enc(obj, "s"), tensors
 
@@ -97,7 +104,11 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and Python RNG states, checkpointable by :func:`flatten_state`."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -111,8 +122,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: str | Path, *, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    trainer: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    trainer: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write ``<out_dir>/checkpoints/step-NNNNNN`` atomically; prune to the newest ``keep``.
 
     A failed write raises ``CheckpointError`` naming the directory and leaves no partial files;
@@ -146,9 +164,11 @@ def save_checkpoint(out_dir: str | Path, *, step: int, model: torch.nn.Module, s
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out_dir)
-        raise CheckpointError(f"{final}: cannot write the checkpoint ({getattr(e, 'strerror', None) or e}) — free "
-                              f"space on that filesystem or choose a writable output directory; the newest complete "
-                              f"checkpoint is still {previous or 'none'}") from e
+        raise CheckpointError(
+            f"{final}: cannot write the checkpoint ({getattr(e, 'strerror', None) or e}) — free "
+            f"space on that filesystem or choose a writable output directory; the newest complete "
+            f"checkpoint is still {previous or 'none'}"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,8 +198,11 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and p.is_dir() and all((p / n).is_file() for n in FILES)]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and p.is_dir() and all((p / n).is_file() for n in FILES)
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -193,7 +216,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[s
     path = Path(path)
     missing = [n for n in FILES if not (path / n).is_file()]
     if missing:
-        raise CheckpointError(f"{path}: missing {', '.join(missing)}; delete this checkpoint dir to resume from the previous one")
+        raise CheckpointError(
+            f"{path}: missing {', '.join(missing)}; delete this checkpoint dir to resume from the previous one"
+        )
     try:
         load_model(model, str(path / MODEL_FILE), strict=True)
         skeleton = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))

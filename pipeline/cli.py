@@ -32,8 +32,15 @@ from kdcache.config import (
 )
 from kdcache.entry import run, setup_logging, show_progress
 
-SECTIONS = {CorpusConfig: "corpus", DemoTeacherConfig: "demo_teacher", TeacherConfig: "teacher",
-            PrepareConfig: "prepare", CacheConfig: "cache", TrainConfig: "train", EvaluateConfig: "evaluate"}
+SECTIONS = {
+    CorpusConfig: "corpus",
+    DemoTeacherConfig: "demo_teacher",
+    TeacherConfig: "teacher",
+    PrepareConfig: "prepare",
+    CacheConfig: "cache",
+    TrainConfig: "train",
+    EvaluateConfig: "evaluate",
+}
 
 
 @functools.cache
@@ -43,14 +50,19 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                     rename: dict[str, str] | None = None) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
+) -> None:
     """One flag per dataclass field; only flags the user passes are set (defaults stay in the dataclass)."""
     group = parser.add_argument_group(f"{cls.__name__} (params.yaml section options)")
     hints = typing.get_type_hints(cls)
@@ -60,8 +72,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
             continue
         flag = "--" + (rename or {}).get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": f"{docs.get(f.name, '')} (default: {default!r})"}
+        kwargs: dict[str, Any] = {
+            "dest": f"{cls.__name__}.{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": f"{docs.get(f.name, '')} (default: {default!r})",
+        }
         hint = hints[f.name]
         origin = typing.get_origin(hint)
         if hint is bool:
@@ -78,7 +93,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """Build (and validate) ``cls`` from the flags the user passed."""
     prefix = f"{cls.__name__}."
-    values = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    values = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
     return load_section(cls, {**values, **extra}, section=SECTIONS[cls])
 
 
@@ -88,16 +103,25 @@ def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 def cmd_demo_teacher(args: argparse.Namespace) -> None:
     from kdcache.demo_teacher import train_demo_teacher
 
-    train_demo_teacher(config_from_args(CorpusConfig, args), config_from_args(DemoTeacherConfig, args),
-                       out_dir=args.out, progress=show_progress())
+    train_demo_teacher(
+        config_from_args(CorpusConfig, args),
+        config_from_args(DemoTeacherConfig, args),
+        out_dir=args.out,
+        progress=show_progress(),
+    )
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from kdcache.corpus import prepare_tokens
 
     corpus = config_from_args(CorpusConfig, args, **({"paths": args.corpus} if args.corpus else {}))
-    prepare_tokens(corpus, config_from_args(PrepareConfig, args), tokenizer_dir=args.tokenizer,
-                   out_dir=args.out, progress=show_progress())
+    prepare_tokens(
+        corpus,
+        config_from_args(PrepareConfig, args),
+        tokenizer_dir=args.tokenizer,
+        out_dir=args.out,
+        progress=show_progress(),
+    )
 
 
 CACHE_TIMEOUT_S = 24 * 3600.0
@@ -113,22 +137,29 @@ def cmd_cache(args: argparse.Namespace) -> None:
     cfg = config_from_args(CacheConfig, args)
     from kdcache.cache.writer import build_cache, default_cache_name, target_layout
     from kdcache.distributed import process_group
-    from kdcache.teacher import load_teacher, tokenizer_vocab_size
+    from kdcache.teacher import load_teacher
     from kdcache.token_data import open_tokens
+    from kdcache.tokenizer import tokenizer_vocab_size
 
     # gloo even on GPUs: the cache build's only collective is a barrier, which may wait for hours
     with process_group("gloo", timeout_s=CACHE_TIMEOUT_S) as (rank, world):
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
         layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
         out = Path(args.out or Path(args.cache_root) / default_cache_name(teacher.info, tokens, layout))
-        expected = {"teacher.sha256": teacher.info["sha256"], "corpus.fingerprint": tokens.fingerprint,
-                    "corpus.split": tokens.split, "targets.batch_size": cfg.batch_size,
-                    "targets.rows_per_shard": cfg.rows_per_shard, "targets.compute_dtype": teacher.info["dtype"],
-                    **{f"targets.{k}": v for k, v in layout.to_dict().items()}}
+        expected = {
+            "teacher.sha256": teacher.info["sha256"],
+            "corpus.fingerprint": tokens.fingerprint,
+            "corpus.split": tokens.split,
+            "targets.batch_size": cfg.batch_size,
+            "targets.rows_per_shard": cfg.rows_per_shard,
+            "targets.compute_dtype": teacher.info["dtype"],
+            **{f"targets.{k}": v for k, v in layout.to_dict().items()},
+        }
         check_cache_dir(out, expected, content_named=args.out is None)
         # under torchrun: this rank's shards, then a barrier; rank 0 writes the manifest
-        build_cache(teacher, tokens, cfg, out_dir=out, rank=rank, world_size=world,
-                    progress=show_progress() and rank == 0)
+        build_cache(
+            teacher, tokens, cfg, out_dir=out, rank=rank, world_size=world, progress=show_progress() and rank == 0
+        )
         if rank == 0:
             print(out)
 
@@ -140,15 +171,26 @@ def check_cache_dir(out: Path, expected: dict[str, Any], *, content_named: bool)
     if not (out / MANIFEST_NAME).exists():
         return  # shards without a manifest are checked one by one by the writer
     m = Manifest.load(out)
-    have = {"teacher.sha256": m.teacher.get("sha256"), "corpus.fingerprint": m.corpus.get("fingerprint"),
-            "corpus.split": m.corpus.get("split"), **{f"targets.{k}": v for k, v in m.targets.items()}}
-    diffs = [f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in expected.items() if have.get(key) != value]
+    have = {
+        "teacher.sha256": m.teacher.get("sha256"),
+        "corpus.fingerprint": m.corpus.get("fingerprint"),
+        "corpus.split": m.corpus.get("split"),
+        **{f"targets.{k}": v for k, v in m.targets.items()},
+    }
+    diffs = [
+        f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in expected.items() if have.get(key) != value
+    ]
     if diffs:
-        fix = ("pass --out DIR to write elsewhere, or delete the directory if its cache is no longer needed"
-               if content_named else "omit --out to write to a directory named after the teacher, corpus and "
-               "settings (under --cache-root), or choose another --out")
-        raise CacheDirError(f"{out / MANIFEST_NAME}: this directory holds a cache made by a different teacher, corpus "
-                            f"or settings — {'; '.join(diffs)}; refusing to write into it: {fix}")
+        fix = (
+            "pass --out DIR to write elsewhere, or delete the directory if its cache is no longer needed"
+            if content_named
+            else "omit --out to write to a directory named after the teacher, corpus and "
+            "settings (under --cache-root), or choose another --out"
+        )
+        raise CacheDirError(
+            f"{out / MANIFEST_NAME}: this directory holds a cache made by a different teacher, corpus "
+            f"or settings — {'; '.join(diffs)}; refusing to write into it: {fix}"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -158,8 +200,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     student = _student_config(args.student) if args.student else StudentConfig()
     cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
     with process_group("auto"):
-        train(cfg, cache_dir=args.cache, out_dir=args.out, resume=args.resume, device=args.device,
-              progress=show_progress())
+        train(
+            cfg,
+            cache_dir=args.cache,
+            out_dir=args.out,
+            resume=args.resume,
+            device=args.device,
+            progress=show_progress(),
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -167,8 +215,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kdcache.token_data import open_tokens
 
     models = dict(m.split("=", 1) for m in args.model)
-    metrics = evaluate(config_from_args(EvaluateConfig, args), tokens=open_tokens(args.tokens, "val"),
-                       models={"teacher": args.teacher, **models}, device=args.device, progress=show_progress())
+    metrics = evaluate(
+        config_from_args(EvaluateConfig, args),
+        tokens=open_tokens(args.tokens, "val"),
+        models={"teacher": args.teacher, **models},
+        device=args.device,
+        progress=show_progress(),
+    )
     write_metrics(metrics, metrics_path=args.metrics, plots_dir=args.plots)
     print(json.dumps(metrics, indent=2, default=str))
 
@@ -178,9 +231,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     manifest = Manifest.load(args.cache)
     if args.json:
-        print(json.dumps({k: v for k, v in dataclasses.asdict(manifest).items() if k != "shards"}
-                         | {"num_shards": len(manifest.shards), "total_bytes": sum(s.bytes for s in manifest.shards)},
-                         indent=2))
+        print(
+            json.dumps(
+                {k: v for k, v in dataclasses.asdict(manifest).items() if k != "shards"}
+                | {"num_shards": len(manifest.shards), "total_bytes": sum(s.bytes for s in manifest.shards)},
+                indent=2,
+            )
+        )
     else:
         print(describe_manifest(manifest))
 
@@ -192,8 +249,10 @@ def cmd_verify(args: argparse.Namespace) -> None:
     for p in problems:
         print(f"BAD {p}")
     if problems:
-        raise ValueError(f"{args.cache}: {len(problems)} problem(s) found; do not train on this cache — "
-                         "rebuild the listed shards (rerun the cache stage) or pull the cache again")
+        raise ValueError(
+            f"{args.cache}: {len(problems)} problem(s) found; do not train on this cache — "
+            "rebuild the listed shards (rerun the cache stage) or pull the cache again"
+        )
     print(f"OK {args.cache}: every shard matches the manifest")
 
 
@@ -210,14 +269,18 @@ def describe_manifest(m: Any) -> str:
         f"teacher        {m.teacher.get('path')}  {m.teacher.get('model_type')} {m.teacher.get('num_parameters')} "
         f"params, {m.teacher.get('dtype')}, sha256 {m.teacher.get('sha256')}",
         f"tokenizer      {m.tokenizer.get('fingerprint')}  vocab {m.tokenizer.get('vocab_size')}",
-        f"corpus         {m.corpus.get('fingerprint')}  split {m.corpus.get('split')}, seq_len {m.corpus.get('seq_len')}",
+        f"corpus         {m.corpus.get('fingerprint')}  split {m.corpus.get('split')}, "
+        f"seq_len {m.corpus.get('seq_len')}",
         f"sequences      {m.num_rows} in {len(m.shards)} shards, {m.num_tokens} tokens",
         f"targets        {kind}, temperature {layout.temperature}, values {layout.values} ({layout.value_encoding}), "
         f"batch_size {t.get('batch_size')}, compute {t.get('compute_dtype')}",
         f"size           {size} bytes, {size / max(m.num_tokens, 1):.2f} bytes/token",
     ]
-    lines += [f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}" for k, v in stats.items()
-              if not isinstance(v, (list, dict))]
+    lines += [
+        f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}"
+        for k, v in stats.items()
+        if not isinstance(v, (list, dict))
+    ]
     return "\n".join(lines)
 
 
@@ -235,8 +298,11 @@ def _student_config(spec: str) -> StudentConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdcache", description="Offline teacher-logit caching and sparse knowledge "
-                                "distillation. Each command mirrors one stage of the DVC pipeline (params.yaml).")
+    p = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Offline teacher-logit caching and sparse knowledge "
+        "distillation. Each command mirrors one stage of the DVC pipeline (params.yaml).",
+    )
     p.add_argument("--version", action="version", version=f"kdcache {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -252,21 +318,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sp, DemoTeacherConfig, rename={"seq_len": "teacher-seq-len"})
 
     sp = command("prepare", cmd_prepare, "Tokenize a corpus with the teacher's tokenizer and pack it into sequences.")
-    sp.add_argument("--corpus", nargs="+", metavar="PATH", help="text/jsonl/parquet files or globs "
-                    "(default: the Python standard library's .py files)")
+    sp.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="PATH",
+        help="text/jsonl/parquet files or globs (default: the Python standard library's .py files)",
+    )
     sp.add_argument("--tokenizer", required=True, metavar="DIR", help="directory with the teacher's tokenizer")
     sp.add_argument("--out", required=True, metavar="DIR", help="output token directory")
     add_config_flags(sp, CorpusConfig, skip=("paths",))
     add_config_flags(sp, PrepareConfig)
 
-    sp = command("cache", cmd_cache, "Score token data with the teacher once and write sparse soft targets "
-                 "(Parquet shards + manifest); prints the cache directory. Resumable; under torchrun each rank "
-                 "scores the shards i with i mod WORLD_SIZE == RANK and rank 0 writes the manifest.")
+    sp = command(
+        "cache",
+        cmd_cache,
+        "Score token data with the teacher once and write sparse soft targets "
+        "(Parquet shards + manifest); prints the cache directory. Resumable; under torchrun each rank "
+        "scores the shards i with i mod WORLD_SIZE == RANK and rank 0 writes the manifest.",
+    )
     sp.add_argument("--teacher", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
     sp.add_argument("--tokens", required=True, metavar="DIR", help="token directory written by `kdcache prepare`")
-    sp.add_argument("--out", metavar="DIR", help="cache directory (created; resumed if present). Default: "
-                    "CACHE_ROOT/<teacher sha>-<corpus sha>-<split>-<targets>, named by content so that the same "
-                    "inputs and settings always give the same name")
+    sp.add_argument(
+        "--out",
+        metavar="DIR",
+        help="cache directory (created; resumed if present). Default: "
+        "CACHE_ROOT/<teacher sha>-<corpus sha>-<split>-<targets>, named by content so that the same "
+        "inputs and settings always give the same name",
+    )
     sp.add_argument("--cache-root", default="cache", metavar="DIR", help="parent of the default --out (default: cache)")
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, CacheConfig)
@@ -274,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("train", cmd_train, "Train a student from a cache (the teacher is not needed).")
     sp.add_argument("--cache", required=True, metavar="DIR", help="cache directory")
     sp.add_argument("--out", required=True, metavar="DIR", help="output student directory")
-    sp.add_argument("--student", metavar="CONFIG_OR_DIR", help="pretrained student directory, or a .json/.yaml "
-                    "file of StudentConfig sizes (default: a 2-layer, 128-wide Llama)")
+    sp.add_argument(
+        "--student",
+        metavar="CONFIG_OR_DIR",
+        help="pretrained student directory, or a .json/.yaml "
+        "file of StudentConfig sizes (default: a 2-layer, 128-wide Llama)",
+    )
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     add_config_flags(sp, TrainConfig)

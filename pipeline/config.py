@@ -78,8 +78,16 @@ class DemoTeacherConfig:
 
     def __post_init__(self) -> None:
         s = "demo_teacher"
-        for key in ("vocab_size", "seq_len", "hidden_size", "num_layers", "num_heads",
-                    "intermediate_size", "batch_size", "max_steps"):
+        for key in (
+            "vocab_size",
+            "seq_len",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "batch_size",
+            "max_steps",
+        ):
             _check(getattr(self, key) > 0, s, key, "must be > 0")
         _check(self.vocab_size >= 300, s, "vocab_size", "must be >= 300 (256 byte tokens + specials + merges)")
         _check(self.hidden_size % self.num_heads == 0, s, "hidden_size", "must be divisible by num_heads")
@@ -105,8 +113,12 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "teacher", "path", "must name a local model directory")
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "teacher", "dtype",
-               f"must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "teacher",
+            "dtype",
+            f"must be auto|float32|bfloat16|float16, got {self.dtype!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -156,8 +168,12 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         s = "cache"
-        _check(self.targets in ("topk", "sampled", "both"), s, "targets",
-               f"must be topk|sampled|both, got {self.targets!r}")
+        _check(
+            self.targets in ("topk", "sampled", "both"),
+            s,
+            "targets",
+            f"must be topk|sampled|both, got {self.targets!r}",
+        )
         _check(1 <= self.top_k <= 1024, s, "top_k", f"must be in [1, 1024], got {self.top_k}")
         _check(0.0 <= self.mass < 1.0, s, "mass", f"must be in [0, 1) (0 = fixed k), got {self.mass}")
         _check(1 <= self.samples <= 255 * 255, s, "samples", f"must be >= 1, got {self.samples}")
@@ -182,8 +198,7 @@ class StudentConfig:
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _check(getattr(self, key) > 0, "train.student", key, "must be > 0")
-        _check(self.hidden_size % self.num_heads == 0, "train.student", "hidden_size",
-               "must be divisible by num_heads")
+        _check(self.hidden_size % self.num_heads == 0, "train.student", "hidden_size", "must be divisible by num_heads")
 
 
 @dataclass(frozen=True)
@@ -216,8 +231,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s = "train"
-        _check(self.loss in ("topk_tail", "topk_renorm", "sampled", "ce"), s, "loss",
-               f"must be topk_tail|topk_renorm|sampled|ce, got {self.loss!r}")
+        _check(
+            self.loss in ("topk_tail", "topk_renorm", "sampled", "ce"),
+            s,
+            "loss",
+            f"must be topk_tail|topk_renorm|sampled|ce, got {self.loss!r}",
+        )
         _check(0.0 <= self.alpha <= 1.0, s, "alpha", f"must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, s, "temperature", "must be > 0")
         for key in ("max_steps", "batch_size", "grad_accum", "chunk_tokens", "checkpoint_every", "log_every"):

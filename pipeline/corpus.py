@@ -38,12 +38,25 @@ log = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-STDLIB_SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-    # packaged separately by some distributions (Debian/Ubuntu): leave them out so the default
-    # corpus is the same on every machine with the same Python version
-    "idlelib", "lib2to3", "tkinter", "turtledemo", "distutils", "ensurepip", "venv",
-})
+STDLIB_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        # packaged separately by some distributions (Debian/Ubuntu): leave them out so the default
+        # corpus is the same on every machine with the same Python version
+        "idlelib",
+        "lib2to3",
+        "tkinter",
+        "turtledemo",
+        "distutils",
+        "ensurepip",
+        "venv",
+    }
+)
 _READ_CHUNK = 1 << 20
 _TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call
 
@@ -66,12 +79,19 @@ def default_corpus_files() -> list[Path]:
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))]
+        dirnames[:] = [
+            d for d in dirnames if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))
+        ]
         files += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("_sysconfigdata")]
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     good = [p for p in files if _utf8_error_offset(p) is None]
     if len(good) < len(files):
-        log.info("default corpus: skipped %d of %d files under %s that are not UTF-8", len(files) - len(good), len(files), root)
+        log.info(
+            "default corpus: skipped %d of %d files under %s that are not UTF-8",
+            len(files) - len(good),
+            len(files),
+            root,
+        )
     return good
 
 
@@ -104,8 +124,10 @@ def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
         if glob.has_magic(pattern):
             matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
             if not matched:
-                raise CorpusError(f"corpus.paths: no files matched the glob {pattern!r} — check the pattern "
-                                  "(relative paths are from the working directory)")
+                raise CorpusError(
+                    f"corpus.paths: no files matched the glob {pattern!r} — check the pattern "
+                    "(relative paths are from the working directory)"
+                )
             files.update(matched)
         elif Path(pattern).is_file():
             files.add(Path(pattern))
@@ -136,8 +158,14 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
 def _load(builder: str, files: list[Path], **kwargs: Any) -> datasets.Dataset:
     with tempfile.TemporaryDirectory(prefix="kdcache-datasets-") as cache_dir:
         # datasets treats data_files as glob patterns: escape names such as "notes[1].txt"
-        return datasets.load_dataset(builder, data_files=[glob.escape(str(f)) for f in files], split="train",
-                                     cache_dir=cache_dir, keep_in_memory=True, **kwargs)
+        return datasets.load_dataset(
+            builder,
+            data_files=[glob.escape(str(f)) for f in files],
+            split="train",
+            cache_dir=cache_dir,
+            keep_in_memory=True,
+            **kwargs,
+        )
 
 
 def _read_text_files(files: list[Path], cfg: CorpusConfig) -> datasets.Dataset:
@@ -170,8 +198,10 @@ def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Datas
         raise CorpusError(f"{path}: cannot read as {kind} ({e.__cause__ or e}) — fix the file or its extension") from e
     field = cfg.text_field
     if field not in ds.column_names:
-        raise CorpusError(f"corpus.text_field={field!r} not in columns {ds.column_names} of {path} — "
-                          "set corpus.text_field to the column holding the text")
+        raise CorpusError(
+            f"corpus.text_field={field!r} not in columns {ds.column_names} of {path} — "
+            "set corpus.text_field to the column holding the text"
+        )
     feature = ds.features[field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise CorpusError(f"{path}: column corpus.text_field={field!r} holds {feature}, not text")
@@ -231,15 +261,18 @@ def split_documents(ds: datasets.Dataset, *, val_fraction: float) -> dict[str, d
     """
     if len(ds) < 2:
         raise CorpusError(f"corpus has {len(ds)} document(s); a train/val split needs at least 2 — add documents")
-    hashes = np.array([_content_hash(t) for rows in ds.select_columns(["text"]).iter(batch_size=1024)
-                       for t in rows["text"]])  # (D,)
+    hashes = np.array(
+        [_content_hash(t) for rows in ds.select_columns(["text"]).iter(batch_size=1024) for t in rows["text"]]
+    )  # (D,)
     is_val = hashes < val_fraction
     if not is_val.any():
         is_val[np.argmin(hashes)] = True
     if is_val.all():
         is_val[np.argmax(hashes)] = False
-    return {"train": ds.select(np.flatnonzero(~is_val), keep_in_memory=True),
-            "val": ds.select(np.flatnonzero(is_val), keep_in_memory=True)}
+    return {
+        "train": ds.select(np.flatnonzero(~is_val), keep_in_memory=True),
+        "val": ds.select(np.flatnonzero(is_val), keep_in_memory=True),
+    }
 
 
 def _text_batches(ds: datasets.Dataset) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -288,9 +321,16 @@ def _cut_points(text: str, max_chars: int) -> list[int]:
     return cuts
 
 
-def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max_sequences: int = 0,
-                      allow_empty: bool = False, seq_len_key: str = "prepare.seq_len",
-                      progress: bool = False) -> np.ndarray:
+def tokenize_and_pack(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    max_sequences: int = 0,
+    allow_empty: bool = False,
+    seq_len_key: str = "prepare.seq_len",
+    progress: bool = False,
+) -> np.ndarray:
     """Tokenize documents, append EOS to each, concatenate and cut into rows of ``seq_len``.
 
     Returns ``(N, seq_len)`` int32; the incomplete last row is dropped. Tokenizing streams over
@@ -317,20 +357,27 @@ def tokenize_and_pack(ds: datasets.Dataset, tokenizer: Any, *, seq_len: int, max
         if max_sequences:
             full = min(full, max_sequences - n_rows)
         rows.append(flat[: full * seq_len].reshape(full, seq_len))  # (full, T)
-        carry = flat[full * seq_len:]
+        carry = flat[full * seq_len :]
         n_rows += full
         bar.update(int(ends.sum()))
         if max_sequences and n_rows >= max_sequences:
             break
     bar.close()
     if n_rows == 0 and not allow_empty:
-        raise CorpusError(f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; "
-                          "add text or lower seq_len")
+        raise CorpusError(
+            f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; add text or lower seq_len"
+        )
     return np.concatenate(rows) if rows else np.zeros((0, seq_len), dtype=np.int32)
 
 
-def prepare_tokens(corpus_cfg: CorpusConfig, prepare_cfg: PrepareConfig, *, tokenizer_dir: str | Path,
-                   out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+def prepare_tokens(
+    corpus_cfg: CorpusConfig,
+    prepare_cfg: PrepareConfig,
+    *,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The prepare stage: read, split by document, tokenize with the teacher's tokenizer, pack, write.
 
     Returns the token-data manifest written to ``out_dir`` (see ``kdcache.token_data``).
@@ -339,20 +386,35 @@ def prepare_tokens(corpus_cfg: CorpusConfig, prepare_cfg: PrepareConfig, *, toke
     splits = split_documents(docs, val_fraction=corpus_cfg.val_fraction)
     tokenizer = load_tokenizer(tokenizer_dir)
     caps = {"train": prepare_cfg.max_train_sequences, "val": prepare_cfg.max_val_sequences}
-    packed = {name: tokenize_and_pack(ds, tokenizer, seq_len=prepare_cfg.seq_len, max_sequences=caps[name],
-                                      allow_empty=name == "val", progress=progress)
-              for name, ds in splits.items()}
+    packed = {
+        name: tokenize_and_pack(
+            ds,
+            tokenizer,
+            seq_len=prepare_cfg.seq_len,
+            max_sequences=caps[name],
+            allow_empty=name == "val",
+            progress=progress,
+        )
+        for name, ds in splits.items()
+    }
     if len(packed["val"]) == 0:
-        raise CorpusError(f"val split ({len(splits['val'])} documents) has no full sequence of "
-                          f"prepare.seq_len={prepare_cfg.seq_len} tokens; raise corpus.val_fraction or lower prepare.seq_len")
+        raise CorpusError(
+            f"val split ({len(splits['val'])} documents) has no full sequence of "
+            f"prepare.seq_len={prepare_cfg.seq_len} tokens; raise corpus.val_fraction or lower prepare.seq_len"
+        )
     for name, ids in packed.items():
-        log.info("%s: %d documents -> %d sequences of %d tokens", name, len(splits[name]), len(ids), prepare_cfg.seq_len)
+        log.info(
+            "%s: %d documents -> %d sequences of %d tokens", name, len(splits[name]), len(ids), prepare_cfg.seq_len
+        )
     meta = {
-        "corpus": {"source": list(corpus_cfg.paths) or default_corpus_name(),
-                   "num_documents": {name: len(ds) for name, ds in splits.items()},
-                   "config": to_dict(corpus_cfg)},
+        "corpus": {
+            "source": list(corpus_cfg.paths) or default_corpus_name(),
+            "num_documents": {name: len(ds) for name, ds in splits.items()},
+            "config": to_dict(corpus_cfg),
+        },
         "prepare": to_dict(prepare_cfg),
         "tokenizer_dir": str(tokenizer_dir),
     }
-    return token_data.write_tokens(out_dir, packed, vocab_size=len(tokenizer),
-                                   tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), meta=meta)
+    return token_data.write_tokens(
+        out_dir, packed, vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), meta=meta
+    )

@@ -41,10 +41,16 @@ VAL_SEQUENCES = 64
 def build_model(cfg: DemoTeacherConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """A randomly initialised Llama sized by ``cfg``, with the tokenizer's vocabulary and special ids."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.seq_len,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -63,11 +69,12 @@ def _batches(num_rows: int, batch_size: int, generator: torch.Generator):
     while True:
         perm = torch.randperm(num_rows, generator=generator)
         for start in range(0, max(num_rows - batch_size, 0) + 1, batch_size):  # a short last batch is dropped
-            yield perm[start:start + batch_size]
+            yield perm[start : start + batch_size]
 
 
-def train_loop(model: LlamaForCausalLM, ids: np.ndarray, cfg: DemoTeacherConfig, *,
-               progress: bool = False) -> dict[str, Any]:
+def train_loop(
+    model: LlamaForCausalLM, ids: np.ndarray, cfg: DemoTeacherConfig, *, progress: bool = False
+) -> dict[str, Any]:
     """Train ``model`` on packed rows ``ids`` (N, T) with AdamW; returns step/loss/throughput stats."""
     data = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))  # (N, T)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -103,10 +110,23 @@ def train_loop(model: LlamaForCausalLM, ids: np.ndarray, cfg: DemoTeacherConfig,
     bar.close()
     elapsed = time.perf_counter() - start
     final = float(np.mean(losses[-10:])) if losses else float("nan")
-    log.info("demo teacher: %d steps in %.0f s (%s), %.0f tokens/s, final train loss %.3f",
-             step, elapsed, stopped_by, tokens / max(elapsed, 1e-9), final)
-    return {"steps": step, "stopped_by": stopped_by, "final_train_loss": final, "losses": losses,
-            "tokens_seen": tokens, "elapsed_s": round(elapsed, 3), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+    log.info(
+        "demo teacher: %d steps in %.0f s (%s), %.0f tokens/s, final train loss %.3f",
+        step,
+        elapsed,
+        stopped_by,
+        tokens / max(elapsed, 1e-9),
+        final,
+    )
+    return {
+        "steps": step,
+        "stopped_by": stopped_by,
+        "final_train_loss": final,
+        "losses": losses,
+        "tokens_seen": tokens,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+    }
 
 
 @torch.no_grad()
@@ -118,7 +138,7 @@ def mean_loss(model: LlamaForCausalLM, ids: np.ndarray, *, batch_size: int) -> f
     data = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))  # (N, T)
     total = 0.0
     for start in range(0, len(data), batch_size):
-        batch = data[start:start + batch_size]  # (B, T)
+        batch = data[start : start + batch_size]  # (B, T)
         total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
     return total / len(data)
 
@@ -139,8 +159,9 @@ def _save_atomic(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, in
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_demo_teacher(corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out_dir: str | Path,
-                       progress: bool = False) -> dict[str, Any]:
+def train_demo_teacher(
+    corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out_dir: str | Path, progress: bool = False
+) -> dict[str, Any]:
     """Read and split the corpus, train tokenizer + Llama on the train split, save to ``out_dir``.
 
     Returns the ``training.json`` dict (steps, final train loss, val loss, tokens seen, elapsed, config).
@@ -153,20 +174,34 @@ def train_demo_teacher(corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out_
         tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=cfg.vocab_size)
         tokenizer.model_max_length = cfg.seq_len
         cap = max(1, cfg.max_train_tokens // cfg.seq_len) if cfg.max_train_tokens else 0
-        train_ids = tokenize_and_pack(splits["train"], tokenizer, seq_len=cfg.seq_len, max_sequences=cap,
-                                      seq_len_key="demo_teacher.seq_len", progress=progress)  # (N, T)
-        val_ids = tokenize_and_pack(splits["val"], tokenizer, seq_len=cfg.seq_len, max_sequences=VAL_SEQUENCES,
-                                    allow_empty=True)  # (M, T)
+        train_ids = tokenize_and_pack(
+            splits["train"],
+            tokenizer,
+            seq_len=cfg.seq_len,
+            max_sequences=cap,
+            seq_len_key="demo_teacher.seq_len",
+            progress=progress,
+        )  # (N, T)
+        val_ids = tokenize_and_pack(
+            splits["val"], tokenizer, seq_len=cfg.seq_len, max_sequences=VAL_SEQUENCES, allow_empty=True
+        )  # (M, T)
         model = build_model(cfg, tokenizer)
         stats = train_loop(model, train_ids, cfg, progress=progress)
         val_loss = mean_loss(model, val_ids, batch_size=cfg.batch_size)
     finally:
         torch.set_num_threads(threads)
-    info = {**{k: v for k, v in stats.items() if k != "losses"}, "val_loss": val_loss,
-            "val_sequences": len(val_ids), "train_sequences": len(train_ids), "vocab_size": len(tokenizer),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "num_documents": {name: len(ds) for name, ds in splits.items()},
-            "config": to_dict(cfg), "corpus": to_dict(corpus_cfg), "losses": [round(x, 4) for x in stats["losses"]]}
+    info = {
+        **{k: v for k, v in stats.items() if k != "losses"},
+        "val_loss": val_loss,
+        "val_sequences": len(val_ids),
+        "train_sequences": len(train_ids),
+        "vocab_size": len(tokenizer),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_documents": {name: len(ds) for name, ds in splits.items()},
+        "config": to_dict(cfg),
+        "corpus": to_dict(corpus_cfg),
+        "losses": [round(x, 4) for x in stats["losses"]],
+    }
     _save_atomic(model, tokenizer, info, Path(out_dir))
     log.info("demo teacher saved to %s (val loss %s)", out_dir, f"{val_loss:.3f}" if val_loss is not None else "n/a")
     return info

@@ -69,8 +69,9 @@ def process_group(backend: Backend = "auto", *, timeout_s: float = 1800.0) -> It
     name = resolve_backend(backend)
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
-            raise DistributedError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                                   "lower --nproc_per_node")
+            raise DistributedError(
+                f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible; lower --nproc_per_node"
+            )
         torch.cuda.set_device(local)
     dist.init_process_group(backend=name, timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d/%d (local %d): process group up (%s)", rank, world, local, name)
@@ -108,9 +109,13 @@ def check_same_on_all_ranks(value: int, *, what: str) -> None:
     """Raise ``DistributedError`` unless every rank passes the same integer ``value``."""
     if not _multi_rank():
         return
-    t = torch.tensor([value, -value], dtype=torch.int64, device=_collective_device())  # (2,) max of v and of -v -> max, -min
+    t = torch.tensor(
+        [value, -value], dtype=torch.int64, device=_collective_device()
+    )  # (2,) max of v and of -v -> max, -min
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     high, low = int(t[0]), -int(t[1])
     if high != low:
-        raise DistributedError(f"ranks disagree on {what} (between {low} and {high}); every rank must see the same "
-                               "files — put the output directory on storage shared by all nodes")
+        raise DistributedError(
+            f"ranks disagree on {what} (between {low} and {high}); every rank must see the same "
+            "files — put the output directory on storage shared by all nodes"
+        )

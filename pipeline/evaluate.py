@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from kdcache.config import EvaluateConfig
+from kdcache.devices import resolve_device, resolve_dtype
 from kdcache.fingerprint import WEIGHT_SUFFIXES
 from kdcache.losses import dense_kl
 from kdcache.token_data import TokenSplit
@@ -35,8 +36,17 @@ log = logging.getLogger(__name__)
 
 CHUNK_POSITIONS = 1024
 """Positions per fp32 metric chunk: caps the (chunk, V) temporaries."""
-SCALARS = ("ce", "ppl", "kl_to_teacher", "top1_agreement", "top1_accuracy", "ece", "tokens_per_s",
-           "num_parameters", "size_bytes")
+SCALARS = (
+    "ce",
+    "ppl",
+    "kl_to_teacher",
+    "top1_agreement",
+    "top1_accuracy",
+    "ece",
+    "tokens_per_s",
+    "num_parameters",
+    "size_bytes",
+)
 
 
 class EvaluateError(ValueError):
@@ -79,9 +89,16 @@ class Tally:
         rows = []
         for b in range(self.bins):
             count = int(self.bin_count[b])
-            rows.append({"bin": b, "lower": b / self.bins, "upper": (b + 1) / self.bins, "count": count,
-                         "confidence": float(self.bin_conf[b] / count) if count else None,
-                         "accuracy": float(self.bin_correct[b] / count) if count else None})
+            rows.append(
+                {
+                    "bin": b,
+                    "lower": b / self.bins,
+                    "upper": (b + 1) / self.bins,
+                    "count": count,
+                    "confidence": float(self.bin_conf[b] / count) if count else None,
+                    "accuracy": float(self.bin_correct[b] / count) if count else None,
+                }
+            )
         return rows
 
 
@@ -92,8 +109,15 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return tally.ece()
 
 
-def evaluate(cfg: EvaluateConfig, *, tokens: TokenSplit, models: dict[str, str | Path], teacher: str = "teacher",
-             device: str = "auto", progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    cfg: EvaluateConfig,
+    *,
+    tokens: TokenSplit,
+    models: dict[str, str | Path],
+    teacher: str = "teacher",
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Metrics for each model in ``models`` (name -> local model dir) against ``models[teacher]``.
 
     Models are loaded in fp32 on CPU and bf16 on CUDA; metric math is fp32.
@@ -102,17 +126,19 @@ def evaluate(cfg: EvaluateConfig, *, tokens: TokenSplit, models: dict[str, str |
 
     if teacher not in models:
         raise EvaluateError(f"teacher name {teacher!r} is not among the models {sorted(models)}; pass its directory")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     loaded = {name: load_model(path, device=dev) for name, path in models.items()}
     _check_vocab(loaded, models=models, teacher=teacher, tokens=tokens)
     count = len(tokens) if cfg.max_sequences == 0 else min(cfg.max_sequences, len(tokens))
     if count == 0 or tokens.seq_len < 2:
-        raise EvaluateError(f"token split {tokens.split!r} has no sequences of >= 2 tokens to evaluate; rerun prepare "
-                            "with a non-empty val split (corpus.val_fraction, prepare.max_val_sequences)")
+        raise EvaluateError(
+            f"token split {tokens.split!r} has no sequences of >= 2 tokens to evaluate; rerun prepare "
+            "with a non-empty val split (corpus.val_fraction, prepare.max_val_sequences)"
+        )
     tallies = {name: Tally(bins=cfg.calibration_bins) for name in models}
     order = [teacher] + [n for n in models if n != teacher]
     for start in tqdm(range(0, count, cfg.batch_size), desc="evaluate", unit="batch", disable=not progress):
-        rows = np.asarray(tokens.ids[start:min(start + cfg.batch_size, count)], dtype=np.int64)
+        rows = np.asarray(tokens.ids[start : min(start + cfg.batch_size, count)], dtype=np.int64)
         ids = torch.from_numpy(rows).to(dev)  # (B, T)
         if start == 0:
             for name in order:  # warm-up forward per model, not timed
@@ -125,31 +151,44 @@ def evaluate(cfg: EvaluateConfig, *, tokens: TokenSplit, models: dict[str, str |
     results = {name: _finish(tallies[name], loaded[name], Path(models[name])) for name in order}
     n_tokens = tallies[teacher].n
     log.info("evaluated %d models on %d sequences (%d positions)", len(models), count, n_tokens)
-    return {"teacher": teacher, "split": tokens.split, "token_fingerprint": tokens.fingerprint,
-            "num_sequences": count, "num_tokens": n_tokens, "models": results}
+    return {
+        "teacher": teacher,
+        "split": tokens.split,
+        "token_fingerprint": tokens.fingerprint,
+        "num_sequences": count,
+        "num_tokens": n_tokens,
+        "models": results,
+    }
 
 
 def load_model(path: str | Path, *, device: torch.device) -> PreTrainedModel:
     path = Path(path)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype("auto", device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise EvaluateError(f"{path}: cannot load a causal LM ({e}); is this a model directory (config.json + "
-                            "safetensors weights)? Train or pull it first") from e
+        raise EvaluateError(
+            f"{path}: cannot load a causal LM ({e}); is this a model directory (config.json + "
+            "safetensors weights)? Train or pull it first"
+        ) from e
     return model.to(device).eval()
 
 
-def _check_vocab(loaded: dict[str, PreTrainedModel], *, models: dict[str, str | Path], teacher: str,
-                 tokens: TokenSplit) -> None:
+def _check_vocab(
+    loaded: dict[str, PreTrainedModel], *, models: dict[str, str | Path], teacher: str, tokens: TokenSplit
+) -> None:
     sizes = {name: m.get_output_embeddings().weight.shape[0] for name, m in loaded.items()}
     for name, size in sizes.items():
         if size != sizes[teacher]:
-            raise EvaluateError(f"{models[name]}: {size} output logits but the teacher {models[teacher]} has "
-                                f"{sizes[teacher]}; KL and agreement need the same vocabulary")
+            raise EvaluateError(
+                f"{models[name]}: {size} output logits but the teacher {models[teacher]} has "
+                f"{sizes[teacher]}; KL and agreement need the same vocabulary"
+            )
     if tokens.vocab_size > sizes[teacher]:
-        raise EvaluateError(f"token split {tokens.split!r} has vocab_size {tokens.vocab_size} > the models' "
-                            f"{sizes[teacher]} logits; the tokens were made with another tokenizer")
+        raise EvaluateError(
+            f"token split {tokens.split!r} has vocab_size {tokens.vocab_size} > the models' "
+            f"{sizes[teacher]} logits; the tokens were made with another tokenizer"
+        )
 
 
 @torch.inference_mode()
@@ -169,8 +208,9 @@ def _timed_forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device,
 
 
 @torch.inference_mode()
-def _score(tally: Tally, logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, *,
-           is_teacher: bool) -> None:
+def _score(
+    tally: Tally, logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, *, is_teacher: bool
+) -> None:
     """Add one batch's positions 0..T-2 to ``tally``, in chunks of positions."""
     vocab = logits.shape[-1]
     flat = logits[:, :-1].reshape(-1, vocab)  # (N, V), N = B*(T-1)
@@ -194,10 +234,16 @@ def _score(tally: Tally, logits: torch.Tensor, teacher_logits: torch.Tensor, ids
 def _finish(tally: Tally, model: PreTrainedModel, path: Path) -> dict[str, Any]:
     ce = tally.ce / max(tally.n, 1)
     return {
-        "path": str(path), "ce": ce, "ppl": math.exp(min(ce, 700.0)), "kl_to_teacher": tally.kl / max(tally.n, 1),
-        "top1_agreement": tally.agree / max(tally.n, 1), "top1_accuracy": tally.correct / max(tally.n, 1),
-        "ece": tally.ece(), "tokens_per_s": tally.forward_tokens / max(tally.forward_s, 1e-9),
-        "num_parameters": int(model.num_parameters()), "size_bytes": model_size_bytes(path),
+        "path": str(path),
+        "ce": ce,
+        "ppl": math.exp(min(ce, 700.0)),
+        "kl_to_teacher": tally.kl / max(tally.n, 1),
+        "top1_agreement": tally.agree / max(tally.n, 1),
+        "top1_accuracy": tally.correct / max(tally.n, 1),
+        "ece": tally.ece(),
+        "tokens_per_s": tally.forward_tokens / max(tally.forward_s, 1e-9),
+        "num_parameters": int(model.num_parameters()),
+        "size_bytes": model_size_bytes(path),
         "calibration": tally.reliability(),
     }
 
@@ -228,7 +274,9 @@ def write_metrics(metrics: dict[str, Any], *, metrics_path: str | Path, plots_di
         for name, m in models.items():
             for row in m["calibration"]:
                 if row["count"]:
-                    writer.writerow([name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]])
+                    writer.writerow(
+                        [name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]]
+                    )
     os.replace(tmp, plots / "calibration.csv")
 
 

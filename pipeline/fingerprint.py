@@ -66,8 +66,11 @@ def model_dir_fingerprint(path: str | Path) -> dict[str, Any]:
     naming the directory when it holds no weight files.
     """
     root = Path(path)
-    names = sorted(p.name for p in root.iterdir()
-                   if p.is_file() and (p.name in MODEL_META_FILES or p.name.endswith(WEIGHT_SUFFIXES)))
+    names = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_file() and (p.name in MODEL_META_FILES or p.name.endswith(WEIGHT_SUFFIXES))
+    )
     if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         raise FileNotFoundError(f"{root}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) — is this a model directory?")
     files = {n: sha256_file(root / n) for n in names}

@@ -40,14 +40,18 @@ def load_student_tokenizer(cfg: StudentConfig, *, cache_tokenizer: Any, vocab_ma
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise StudentError(f"train.student.path={path}: cannot load a tokenizer from it ({e}); "
-                           "the directory needs the tokenizer files saved with save_pretrained") from e
+        raise StudentError(
+            f"train.student.path={path}: cannot load a tokenizer from it ({e}); "
+            "the directory needs the tokenizer files saved with save_pretrained"
+        ) from e
     ours, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(cache_tokenizer)
     if ours != theirs and vocab_map != "exact":
-        raise StudentError(f"train.student.path={path}: tokenizer fingerprint {ours} differs from the cache's "
-                           f"{theirs}; pick a student trained with the teacher's tokenizer, build one from sizes "
-                           "(leave train.student.path empty), or set train.vocab_map: exact to map the token "
-                           "strings both vocabularies share")
+        raise StudentError(
+            f"train.student.path={path}: tokenizer fingerprint {ours} differs from the cache's "
+            f"{theirs}; pick a student trained with the teacher's tokenizer, build one from sizes "
+            "(leave train.student.path empty), or set train.vocab_map: exact to map the token "
+            "strings both vocabularies share"
+        )
     return tokenizer
 
 
@@ -85,8 +89,9 @@ class VocabMap:
         return out
 
 
-def build_vocab_map(cache_tokenizer: Any, student_tokenizer: Any, *, cache_vocab_size: int,
-                    student_vocab_size: int) -> VocabMap:
+def build_vocab_map(
+    cache_tokenizer: Any, student_tokenizer: Any, *, cache_vocab_size: int, student_vocab_size: int
+) -> VocabMap:
     """Map every cache id whose token string the student vocabulary holds (exact string match)."""
     student = {tok: i for tok, i in student_tokenizer.get_vocab().items() if i < student_vocab_size}
     to_student = np.full(cache_vocab_size, -1, np.int64)
@@ -96,12 +101,16 @@ def build_vocab_map(cache_tokenizer: Any, student_tokenizer: Any, *, cache_vocab
     fallback = student_tokenizer.unk_token_id
     fallback = student_tokenizer.eos_token_id if fallback is None else fallback
     if fallback is None:
-        raise StudentError("train.vocab_map: exact needs the student tokenizer to have an unk or eos token to stand in "
-                           "for input tokens it lacks; save the student tokenizer with one")
+        raise StudentError(
+            "train.vocab_map: exact needs the student tokenizer to have an unk or eos token to stand in "
+            "for input tokens it lacks; save the student tokenizer with one"
+        )
     specials = {cache_tokenizer.convert_tokens_to_ids(t) for t in cache_tokenizer.all_special_tokens}
     if not any(to_student[i] >= 0 for i in range(cache_vocab_size) if i not in specials):
-        raise StudentError("train.vocab_map: exact found no token string besides special tokens shared by the cache's "
-                           "and the student's vocabularies; the student cannot learn from this cache")
+        raise StudentError(
+            "train.vocab_map: exact found no token string besides special tokens shared by the cache's "
+            "and the student's vocabularies; the student cannot learn from this cache"
+        )
     return VocabMap(to_student=to_student, student_vocab_size=student_vocab_size, fallback_id=int(fallback))
 
 
@@ -126,12 +135,20 @@ def mapping_coverage(vmap: VocabMap, sequences: Iterable[dict[str, Any]]) -> dic
             sums["draws"] += int(counts.sum())
             sums["draws_kept"] += int((counts * (vmap.to_student[row["sample_ids"]] >= 0)).sum())
     n = max(sums["positions"], 1)
-    report: dict[str, Any] = {"cache_vocab_size": int(vmap.to_student.size), "student_vocab_size": vmap.student_vocab_size,
-                              "ids_mapped": vmap.num_mapped, "vocab_mapped": vmap.num_mapped / max(vmap.to_student.size, 1),
-                              "positions_measured": sums["positions"], "input_tokens_mapped": sums["inputs_mapped"] / n}
+    report: dict[str, Any] = {
+        "cache_vocab_size": int(vmap.to_student.size),
+        "student_vocab_size": vmap.student_vocab_size,
+        "ids_mapped": vmap.num_mapped,
+        "vocab_mapped": vmap.num_mapped / max(vmap.to_student.size, 1),
+        "positions_measured": sums["positions"],
+        "input_tokens_mapped": sums["inputs_mapped"] / n,
+    }
     if sums["cached"]:
-        report |= {"teacher_mass_cached": sums["cached"] / n, "teacher_mass_kept": sums["kept"] / n,
-                   "teacher_mass_kept_ratio": sums["kept"] / sums["cached"]}
+        report |= {
+            "teacher_mass_cached": sums["cached"] / n,
+            "teacher_mass_kept": sums["kept"] / n,
+            "teacher_mass_kept_ratio": sums["kept"] / sums["cached"],
+        }
     if sums["draws"]:
         report["draws_kept"] = sums["draws_kept"] / sums["draws"]
     return report
@@ -163,8 +180,13 @@ def build_student(cfg: StudentConfig, *, vocab_size: int, seq_len: int, tokenize
         use_cache=False,
     )
     model = LlamaForCausalLM(config)
-    log.info("built student: %s parameters (hidden %d, layers %d, vocab %d)",
-             f"{count_parameters(model):,}", cfg.hidden_size, cfg.num_layers, vocab_size)
+    log.info(
+        "built student: %s parameters (hidden %d, layers %d, vocab %d)",
+        f"{count_parameters(model):,}",
+        cfg.hidden_size,
+        cfg.num_layers,
+        vocab_size,
+    )
     return model
 
 
@@ -175,8 +197,10 @@ def _load_pretrained(path: Path, *, vocab_size: int, seq_len: int) -> PreTrained
         raise StudentError(f"train.student.path={path}: cannot load a causal LM from it ({e})") from e
     out_vocab = model.get_output_embeddings().weight.shape[0]
     if out_vocab < vocab_size:
-        raise StudentError(f"train.student.path={path}: the model has {out_vocab} output logits but its vocabulary "
-                           f"has {vocab_size} token ids; the model and tokenizer do not belong together")
+        raise StudentError(
+            f"train.student.path={path}: the model has {out_vocab} output logits but its vocabulary "
+            f"has {vocab_size} token ids; the model and tokenizer do not belong together"
+        )
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max_pos < seq_len:
         raise StudentError(f"train.student.path={path}: max_position_embeddings {max_pos} < cache seq_len {seq_len}")

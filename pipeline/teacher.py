@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from kdcache.config import TeacherConfig
+from kdcache.devices import resolve_device, resolve_dtype
 from kdcache.fingerprint import model_dir_fingerprint
+from kdcache.tokenizer import tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -39,23 +40,6 @@ class Teacher:
         return int(self.info["vocab_size"])
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TeacherError(f"teacher.device is {name!r} but CUDA is not available — set teacher.device: cpu or auto")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
 def load_teacher(cfg: TeacherConfig) -> Teacher:
     """Load ``cfg.path`` (a local Hugging Face causal-LM directory) with its tokenizer, in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -65,29 +49,46 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     try:
         fingerprint = model_dir_fingerprint(path)
     except FileNotFoundError as e:
-        raise TeacherError(f"teacher.path '{path}': no weight files (*.safetensors / *.bin) next to config.json — "
-                           "copy the full model directory, or run the demo_teacher stage") from e
+        raise TeacherError(
+            f"teacher.path '{path}': no weight files (*.safetensors / *.bin) next to config.json — "
+            "copy the full model directory, or run the demo_teacher stage"
+        ) from e
     tokenizer = _load_tokenizer(path)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, field="teacher.device")
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.trust_remote_code:
         log.warning("teacher.trust_remote_code is on: executing modelling code shipped in %s", path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise TeacherError(f"teacher.path '{path}': cannot load the model ({e})") from e
     model.to(device).eval()
     vocab_size = _logits_width(model, config)
     if vocab_size < tokenizer_vocab_size(tokenizer):
-        raise TeacherError(f"teacher.path '{path}': the model's logits have {vocab_size} entries but its tokenizer "
-                           f"has {tokenizer_vocab_size(tokenizer)} token ids — the tokenizer files do not belong "
-                           "to this model")
-    info = {"path": str(path), "sha256": fingerprint["sha256"], "files": fingerprint["files"],
-            "dtype": str(dtype).removeprefix("torch."), "model_type": getattr(config, "model_type", ""),
-            "num_parameters": int(sum(p.numel() for p in model.parameters())), "vocab_size": vocab_size}
-    log.info("teacher %s: %s, %.1fM parameters, %s on %s", path, info["model_type"],
-             info["num_parameters"] / 1e6, info["dtype"], device)
+        raise TeacherError(
+            f"teacher.path '{path}': the model's logits have {vocab_size} entries but its tokenizer "
+            f"has {tokenizer_vocab_size(tokenizer)} token ids — the tokenizer files do not belong "
+            "to this model"
+        )
+    info = {
+        "path": str(path),
+        "sha256": fingerprint["sha256"],
+        "files": fingerprint["files"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "model_type": getattr(config, "model_type", ""),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "vocab_size": vocab_size,
+    }
+    log.info(
+        "teacher %s: %s, %.1fM parameters, %s on %s",
+        path,
+        info["model_type"],
+        info["num_parameters"] / 1e6,
+        info["dtype"],
+        device,
+    )
     return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, info=info)
 
 
@@ -97,11 +98,15 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not path.is_dir():
-        raise TeacherError(f"teacher.path '{path}' does not exist — set teacher.path in params.yaml to a local "
-                           "Hugging Face model directory, or run the demo_teacher stage")
+        raise TeacherError(
+            f"teacher.path '{path}' does not exist — set teacher.path in params.yaml to a local "
+            "Hugging Face model directory, or run the demo_teacher stage"
+        )
     if not (path / "config.json").is_file():
-        raise TeacherError(f"teacher.path '{path}': no config.json — point teacher.path at a Hugging Face model "
-                           "directory (the one holding config.json and the weights)")
+        raise TeacherError(
+            f"teacher.path '{path}': no config.json — point teacher.path at a Hugging Face model "
+            "directory (the one holding config.json and the weights)"
+        )
     if not trust_remote_code:
         _refuse_shipped_code(path)
     try:
@@ -116,8 +121,10 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
     type_ok = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (remote and trust_remote_code)
     if not (type_ok and arch_ok) or getattr(config, "is_encoder_decoder", False):
         what = ", ".join(archs) or type(config).__name__
-        raise TeacherError(f"teacher.path '{path}': {what} (model_type {model_type!r}) is not a causal LM — "
-                           "the teacher must be a decoder-only model loadable with AutoModelForCausalLM")
+        raise TeacherError(
+            f"teacher.path '{path}': {what} (model_type {model_type!r}) is not a causal LM — "
+            "the teacher must be a decoder-only model loadable with AutoModelForCausalLM"
+        )
     return config
 
 
@@ -131,9 +138,11 @@ def _refuse_shipped_code(path: Path) -> None:
         raise TeacherError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
     auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
     if auto_map and raw.get("model_type") not in CONFIG_MAPPING_NAMES:
-        raise TeacherError(f"teacher.path '{path}': model_type {raw.get('model_type')!r} exists only as Python code "
-                           f"shipped in the directory (auto_map: {sorted(auto_map)}); kdcache does not run it unless "
-                           "you review it and set teacher.trust_remote_code: true")
+        raise TeacherError(
+            f"teacher.path '{path}': model_type {raw.get('model_type')!r} exists only as Python code "
+            f"shipped in the directory (auto_map: {sorted(auto_map)}); kdcache does not run it unless "
+            "you review it and set teacher.trust_remote_code: true"
+        )
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -143,11 +152,6 @@ def _load_tokenizer(path: Path) -> Any:
         return load_tokenizer(path)
     except TokenizerError as e:
         raise TeacherError(f"teacher.path '{path}': {e}") from e
-
-
-def tokenizer_vocab_size(tokenizer: Any) -> int:
-    """Size of the tokenizer's id space: ``len(tokenizer)``, or 1 + the largest id if ids have gaps."""
-    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
 
 
 def _logits_width(model: Any, config: Any) -> int:

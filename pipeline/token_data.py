@@ -42,8 +42,14 @@ class TokenSplit:
         return self.ids.shape[0]
 
 
-def write_tokens(out_dir: str | Path, splits: dict[str, np.ndarray], *, vocab_size: int,
-                 tokenizer_fingerprint: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_tokens(
+    out_dir: str | Path,
+    splits: dict[str, np.ndarray],
+    *,
+    vocab_size: int,
+    tokenizer_fingerprint: str,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write each (N, T) id array as ``<split>.arrow`` and the manifest last; returns the manifest.
 
     Files are written to temporary names and renamed, so a crash never leaves a file that looks complete.
@@ -60,14 +66,24 @@ def write_tokens(out_dir: str | Path, splits: dict[str, np.ndarray], *, vocab_si
         column = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ids.shape[1])
         table = pa.table({"input_ids": column})
         _atomic_write_ipc(out / f"{split}.arrow", table)
-        entries[split] = {"file": f"{split}.arrow", "num_sequences": int(ids.shape[0]),
-                          "num_tokens": int(ids.size), "fingerprint": array_fingerprint(ids)}
+        entries[split] = {
+            "file": f"{split}.arrow",
+            "num_sequences": int(ids.shape[0]),
+            "num_tokens": int(ids.size),
+            "fingerprint": array_fingerprint(ids),
+        }
     seq_lens = {int(a.shape[1]) for a in splits.values()}
     if len(seq_lens) != 1:
         raise TokenDataError(f"all splits must share one seq_len, got {sorted(seq_lens)}")
-    manifest = {"format": TOKENS_FORMAT, "format_version": TOKENS_VERSION, "seq_len": seq_lens.pop(),
-                "vocab_size": int(vocab_size), "tokenizer_fingerprint": tokenizer_fingerprint,
-                "splits": entries, **(meta or {})}
+    manifest = {
+        "format": TOKENS_FORMAT,
+        "format_version": TOKENS_VERSION,
+        "seq_len": seq_lens.pop(),
+        "vocab_size": int(vocab_size),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "splits": entries,
+        **(meta or {}),
+    }
     tmp = out / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
@@ -92,8 +108,10 @@ def read_token_manifest(token_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise TokenDataError(f"{path}: not valid JSON ({e}) — rerun prepare") from e
     if manifest.get("format") != TOKENS_FORMAT or manifest.get("format_version") != TOKENS_VERSION:
-        raise TokenDataError(f"{path}: not kdcache token data v{TOKENS_VERSION} "
-                             f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+        raise TokenDataError(
+            f"{path}: not kdcache token data v{TOKENS_VERSION} "
+            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+        )
     return manifest
 
 
@@ -105,7 +123,9 @@ def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
         raise TokenDataError(f"{Path(token_dir) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
     path = Path(token_dir) / entry["file"]
     if entry["file"] != f"{split}.arrow":
-        raise TokenDataError(f"{Path(token_dir) / MANIFEST}: split {split!r} names file {entry['file']!r}; expected {split}.arrow")
+        raise TokenDataError(
+            f"{Path(token_dir) / MANIFEST}: split {split!r} names file {entry['file']!r}; expected {split}.arrow"
+        )
     try:
         table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     except (FileNotFoundError, pa.ArrowInvalid) as e:
@@ -114,15 +134,25 @@ def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
     column = table.column("input_ids").combine_chunks()
     ids = column.values.to_numpy(zero_copy_only=True).reshape(-1, T) if len(column) else np.zeros((0, T), np.int32)
     if ids.shape[0] != entry["num_sequences"]:
-        raise TokenDataError(f"{path}: holds {ids.shape[0]} sequences, manifest says {entry['num_sequences']} — rerun prepare")
-    return TokenSplit(ids=ids, split=split, fingerprint=entry["fingerprint"], seq_len=T,
-                      vocab_size=manifest["vocab_size"], tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
-                      manifest=manifest)
+        raise TokenDataError(
+            f"{path}: holds {ids.shape[0]} sequences, manifest says {entry['num_sequences']} — rerun prepare"
+        )
+    return TokenSplit(
+        ids=ids,
+        split=split,
+        fingerprint=entry["fingerprint"],
+        seq_len=T,
+        vocab_size=manifest["vocab_size"],
+        tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
+        manifest=manifest,
+    )
 
 
 def verify_tokens(split: TokenSplit) -> None:
     """Recompute the ids' fingerprint and compare with the manifest."""
     actual = array_fingerprint(np.asarray(split.ids, dtype=np.int32))
     if actual != split.fingerprint:
-        raise TokenDataError(f"token split {split.split!r}: fingerprint {actual[:12]}… != manifest {split.fingerprint[:12]}… "
-                             "— the file was modified; rerun prepare")
+        raise TokenDataError(
+            f"token split {split.split!r}: fingerprint {actual[:12]}… != manifest {split.fingerprint[:12]}… "
+            "— the file was modified; rerun prepare"
+        )

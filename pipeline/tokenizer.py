@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -35,16 +36,20 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrainedT
     specials = [EOS_TOKEN, PAD_TOKEN]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise TokenizerError(f"vocab_size={vocab_size} is smaller than the 256 byte tokens + "
-                             f"{len(specials)} special tokens; raise demo_teacher.vocab_size")
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is smaller than the 256 byte tokens + "
+            f"{len(specials)} special tokens; raise demo_teacher.vocab_size"
+        )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-                                        unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
     log.info("trained byte-level BPE tokenizer: %d tokens (asked for %d)", len(tokenizer), vocab_size)
     return tokenizer
 
@@ -57,17 +62,29 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """
     root = Path(path)
     if not root.is_dir():
-        raise TokenizerError(f"{root}: tokenizer directory not found — set teacher.path to a local "
-                             "Hugging Face model directory (or run the demo_teacher stage first)")
+        raise TokenizerError(
+            f"{root}: tokenizer directory not found — set teacher.path to a local "
+            "Hugging Face model directory (or run the demo_teacher stage first)"
+        )
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
-        raise TokenizerError(f"{root} has no tokenizer files ({'/'.join(TOKENIZER_FILES)}); "
-                             "point teacher.path at a Hugging Face model directory")
+        raise TokenizerError(
+            f"{root} has no tokenizer files ({'/'.join(TOKENIZER_FILES)}); "
+            "point teacher.path at a Hugging Face model directory"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise TokenizerError(f"{root}: cannot load tokenizer ({e}) — is it a complete Hugging Face "
-                             "model directory?") from e
+        raise TokenizerError(
+            f"{root}: cannot load tokenizer ({e}) — is it a complete Hugging Face model directory?"
+        ) from e
     if tokenizer.eos_token_id is None:
-        raise TokenizerError(f"{root}: tokenizer has no EOS token, which prepare needs to separate documents; "
-                             "set eos_token in its tokenizer_config.json")
+        raise TokenizerError(
+            f"{root}: tokenizer has no EOS token, which prepare needs to separate documents; "
+            "set eos_token in its tokenizer_config.json"
+        )
     return tokenizer
+
+
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+    """Size of the tokenizer's id space: ``len(tokenizer)``, or 1 + the largest id if ids have gaps."""
+    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))

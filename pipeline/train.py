@@ -47,6 +47,7 @@ from kdcache.checkpoint import (
     set_rng_state,
 )
 from kdcache.config import ConfigError, TrainConfig, to_dict
+from kdcache.devices import resolve_device
 from kdcache.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.losses import KDLossSpec, kd_loss
@@ -58,6 +59,7 @@ from kdcache.student import (
     load_student_tokenizer,
     mapping_coverage,
 )
+from kdcache.tokenizer import tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,12 @@ SUMMARY_NAME = "training.json"
 TOKENIZER_SUBDIR = "tokenizer"
 MAPPING_SAMPLE = 256
 """Cache sequences read at start to measure how much teacher mass a vocabulary mapping keeps."""
-TARGET_KEYS = {"topk_tail": ("topk_ids", "topk_logprobs", "topk_mask"),
-               "topk_renorm": ("topk_ids", "topk_logprobs", "topk_mask"),
-               "sampled": ("sample_ids", "sample_counts"), "ce": ()}
+TARGET_KEYS = {
+    "topk_tail": ("topk_ids", "topk_logprobs", "topk_mask"),
+    "topk_renorm": ("topk_ids", "topk_logprobs", "topk_mask"),
+    "sampled": ("sample_ids", "sample_counts"),
+    "ce": (),
+}
 
 
 class TrainError(ValueError):
@@ -86,8 +91,16 @@ class Position:
     elapsed: float = 0.0
 
 
-def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resume: bool = False,
-          device: str = "auto", progress: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    *,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """Train a student on the cache at ``cache_dir``; write checkpoints, a log and the final model.
 
     ``resume`` continues from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
@@ -102,7 +115,7 @@ def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resum
     reader, student_tok, vmap, mapping = _open_inputs(cfg, cache_dir)
     spec = loss_spec(cfg, reader, cache_dir=cache_dir)
     torch.manual_seed(cfg.seed)
-    vocab = reader.layout.vocab_size if vmap is None else _id_space(student_tok)
+    vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
     model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -114,17 +127,44 @@ def train(cfg: TrainConfig, *, cache_dir: str | Path, out_dir: str | Path, resum
         torch.cuda.reset_peak_memory_stats(dev)
     session_start, session_tokens = time.perf_counter(), pos.tokens
     with reader:
-        _loop(cfg, stop=stop, pos=pos, model=wrapped, optimizer=optimizer, scheduler=scheduler, spec=spec,
-              reader=reader, dev=dev, out=out, rank=rank, world=world, vmap=vmap, progress=progress)
+        _loop(
+            cfg,
+            stop=stop,
+            pos=pos,
+            model=wrapped,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            spec=spec,
+            reader=reader,
+            dev=dev,
+            out=out,
+            rank=rank,
+            world=world,
+            vmap=vmap,
+            progress=progress,
+        )
         session_s = time.perf_counter() - session_start
-        summary = _summary(cfg, pos=pos, stop=stop, reader=reader, model=model, dev=dev, world=world,
-                           tokens_per_s=(pos.tokens - session_tokens) / max(session_s, 1e-9), out=out)
+        summary = _summary(
+            cfg,
+            pos=pos,
+            stop=stop,
+            reader=reader,
+            model=model,
+            dev=dev,
+            world=world,
+            tokens_per_s=(pos.tokens - session_tokens) / max(session_s, 1e-9),
+            out=out,
+        )
     summary["vocab_map"] = mapping
     if rank == 0:
         save_final(model, student_tok, out=out, summary=summary)
     barrier()  # every rank returns once the final model is on disk
-    log.info("trained %d steps: %.0f tokens/s, peak %s", pos.step, summary["tokens_per_s"],
-             ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["peak_memory_bytes"].items()))
+    log.info(
+        "trained %d steps: %.0f tokens/s, peak %s",
+        pos.step,
+        summary["tokens_per_s"],
+        ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["peak_memory_bytes"].items()),
+    )
     return summary
 
 
@@ -135,41 +175,36 @@ def _open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, 
     reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(cache_tok))
     if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(cache_tok):
         return reader, student_tok, None, None
-    vmap = build_vocab_map(cache_tok, student_tok, cache_vocab_size=reader.layout.vocab_size,
-                           student_vocab_size=_id_space(student_tok))
+    student_vocab = tokenizer_vocab_size(student_tok)
+    vmap = build_vocab_map(
+        cache_tok, student_tok, cache_vocab_size=reader.layout.vocab_size, student_vocab_size=student_vocab
+    )
     report = mapping_coverage(vmap, reader.iter_sequences(0, MAPPING_SAMPLE))
     kept = report.get("teacher_mass_kept_ratio", report.get("draws_kept", 1.0))
-    log.log(logging.WARNING if kept < 0.9 else logging.INFO,
-            "train.vocab_map: exact: %d of %d cache ids map to the student's vocabulary; on %d cached positions "
-            "the mapping keeps %.1f%% of the cached teacher mass (%s) and %.1f%% of input tokens (the rest become "
-            "the student's unk/eos token)", report["ids_mapped"], report["cache_vocab_size"],
-            report["positions_measured"], 100 * kept,
-            f"{report['teacher_mass_kept']:.4f} of {report['teacher_mass_cached']:.4f} per position"
-            if "teacher_mass_kept" in report else "sampled draws", 100 * report["input_tokens_mapped"])
+    log.log(
+        logging.WARNING if kept < 0.9 else logging.INFO,
+        "train.vocab_map: exact: %d of %d cache ids map to the student's vocabulary; on %d cached positions "
+        "the mapping keeps %.1f%% of the cached teacher mass (%s) and %.1f%% of input tokens (the rest become "
+        "the student's unk/eos token)",
+        report["ids_mapped"],
+        report["cache_vocab_size"],
+        report["positions_measured"],
+        100 * kept,
+        f"{report['teacher_mass_kept']:.4f} of {report['teacher_mass_cached']:.4f} per position"
+        if "teacher_mass_kept" in report
+        else "sampled draws",
+        100 * report["input_tokens_mapped"],
+    )
     return reader, student_tok, vmap, report
-
-
-def _id_space(tokenizer: Any) -> int:
-    """``len(tokenizer)``, or 1 + the largest id if ids have gaps."""
-    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: cuda if available, else cpu. A bare ``cuda`` means the current GPU (``cuda:LOCAL_RANK``
-    under torchrun, see ``kdcache.distributed.process_group``)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def load_cache_tokenizer(cache_dir: str | Path) -> Any:
     path = Path(cache_dir) / TOKENIZER_SUBDIR
     if not path.is_dir():
-        raise TrainError(f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
-                         "cache stage); rebuild or re-pull the cache")
+        raise TrainError(
+            f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
+            "cache stage); rebuild or re-pull the cache"
+        )
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
@@ -177,11 +212,15 @@ def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -
     """The loss for ``cfg``, refusing a loss the cache's targets cannot feed."""
     layout = reader.layout
     if cfg.loss in ("topk_tail", "topk_renorm") and not layout.has_topk:
-        raise ConfigError(f"train.loss={cfg.loss} needs top-k targets but {cache_dir} holds '{layout.kind}' targets; "
-                          "set train.loss: sampled, or rebuild the cache with cache.targets: topk or both")
+        raise ConfigError(
+            f"train.loss={cfg.loss} needs top-k targets but {cache_dir} holds '{layout.kind}' targets; "
+            "set train.loss: sampled, or rebuild the cache with cache.targets: topk or both"
+        )
     if cfg.loss == "sampled" and not layout.has_samples:
-        raise ConfigError(f"train.loss=sampled needs sampled targets but {cache_dir} holds '{layout.kind}' targets; "
-                          "set train.loss: topk_tail, or rebuild the cache with cache.targets: sampled or both")
+        raise ConfigError(
+            f"train.loss=sampled needs sampled targets but {cache_dir} holds '{layout.kind}' targets; "
+            "set train.loss: topk_tail, or rebuild the cache with cache.targets: sampled or both"
+        )
     try:
         return KDLossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
     except ValueError as e:
@@ -206,13 +245,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_stream(reader: CacheReader, batch_size: int, *, seed: int, pos: Position, rank: int,
-                 world: int) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+def batch_stream(
+    reader: CacheReader, batch_size: int, *, seed: int, pos: Position, rank: int, world: int
+) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
     """Batches from ``pos`` on, rolling over epochs; yields ((epoch, batch) after this one, batch)."""
     per_epoch = reader.num_batches(batch_size, world)
     if per_epoch < 1:
-        raise TrainError(f"cache has {len(reader)} sequences, fewer than one batch of {batch_size} x {world} rank(s); "
-                         "lower train.batch_size or cache more sequences")
+        raise TrainError(
+            f"cache has {len(reader)} sequences, fewer than one batch of {batch_size} x {world} rank(s); "
+            "lower train.batch_size or cache more sequences"
+        )
     epoch, start = pos.epoch, pos.batch
     while True:
         batches = reader.batches(batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, start_batch=start)
@@ -226,9 +268,23 @@ def batch_stream(reader: CacheReader, batch_size: int, *, seed: int, pos: Positi
         epoch, start = epoch + 1, 0
 
 
-def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, spec: KDLossSpec, reader: CacheReader, dev: torch.device, out: Path, rank: int,
-          world: int, vmap: VocabMap | None, progress: bool) -> None:
+def _loop(
+    cfg: TrainConfig,
+    *,
+    stop: int,
+    pos: Position,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    spec: KDLossSpec,
+    reader: CacheReader,
+    dev: torch.device,
+    out: Path,
+    rank: int,
+    world: int,
+    vmap: VocabMap | None,
+    progress: bool,
+) -> None:
     from tqdm.auto import tqdm
 
     stream = batch_stream(reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world)
@@ -238,20 +294,32 @@ def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module,
         while pos.step < stop:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev,
-                          vmap=vmap)
+            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev, vmap=vmap)
             scheduler.step()
             dt = time.perf_counter() - t0
             tokens = stats.pop("tokens") * world
             pos.step, pos.tokens, pos.elapsed = pos.step + 1, pos.tokens + tokens, pos.elapsed + dt
-            record = {"step": pos.step, **stats, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
-                      "elapsed": pos.elapsed, "epoch": pos.epoch}
+            record = {
+                "step": pos.step,
+                **stats,
+                "lr": lr,
+                "tokens_per_s": tokens / max(dt, 1e-9),
+                "elapsed": pos.elapsed,
+                "epoch": pos.epoch,
+            }
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if pos.step % cfg.log_every == 0:
-                log.info("step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s", pos.step, record["loss"],
-                         record["kd"], record["ce"], lr, record["tokens_per_s"])
+                log.info(
+                    "step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s",
+                    pos.step,
+                    record["loss"],
+                    record["kd"],
+                    record["ce"],
+                    lr,
+                    record["tokens_per_s"],
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if rank == 0 and (pos.step % cfg.checkpoint_every == 0 or pos.step == stop):
@@ -263,8 +331,17 @@ def _loop(cfg: TrainConfig, *, stop: int, pos: Position, model: torch.nn.Module,
             log_file.close()
 
 
-def _step(cfg: TrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: KDLossSpec,
-          stream: Iterator, pos: Position, dev: torch.device, vmap: VocabMap | None) -> dict[str, float]:
+def _step(
+    cfg: TrainConfig,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    spec: KDLossSpec,
+    stream: Iterator,
+    pos: Position,
+    dev: torch.device,
+    vmap: VocabMap | None,
+) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch.
 
     Under DDP gradients are averaged over ranks on the last micro-batch only (``no_sync`` before);
@@ -290,16 +367,19 @@ def _step(cfg: TrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Op
         tokens += input_ids.numel()
     loss, kd, ce = mean_over_ranks(sums.tolist())
     if not math.isfinite(loss):
-        raise TrainError(f"loss is {loss} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
-                         "check the cache with `kdcache verify`")
+        raise TrainError(
+            f"loss is {loss} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
+            "check the cache with `kdcache verify`"
+        )
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     optimizer.step()
     return {"loss": loss, "kd": kd, "ce": ce, "grad_norm": grad_norm, "tokens": tokens}
 
 
-def _start(out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-           is_main: bool) -> Position:
+def _start(
+    out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, is_main: bool
+) -> Position:
     """Restore the newest checkpoint (resume) or clear a previous run's state; drop a stale finish marker."""
     ckpt = latest_checkpoint(out) if resume else None
     if is_main:
@@ -323,8 +403,9 @@ def _start(out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.
     return pos
 
 
-def _checkpoint(out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                pos: Position) -> None:
+def _checkpoint(
+    out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, pos: Position
+) -> None:
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
     save_checkpoint(out, step=pos.step, model=_unwrap(model), state=state, trainer=asdict(pos))
 
@@ -362,24 +443,49 @@ def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: di
     os.replace(marker, out / SUMMARY_NAME)
 
 
-def _summary(cfg: TrainConfig, *, pos: Position, stop: int, reader: CacheReader, model: torch.nn.Module,
-             dev: torch.device, world: int, tokens_per_s: float, out: Path) -> dict[str, Any]:
+def _summary(
+    cfg: TrainConfig,
+    *,
+    pos: Position,
+    stop: int,
+    reader: CacheReader,
+    model: torch.nn.Module,
+    dev: torch.device,
+    world: int,
+    tokens_per_s: float,
+    out: Path,
+) -> dict[str, Any]:
     last = _last_log_line(out / LOG_NAME)
     manifest = reader.meta
     peak = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if dev.type == "cuda":
         peak["cuda"] = torch.cuda.max_memory_allocated(dev)
     return {
-        "complete": pos.step >= cfg.max_steps, "steps": pos.step, "max_steps": cfg.max_steps, "stopped_at": stop,
+        "complete": pos.step >= cfg.max_steps,
+        "steps": pos.step,
+        "max_steps": cfg.max_steps,
+        "stopped_at": stop,
         "epochs": pos.epoch + pos.batch / max(reader.num_batches(cfg.batch_size, world), 1),
-        "tokens": pos.tokens, "final_loss": last.get("loss"), "final_kd": last.get("kd"), "final_ce": last.get("ce"),
-        "tokens_per_s": tokens_per_s, "elapsed_s": pos.elapsed, "peak_memory_bytes": peak,
-        "num_parameters": count_parameters(model), "device": str(dev), "world_size": world,
+        "tokens": pos.tokens,
+        "final_loss": last.get("loss"),
+        "final_kd": last.get("kd"),
+        "final_ce": last.get("ce"),
+        "tokens_per_s": tokens_per_s,
+        "elapsed_s": pos.elapsed,
+        "peak_memory_bytes": peak,
+        "num_parameters": count_parameters(model),
+        "device": str(dev),
+        "world_size": world,
         "global_batch_size": cfg.batch_size * cfg.grad_accum * world,
-        "cache": {"name": manifest.name, "teacher_sha256": manifest.teacher.get("sha256"),
-                  "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
-                  "corpus_fingerprint": manifest.corpus.get("fingerprint"), "targets": manifest.targets},
-        "config": to_dict(cfg), "kdcache_version": __version__,
+        "cache": {
+            "name": manifest.name,
+            "teacher_sha256": manifest.teacher.get("sha256"),
+            "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
+            "corpus_fingerprint": manifest.corpus.get("fingerprint"),
+            "targets": manifest.targets,
+        },
+        "config": to_dict(cfg),
+        "kdcache_version": __version__,
     }
 
 

@@ -29,8 +29,9 @@ def main() -> None:
     teacher_cfg = load_section(TeacherConfig, params.get("teacher"), section="teacher")
     with process_group("gloo", timeout_s=TIMEOUT_S) as (rank, world):  # only collective: one barrier
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
-        build_cache(teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world,
-                    progress=show_progress() and rank == 0)  # ends with a barrier; rank 0 writes the manifest
+        build_cache(
+            teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world, progress=show_progress() and rank == 0
+        )  # ends with a barrier; rank 0 writes the manifest
 
 
 if __name__ == "__main__":

@@ -18,9 +18,12 @@ def main() -> None:
     ap.add_argument("--out", default="models/demo-teacher")
     args = ap.parse_args()
     params = load_params(args.params)
-    train_demo_teacher(load_section(CorpusConfig, params.get("corpus"), section="corpus"),
-                       load_section(DemoTeacherConfig, params.get("demo_teacher"), section="demo_teacher"),
-                       out_dir=args.out, progress=show_progress())
+    train_demo_teacher(
+        load_section(CorpusConfig, params.get("corpus"), section="corpus"),
+        load_section(DemoTeacherConfig, params.get("demo_teacher"), section="demo_teacher"),
+        out_dir=args.out,
+        progress=show_progress(),
+    )
 
 
 if __name__ == "__main__":

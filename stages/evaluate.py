@@ -20,9 +20,12 @@ def main() -> None:
     ap.add_argument("--plots", default="plots")
     args = ap.parse_args()
     cfg = load_section(EvaluateConfig, load_params(args.params).get("evaluate"), section="evaluate")
-    metrics = evaluate(cfg, tokens=open_tokens(args.tokens, "val"),
-                       models={"teacher": args.teacher, "student": args.student, "baseline": args.baseline},
-                       progress=show_progress())
+    metrics = evaluate(
+        cfg,
+        tokens=open_tokens(args.tokens, "val"),
+        models={"teacher": args.teacher, "student": args.student, "baseline": args.baseline},
+        progress=show_progress(),
+    )
     write_metrics(metrics, metrics_path=args.metrics, plots_dir=args.plots)
 
 

@@ -15,9 +15,13 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
-    prepare_tokens(load_section(CorpusConfig, params.get("corpus"), section="corpus"),
-                   load_section(PrepareConfig, params.get("prepare"), section="prepare"),
-                   tokenizer_dir=teacher.path, out_dir=args.out, progress=show_progress())
+    prepare_tokens(
+        load_section(CorpusConfig, params.get("corpus"), section="corpus"),
+        load_section(PrepareConfig, params.get("prepare"), section="prepare"),
+        tokenizer_dir=teacher.path,
+        out_dir=args.out,
+        progress=show_progress(),
+    )
 
 
 if __name__ == "__main__":

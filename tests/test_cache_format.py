@@ -54,8 +54,9 @@ def dense_logprobs(rng: np.random.Generator, T: int, V: int, scale: float) -> np
     return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
 
 
-def random_targets(layout: TargetLayout, n: int, *, seed: int = 0, first_seq: int = 0, scale: float = 3.0,
-                   with_tail: bool = False) -> list[SequenceTargets]:
+def random_targets(
+    layout: TargetLayout, n: int, *, seed: int = 0, first_seq: int = 0, scale: float = 3.0, with_tail: bool = False
+) -> list[SequenceTargets]:
     """Sparse targets of n sequences from a real softmax over random logits, top-k in probability
     order (as a caller may pass them; the cache stores ascending ids)."""
     rng = np.random.default_rng(seed)
@@ -65,7 +66,7 @@ def random_targets(layout: TargetLayout, n: int, *, seed: int = 0, first_seq: in
         logp = dense_logprobs(rng, T, V, scale)  # (T, V)
         t = SequenceTargets(seq_index=first_seq + i, input_ids=rng.integers(0, V, T))
         if layout.has_topk:
-            ids = np.argsort(-logp, axis=-1, kind="stable")[:, :layout.top_k]  # (T, k)
+            ids = np.argsort(-logp, axis=-1, kind="stable")[:, : layout.top_k]  # (T, k)
             lp = np.take_along_axis(logp, ids, -1).astype(np.float32)  # (T, k) descending
             lengths = np.full(T, layout.top_k)
             if layout.adaptive:
@@ -79,13 +80,15 @@ def random_targets(layout: TargetLayout, n: int, *, seed: int = 0, first_seq: in
                 t.topk_log_tail = np.logaddexp.reduce(np.where(dropped, logp, -np.inf), axis=-1)
         if layout.has_samples:
             cdf = np.cumsum(np.exp(logp), -1)  # (T, V)
-            draws = [np.unique(np.minimum(np.searchsorted(c, rng.random(layout.samples) * c[-1]), V - 1),
-                               return_counts=True) for c in cdf]
+            draws = [
+                np.unique(np.minimum(np.searchsorted(c, rng.random(layout.samples) * c[-1]), V - 1), return_counts=True)
+                for c in cdf
+            ]
             width = max(len(u) for u, _ in draws)
             t.sample_ids = np.zeros((T, width), np.int64)
             t.sample_counts = np.zeros((T, width), np.int64)
             for pos, (u, c) in enumerate(draws):
-                t.sample_ids[pos, :len(u)], t.sample_counts[pos, :len(u)] = u, c
+                t.sample_ids[pos, : len(u)], t.sample_counts[pos, : len(u)] = u, c
         out.append(t)
     return out
 
@@ -113,7 +116,9 @@ def assert_same_targets(got: dict, want: SequenceTargets, layout: TargetLayout) 
         assert (got["sample_counts"].sum(-1) == layout.samples).all()
 
 
-def assert_values_within_bound(got: np.ndarray, want: np.ndarray, keep: np.ndarray, *, log_tail: np.ndarray | None = None) -> None:
+def assert_values_within_bound(
+    got: np.ndarray, want: np.ndarray, keep: np.ndarray, *, log_tail: np.ndarray | None = None
+) -> None:
     """Relative to each position's max, (p / p_max) ** gamma is within half a code step; the kept
     mass matches 1 - p_tail (from ``log_tail``, else from ``want``) within half a tail-code step, or
     within 1e-7 absolute: the float32 floor of summing decoded log-probs (fp32 teacher outputs
@@ -126,7 +131,9 @@ def assert_values_within_bound(got: np.ndarray, want: np.ndarray, keep: np.ndarr
     mass_got = np.exp(got64).sum(-1)
     mass_want = np.where(keep, np.exp(want), 0).sum(-1) if log_tail is None else -np.expm1(log_tail)
     logit = lambda m: np.log1p(-m) - np.log(m)  # noqa: E731  logit of the tail, from the kept mass
-    close = (np.abs(logit(mass_got) - logit(mass_want)) <= 0.5 / TAIL_SCALE + 1e-5) | (np.abs(mass_got - mass_want) < 1e-7)
+    close = (np.abs(logit(mass_got) - logit(mass_want)) <= 0.5 / TAIL_SCALE + 1e-5) | (
+        np.abs(mass_got - mass_want) < 1e-7
+    )
     assert close.all()
 
 
@@ -174,7 +181,7 @@ def test_value_codes_are_uniform_in_p_over_p_max_to_the_gamma_and_code_0_is_the_
     lp = np.log(np.array([0.5, 0.25, 0.125, 1e-9, 0.3]))
     codes, log_mass = encode_values(lp, np.array([4, 1]))
     assert codes[0] == 0 and codes[4] == 0 and codes[3] == VALUE_LEVELS
-    assert codes[1] == round(VALUE_LEVELS * (1 - 0.5 ** VALUE_GAMMA))
+    assert codes[1] == round(VALUE_LEVELS * (1 - 0.5**VALUE_GAMMA))
     np.testing.assert_allclose(np.exp(log_mass), [0.875 + 1e-9, 0.3])
 
 
@@ -205,7 +212,9 @@ def test_decoded_top_k_matches_a_dense_fp32_reference_within_the_quantization_bo
         p, q = np.where(keep, np.exp(lp), 0), np.exp(back.topk_logprobs.astype(np.float64))
         t, t_stored = np.exp(want.topk_log_tail), np.clip(1 - q.sum(-1), 0, None)
         with np.errstate(divide="ignore", invalid="ignore"):
-            kl = np.where(q > 0, q * np.log(q / p), 0).sum(-1) + np.where(t_stored > 0, t_stored * np.log(t_stored / t), 0)
+            kl = np.where(q > 0, q * np.log(q / p), 0).sum(-1) + np.where(
+                t_stored > 0, t_stored * np.log(t_stored / t), 0
+            )
         assert kl.mean() < 1e-4 and kl.max() < 1e-3
 
 
@@ -259,11 +268,14 @@ def test_decoded_logprobs_do_not_depend_on_padding_or_batch_shape() -> None:
 def test_ids_above_65535_use_uint32_blobs() -> None:
     big = TargetLayout(kind="both", vocab_size=70_000, seq_len=3, top_k=2, samples=4)
     assert LAYOUTS["topk"].id_dtype == np.dtype("<u2") and big.id_dtype == np.dtype("<u4")
-    t = SequenceTargets(seq_index=7, input_ids=np.array([69_999, 65_536, 1]),
-                        topk_ids=np.array([[69_999, 0], [65_536, 65_535], [1, 2]]),
-                        topk_logprobs=np.full((3, 2), -1.5, np.float32),
-                        sample_ids=np.array([[5, 69_998], [66_000, 0], [3, 0]]),
-                        sample_counts=np.array([[1, 3], [4, 0], [4, 0]]))
+    t = SequenceTargets(
+        seq_index=7,
+        input_ids=np.array([69_999, 65_536, 1]),
+        topk_ids=np.array([[69_999, 0], [65_536, 65_535], [1, 2]]),
+        topk_logprobs=np.full((3, 2), -1.5, np.float32),
+        sample_ids=np.array([[5, 69_998], [66_000, 0], [3, 0]]),
+        sample_counts=np.array([[1, 3], [4, 0], [4, 0]]),
+    )
     row = _row_dicts(big, [t])[0]
     assert len(row["input_ids"]) == 3 * 4
     got = decode_row(big, row)
@@ -291,12 +303,22 @@ def test_stage_rows_refuses_a_table_of_another_layout() -> None:
     table = encode_table(LAYOUTS["topk"], random_targets(LAYOUTS["topk"], 1))
     with pytest.raises(CacheFormatError, match="columns"):
         stage_rows(LAYOUTS["sampled"], table)
-    assert stage_rows(LAYOUTS["topk"], pa.Table.from_batches(table.to_batches(max_chunksize=1))).input_ids.shape == (1, 12)
+    assert stage_rows(LAYOUTS["topk"], pa.Table.from_batches(table.to_batches(max_chunksize=1))).input_ids.shape == (
+        1,
+        12,
+    )
 
 
 def test_target_layout_refuses_bad_settings_and_unknown_value_encodings() -> None:
-    for bad in ({"kind": "dense"}, {"top_k": 0}, {"top_k": 301}, {"mass": 1.0}, {"temperature": 0.0},
-                {"vocab_size": 0}, {"seq_len": 0}):
+    for bad in (
+        {"kind": "dense"},
+        {"top_k": 0},
+        {"top_k": 301},
+        {"mass": 1.0},
+        {"temperature": 0.0},
+        {"vocab_size": 0},
+        {"seq_len": 0},
+    ):
         with pytest.raises(CacheFormatError):
             TargetLayout(**{"kind": "topk", "vocab_size": 300, "seq_len": 4, "top_k": 2, **bad})
     with pytest.raises(CacheFormatError, match="samples"):
@@ -311,9 +333,16 @@ def test_target_layout_refuses_bad_settings_and_unknown_value_encodings() -> Non
 def good_manifest() -> dict:
     layout = LAYOUTS["topk"]
     shard = ShardInfo(file="shard-00000.parquet", rows=2, tokens=24, bytes=100, sha256="ab" * 32)
-    m = Manifest(name="t", teacher={"path": "x"}, tokenizer={"fingerprint": "f", "vocab_size": 300},
-                 corpus={"split": "train", "seq_len": 12}, targets=layout.to_dict(), shards=[shard],
-                 stats={}, created_by="test")
+    m = Manifest(
+        name="t",
+        teacher={"path": "x"},
+        tokenizer={"fingerprint": "f", "vocab_size": 300},
+        corpus={"split": "train", "seq_len": 12},
+        targets=layout.to_dict(),
+        shards=[shard],
+        stats={},
+        created_by="test",
+    )
     return json.loads(m.to_json())
 
 
@@ -333,36 +362,39 @@ def _with(path: str, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("path,value,message", [
-    ("format_version", "2.0", "not supported"),
-    ("format_version", "1", "bad format_version"),
-    ("format", "other", "format is"),
-    ("shards.0.file", "/etc/passwd", "not of the form"),
-    ("shards.0.file", "../x.parquet", "not of the form"),
-    ("shards.0.file", "a/b.parquet", "not of the form"),
-    ("shards.0.file", "shard-1.parquet", "not of the form"),
-    ("shards.0.file", "shard-00000.parquet/..", "not of the form"),
-    ("shards.0.file", 5, "not of the form"),
-    ("shards.0.rows", -1, "non-negative integer"),
-    ("shards.0.rows", 1 << 62, "non-negative integer"),
-    ("shards.0.rows", "2", "non-negative integer"),
-    ("shards.0.rows", True, "non-negative integer"),
-    ("shards.0.rows", 2.0, "non-negative integer"),
-    ("shards.0.bytes", -5, "non-negative integer"),
-    ("shards.0.tokens", 25, "tokens 25 != rows 2"),
-    ("shards.0.sha256", "AB" * 32, "64 hex digits"),
-    ("shards.0.sha256", None, "64 hex digits"),
-    ("shards", {}, "must be a list"),
-    ("teacher", "x", "'teacher' must be an object"),
-    ("name", 3, "'name' must be a string"),
-    ("targets.top_k", 0, "top_k"),
-    ("targets.kind", "dense", "kind"),
-    ("targets.vocab_size", 301, "differs from tokenizer.vocab_size"),
-    ("targets.seq_len", 12.0, "x/manifest.json: targets.seq_len must be an integer"),
-    ("targets.top_k", True, "targets.top_k must be an integer"),
-    ("targets.samples", None, "targets.samples must be an integer"),
-    ("targets.mass", "0.5", "targets.mass must be a number"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("format_version", "2.0", "not supported"),
+        ("format_version", "1", "bad format_version"),
+        ("format", "other", "format is"),
+        ("shards.0.file", "/etc/passwd", "not of the form"),
+        ("shards.0.file", "../x.parquet", "not of the form"),
+        ("shards.0.file", "a/b.parquet", "not of the form"),
+        ("shards.0.file", "shard-1.parquet", "not of the form"),
+        ("shards.0.file", "shard-00000.parquet/..", "not of the form"),
+        ("shards.0.file", 5, "not of the form"),
+        ("shards.0.rows", -1, "non-negative integer"),
+        ("shards.0.rows", 1 << 62, "non-negative integer"),
+        ("shards.0.rows", "2", "non-negative integer"),
+        ("shards.0.rows", True, "non-negative integer"),
+        ("shards.0.rows", 2.0, "non-negative integer"),
+        ("shards.0.bytes", -5, "non-negative integer"),
+        ("shards.0.tokens", 25, "tokens 25 != rows 2"),
+        ("shards.0.sha256", "AB" * 32, "64 hex digits"),
+        ("shards.0.sha256", None, "64 hex digits"),
+        ("shards", {}, "must be a list"),
+        ("teacher", "x", "'teacher' must be an object"),
+        ("name", 3, "'name' must be a string"),
+        ("targets.top_k", 0, "top_k"),
+        ("targets.kind", "dense", "kind"),
+        ("targets.vocab_size", 301, "differs from tokenizer.vocab_size"),
+        ("targets.seq_len", 12.0, "x/manifest.json: targets.seq_len must be an integer"),
+        ("targets.top_k", True, "targets.top_k must be an integer"),
+        ("targets.samples", None, "targets.samples must be an integer"),
+        ("targets.mass", "0.5", "targets.mass must be a number"),
+    ],
+)
 def test_manifest_refuses_bad_fields(path: str, value, message: str) -> None:
     with pytest.raises(CacheFormatError, match=message):
         Manifest.from_dict(_with(path, value), source="cache/x/manifest.json")

@@ -20,22 +20,43 @@ from kdcache.fingerprint import sha256_file
 N = 23  # sequences; 5 shards of 5, 5, 5, 5, 3 rows
 
 
-def write_test_cache(directory: Path, rows: list[SequenceTargets], layout: TargetLayout, *, rows_per_shard: int = 5,
-                     tokenizer_fingerprint: str = "tok-a") -> Manifest:
+def write_test_cache(
+    directory: Path,
+    rows: list[SequenceTargets],
+    layout: TargetLayout,
+    *,
+    rows_per_shard: int = 5,
+    tokenizer_fingerprint: str = "tok-a",
+) -> Manifest:
     """A cache written by the contract alone: encode_table -> zstd Parquet with page checksums -> manifest last."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for i, start in enumerate(range(0, len(rows), rows_per_shard)):
-        chunk = rows[start:start + rows_per_shard]
+        chunk = rows[start : start + rows_per_shard]
         path = directory / f"shard-{i:05d}.parquet"
-        pq.write_table(encode_table(layout, chunk), path, compression="zstd", write_page_checksum=True,
-                       use_dictionary=False)
-        shards.append(ShardInfo(file=path.name, rows=len(chunk), tokens=len(chunk) * layout.seq_len,
-                                bytes=path.stat().st_size, sha256=sha256_file(path), first_seq=chunk[0].seq_index))
-    manifest = Manifest(name=directory.name, teacher={"path": "tiny"},
-                        tokenizer={"fingerprint": tokenizer_fingerprint, "vocab_size": layout.vocab_size},
-                        corpus={"fingerprint": "c", "split": "train", "seq_len": layout.seq_len, "num_sequences": len(rows)},
-                        targets=layout.to_dict(), shards=shards, stats={}, created_by="test")
+        pq.write_table(
+            encode_table(layout, chunk), path, compression="zstd", write_page_checksum=True, use_dictionary=False
+        )
+        shards.append(
+            ShardInfo(
+                file=path.name,
+                rows=len(chunk),
+                tokens=len(chunk) * layout.seq_len,
+                bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                first_seq=chunk[0].seq_index,
+            )
+        )
+    manifest = Manifest(
+        name=directory.name,
+        teacher={"path": "tiny"},
+        tokenizer={"fingerprint": tokenizer_fingerprint, "vocab_size": layout.vocab_size},
+        corpus={"fingerprint": "c", "split": "train", "seq_len": layout.seq_len, "num_sequences": len(rows)},
+        targets=layout.to_dict(),
+        shards=shards,
+        stats={},
+        created_by="test",
+    )
     (directory / "manifest.json").write_text(manifest.to_json())
     return manifest
 
@@ -111,8 +132,12 @@ def test_batch_tensors_hold_the_decoded_targets_with_zero_padding(caches, stagin
     path, _ = caches[kind]
     layout, reader = LAYOUTS[kind], open_cache(path, staging_dir=staging)
     batches = _epoch(reader, 4, epoch=1, drop_last=False)
-    keys = {"input_ids", "seq_index"} | ({"topk_ids", "topk_logprobs"} if layout.has_topk else set()) \
-        | ({"topk_mask"} if layout.adaptive else set()) | ({"sample_ids", "sample_counts"} if layout.has_samples else set())
+    keys = (
+        {"input_ids", "seq_index"}
+        | ({"topk_ids", "topk_logprobs"} if layout.has_topk else set())
+        | ({"topk_mask"} if layout.adaptive else set())
+        | ({"sample_ids", "sample_counts"} if layout.has_samples else set())
+    )
     for batch in batches:
         assert set(batch) == keys and batch["input_ids"].dtype == torch.int64
         for b, i in enumerate(batch["seq_index"].tolist()):
@@ -133,7 +158,9 @@ def test_batch_tensors_hold_the_decoded_targets_with_zero_padding(caches, stagin
                 np.testing.assert_array_equal(batch["sample_ids"][b].numpy()[:, :w], item["sample_ids"])
                 assert (counts[:, w:] == 0).all() and (counts.sum(-1) == layout.samples).all()
         if layout.has_samples:
-            assert batch["sample_ids"].shape[-1] == max(int(reader[i]["sample_ids"].shape[1]) for i in batch["seq_index"].tolist())
+            assert batch["sample_ids"].shape[-1] == max(
+                int(reader[i]["sample_ids"].shape[1]) for i in batch["seq_index"].tolist()
+            )
 
 
 def test_ids_above_65535_round_trip_through_the_reader(tmp_path, staging) -> None:
@@ -163,15 +190,18 @@ def test_an_epoch_covers_each_sequence_exactly_once(caches, staging, window) -> 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
 @pytest.mark.parametrize("batch_size,world_size", [(3, 3), (5, 4)])  # 23 = 9+9+5 -> 2,2,1; 23 = 20+3 -> 1,1,1,0
-def test_ranks_cover_each_sequence_once_even_when_counts_do_not_divide(caches, staging, kind, batch_size,
-                                                                       world_size) -> None:
+def test_ranks_cover_each_sequence_once_even_when_counts_do_not_divide(
+    caches, staging, kind, batch_size, world_size
+) -> None:
     reader = open_cache(caches[kind][0], staging_dir=staging)
     per_rank = [_epoch(reader, batch_size, rank=r, world_size=world_size, drop_last=False) for r in range(world_size)]
     assert {len(p) for p in per_rank} == {reader.num_batches(batch_size, world_size, drop_last=False)}  # same steps
     seen = sum((sum(_ids(p), []) for p in per_rank), [])
     assert sorted(seen) == list(range(N))
     last = [p[-1] for p in per_rank]
-    assert [len(b["seq_index"]) for b in last] == [len(a) for a in np.array_split(np.arange(N % (batch_size * world_size) or batch_size * world_size), world_size)]
+    assert [len(b["seq_index"]) for b in last] == [
+        len(a) for a in np.array_split(np.arange(N % (batch_size * world_size) or batch_size * world_size), world_size)
+    ]
     assert all(b["input_ids"].shape[1:] == (LAYOUTS[kind].seq_len,) for b in last)  # empty slices keep their shape
 
 
@@ -198,7 +228,9 @@ def test_two_ranks_of_b_see_exactly_one_rank_of_2b(caches, staging, kind) -> Non
 
 def test_resume_twice_and_at_an_epoch_boundary_equals_an_uninterrupted_run(caches, staging) -> None:
     path = caches["both"][0]
-    whole = _epoch(open_cache(path, staging_dir=staging), 2, epoch=0) + _epoch(open_cache(path, staging_dir=staging), 2, epoch=1)
+    whole = _epoch(open_cache(path, staging_dir=staging), 2, epoch=0) + _epoch(
+        open_cache(path, staging_dir=staging), 2, epoch=1
+    )
     per_epoch = open_cache(path, staging_dir=staging).num_batches(2)
     got = []
     for epoch, start, take in [(0, 0, 3), (0, 3, 4), (0, 7, None), (1, 0, 2), (1, 2, None)]:

@@ -35,8 +35,12 @@ def _make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -47,8 +51,16 @@ def teacher(tmp_path_factory) -> Teacher:
 
     path = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)  # confident positions too: tails from ~1e-1 down to ~1e-9
     model.save_pretrained(path)
@@ -60,8 +72,12 @@ def teacher(tmp_path_factory) -> Teacher:
 def caches(tmp_path_factory, teacher) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("readme")
     ids = np.random.default_rng(0).integers(0, VOCAB - 1, size=(N, T))
-    write_tokens(root / "tokens", {"train": ids, "val": ids[:2]}, vocab_size=VOCAB,
-                 tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer))
+    write_tokens(
+        root / "tokens",
+        {"train": ids, "val": ids[:2]},
+        vocab_size=VOCAB,
+        tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer),
+    )
     tokens = open_tokens(root / "tokens", "train")
     out = {}
     for name, cfg in CONFIGS.items():
@@ -72,7 +88,7 @@ def caches(tmp_path_factory, teacher) -> dict[str, Path]:
 
 def readme_snippet() -> str:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Decoding a row by hand"):]
+    section = text[text.index("## Decoding a row by hand") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -80,7 +96,7 @@ def readme_snippet() -> str:
 def test_the_readme_decoder_reads_a_real_cache_exactly_like_the_reader(caches, name) -> None:
     code = readme_snippet()
     assert re.search(r'^cache_dir = "cache/demo"', code, re.M), "the snippet must start from a cache_dir variable"
-    code = re.sub(r'^cache_dir = .*$', f"cache_dir = {str(caches[name])!r}", code, count=1, flags=re.M)
+    code = re.sub(r"^cache_dir = .*$", f"cache_dir = {str(caches[name])!r}", code, count=1, flags=re.M)
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - the README's own example, on our own cache
     with open_cache(caches[name], staging_dir=caches[name].parent / "staging") as reader:
@@ -107,6 +123,16 @@ def test_the_readme_documents_every_column_and_manifest_field(caches) -> None:
         for section in ("teacher", "tokenizer", "corpus", "targets", "stats"):
             for key in getattr(manifest, section):
                 assert f"`{key}`" in text, f"{section}.{key}"
-        for key in ("file", "rows", "tokens", "bytes", "sha256", "first_seq", "format", "format_version",
-                    "created_by", "name"):
+        for key in (
+            "file",
+            "rows",
+            "tokens",
+            "bytes",
+            "sha256",
+            "first_seq",
+            "format",
+            "format_version",
+            "created_by",
+            "name",
+        ):
             assert f"`{key}`" in text and f'"{key}"' in raw, key

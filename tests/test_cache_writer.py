@@ -30,8 +30,12 @@ def _make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -42,8 +46,16 @@ def teacher(tmp_path_factory) -> Teacher:
 
     path = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(path)
     _make_tokenizer().save_pretrained(path)
     return load_teacher(TeacherConfig(path=str(path), device="cpu"))
 
@@ -53,8 +65,12 @@ def token_dir(tmp_path_factory, teacher) -> Path:
     ids = np.random.default_rng(0).integers(0, VOCAB - 1, size=(N, T))
     ids[7, 9] = RARE  # shard 1, second batch: its .tmp is open when the NaN appears
     path = tmp_path_factory.mktemp("tokens")
-    write_tokens(path, {"train": ids, "val": ids[:2]}, vocab_size=VOCAB,
-                 tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer))
+    write_tokens(
+        path,
+        {"train": ids, "val": ids[:2]},
+        vocab_size=VOCAB,
+        tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer),
+    )
     return path
 
 
@@ -76,8 +92,10 @@ def test_cached_values_equal_a_fresh_teacher_forward(teacher, token_dir, tmp_pat
     rows = _rows(tmp_path / "c", manifest.layout)
     assert sorted(rows) == list(range(N))
     with torch.no_grad():
-        dense = torch.log_softmax(teacher.model(input_ids=torch.from_numpy(np.asarray(tokens.ids, np.int64)))
-                                  .logits[..., :VOCAB].float(), dim=-1)  # (N, T, V)
+        dense = torch.log_softmax(
+            teacher.model(input_ids=torch.from_numpy(np.asarray(tokens.ids, np.int64))).logits[..., :VOCAB].float(),
+            dim=-1,
+        )  # (N, T, V)
     top_ids = np.sort(dense.topk(8, dim=-1).indices.numpy(), axis=-1)  # (N, T, k) ascending, as stored
     for i, row in rows.items():
         assert np.array_equal(row.input_ids, tokens.ids[i]) and np.array_equal(row.topk_ids, top_ids[i])
@@ -95,9 +113,16 @@ def test_manifest_describes_the_cache_and_shard_hashes_match(teacher, token_dir,
     loaded = Manifest.load(out)
     assert loaded == manifest and manifest.name == "c" and manifest.created_by.startswith("kdcache ")
     assert manifest.teacher["sha256"] == teacher.info["sha256"] and manifest.teacher["dtype"] == "float32"
-    assert manifest.tokenizer["fingerprint"] == tokens.tokenizer_fingerprint and manifest.tokenizer["vocab_size"] == VOCAB
-    assert manifest.corpus == {"fingerprint": tokens.fingerprint, "split": "train", "seq_len": T,
-                               "num_sequences": N, "num_tokens": N * T}
+    assert (
+        manifest.tokenizer["fingerprint"] == tokens.tokenizer_fingerprint and manifest.tokenizer["vocab_size"] == VOCAB
+    )
+    assert manifest.corpus == {
+        "fingerprint": tokens.fingerprint,
+        "split": "train",
+        "seq_len": T,
+        "num_sequences": N,
+        "num_tokens": N * T,
+    }
     assert manifest.targets["kind"] == "topk" and manifest.targets["top_k"] == 8
     assert manifest.targets["batch_size"] == 3 and manifest.targets["compute_dtype"] == "float32"
     assert [s.file for s in manifest.shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
@@ -238,8 +263,9 @@ def test_default_cache_name_is_content_addressed(teacher, token_dir):
     name = default_cache_name(teacher.info, tokens, layout)
     assert name == f"{teacher.info['sha256'][:8]}-{tokens.fingerprint[:8]}-train-top8"
     assert name == default_cache_name(dict(teacher.info, path="/elsewhere"), tokens, layout)
-    other = cache_writer.target_layout(dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0),
-                                       vocab_size=VOCAB, seq_len=T)
+    other = cache_writer.target_layout(
+        dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0), vocab_size=VOCAB, seq_len=T
+    )
     assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s32seed0-t2")
 
 
@@ -277,17 +303,31 @@ def _run_two_ranks(teacher: Teacher, token_dir: Path, out: Path, *, fail_rank: i
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, teacher.info["path"], str(token_dir), str(out),
-                               str(fail_rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, teacher.info["path"], str(token_dir), str(out), str(fail_rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     return sorted(line for o, _ in outs for line in o.splitlines() if line.startswith(("RESULT", "ERROR")))
 
 
 def test_under_a_process_group_rank_zero_seals_after_every_rank_and_a_failed_rank_blocks_the_manifest(
-        teacher, token_dir, tmp_path):
+    teacher, token_dir, tmp_path
+):
     failed = _run_two_ranks(teacher, token_dir, tmp_path / "bad", fail_rank=1)
     assert failed[0].startswith("ERROR 0 CacheWriteError") and "another rank failed" in failed[0]
     assert failed[1].startswith("ERROR 1 CacheWriteError") and "injected write failure" in failed[1]

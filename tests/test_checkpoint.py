@@ -30,8 +30,9 @@ def _model(value: float) -> torch.nn.Module:
 
 
 def _save(out: Path, step: int, value: float = 1.0, state: dict | None = None) -> Path:
-    return save_checkpoint(out, step=step, model=_model(value), state=state or {"rng": rng_state()},
-                           trainer={"epoch": 0, "batch": step})
+    return save_checkpoint(
+        out, step=step, model=_model(value), state=state or {"rng": rng_state()}, trainer={"epoch": 0, "batch": step}
+    )
 
 
 def test_a_failed_save_leaves_no_partial_dir_and_the_previous_checkpoint_stays_newest(tmp_path):
@@ -46,7 +47,9 @@ def test_directories_missing_a_file_are_not_checkpoints(tmp_path):
     _save(tmp_path, 2)
     partial = tmp_path / "checkpoints" / "step-000009"  # e.g. half copied by rsync, or an older layout
     partial.mkdir()
-    (partial / "model.safetensors").write_bytes((tmp_path / "checkpoints" / "step-000002" / "model.safetensors").read_bytes())
+    (partial / "model.safetensors").write_bytes(
+        (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
+    )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002"]
     assert latest_checkpoint(tmp_path).name == "step-000002"
     (tmp_path / "checkpoints" / "step-000010").write_text("a file, not a dir")
@@ -77,7 +80,9 @@ def test_a_truncated_checkpoint_file_is_refused_naming_the_checkpoint(tmp_path, 
     path = _save(tmp_path, 2)
     data = (path / name).read_bytes()
     (path / name).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"{path}: cannot load checkpoint .*delete it to resume from the previous"):
+    with pytest.raises(
+        CheckpointError, match=f"{path}: cannot load checkpoint .*delete it to resume from the previous"
+    ):
         load_checkpoint(path, model=_model(0.0))
 
 

@@ -37,8 +37,9 @@ def test_cache_help_explains_every_flag_from_the_config_docstrings(capsys: pytes
 
 
 def test_flags_are_validated_by_the_config_dataclass(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["cache", "--teacher", str(tmp_path), "--tokens", str(tmp_path), "--out", str(tmp_path / "c"),
-                 "--top-k", "0"])
+    code = main(
+        ["cache", "--teacher", str(tmp_path), "--tokens", str(tmp_path), "--out", str(tmp_path / "c"), "--top-k", "0"]
+    )
     assert code == 1
     assert "cache.top_k: must be in [1, 1024]" in capsys.readouterr().err
 
@@ -58,8 +59,15 @@ def test_inspect_of_a_missing_cache_is_one_line_naming_the_file(tmp_path) -> Non
 
 
 def test_missing_teacher_dir_is_a_clear_error(tmp_path) -> None:
-    proc = _kdcache("prepare", "--tokenizer", str(tmp_path / "missing-teacher"), "--out", str(tmp_path / "t"),
-                    "--corpus", str(tmp_path / "none.txt"))
+    proc = _kdcache(
+        "prepare",
+        "--tokenizer",
+        str(tmp_path / "missing-teacher"),
+        "--out",
+        str(tmp_path / "t"),
+        "--corpus",
+        str(tmp_path / "none.txt"),
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "kdcache: error:" in proc.stderr
 
@@ -79,8 +87,22 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _cache(made: dict[str, Path], *extra: str, teacher: str = "teacher") -> list[str]:
-    return ["cache", "--teacher", str(made[teacher]), "--tokens", str(made["tokens"]), "--top-k", "4",
-            "--batch-size", "4", "--rows-per-shard", "4", "--device", "cpu", *extra]
+    return [
+        "cache",
+        "--teacher",
+        str(made[teacher]),
+        "--tokens",
+        str(made["tokens"]),
+        "--top-k",
+        "4",
+        "--batch-size",
+        "4",
+        "--rows-per-shard",
+        "4",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_cache_without_out_writes_to_a_content_named_dir_and_prints_it(made, tmp_path, capsys) -> None:
@@ -124,9 +146,19 @@ def test_inspect_shows_what_a_receiving_team_needs(made, tmp_path, capsys) -> No
     text = capsys.readouterr().out
     m = Manifest.load(out)
     size = sum(s.bytes for s in m.shards)
-    for needle in (m.teacher["sha256"], m.teacher["path"], m.tokenizer["fingerprint"], f"vocab {m.tokenizer['vocab_size']}",
-                   m.corpus["fingerprint"], "topk, k=4", f"{size} bytes", f"{size / m.num_tokens:.2f} bytes/token",
-                   "mean_entropy", "mean_topk_mass", f"format {m.format} {FORMAT_VERSION}"):
+    for needle in (
+        m.teacher["sha256"],
+        m.teacher["path"],
+        m.tokenizer["fingerprint"],
+        f"vocab {m.tokenizer['vocab_size']}",
+        m.corpus["fingerprint"],
+        "topk, k=4",
+        f"{size} bytes",
+        f"{size / m.num_tokens:.2f} bytes/token",
+        "mean_entropy",
+        "mean_topk_mass",
+        f"format {m.format} {FORMAT_VERSION}",
+    ):
         assert str(needle) in text, f"{needle!r} missing from:\n{text}"
     assert main(["inspect", "--json", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)

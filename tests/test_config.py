@@ -27,14 +27,17 @@ def test_unknown_key_without_close_match_lists_the_known_keys() -> None:
         load_section(CacheConfig, {"zzzzzz": 1}, section="cache")
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"top_k": "32"}, "cache.top_k: must be int, got str"),
-    ({"top_k": True}, "cache.top_k: must be int, got bool"),
-    ({"top_k": 0}, r"cache.top_k: must be in \[1, 1024\]"),
-    ({"targets": "dense"}, "cache.targets: must be one of topk|sampled|both"),
-    ({"mass": 1.5}, r"cache.mass: must be in \[0, 1\)"),
-    ({"on_nan": "ignore"}, "cache.on_nan: must be one of fail|skip"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"top_k": "32"}, "cache.top_k: must be int, got str"),
+        ({"top_k": True}, "cache.top_k: must be int, got bool"),
+        ({"top_k": 0}, r"cache.top_k: must be in \[1, 1024\]"),
+        ({"targets": "dense"}, "cache.targets: must be one of topk|sampled|both"),
+        ({"mass": 1.5}, r"cache.mass: must be in \[0, 1\)"),
+        ({"on_nan": "ignore"}, "cache.on_nan: must be one of fail|skip"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_rule(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_section(CacheConfig, values, section="cache")

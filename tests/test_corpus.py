@@ -25,8 +25,28 @@ from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.token_data import open_tokens, verify_tokens
 from kdcache.tokenizer import train_bpe_tokenizer
 
-WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
-         "print", "data", "items", "key", "lambda", "yield", "with", "open"]
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "value",
+    "import",
+    "class",
+    "for",
+    "in",
+    "range",
+    "if",
+    "else",
+    "None",
+    "print",
+    "data",
+    "items",
+    "key",
+    "lambda",
+    "yield",
+    "with",
+    "open",
+]
 
 
 def doc(seed: int, lines: int = 6) -> str:
@@ -148,7 +168,9 @@ def test_malformed_jsonl_is_named(tmp_path):
 def test_non_utf8_text_file_fails_under_strict_naming_file_and_byte(tmp_path):
     write_txt_corpus(tmp_path, n=2)
     (tmp_path / "bad.txt").write_bytes("ok é ".encode() + b"\xff rest")
-    with pytest.raises(CorpusError, match=r"bad\.txt: not UTF-8 at byte 6 — fix the file or set corpus.errors: replace"):
+    with pytest.raises(
+        CorpusError, match=r"bad\.txt: not UTF-8 at byte 6 — fix the file or set corpus.errors: replace"
+    ):
         read_documents(cfg_for(tmp_path / "*.txt"))
 
 
@@ -264,7 +286,9 @@ def test_one_huge_document_is_tokenized_in_bounded_pieces_with_the_whole_documen
 def test_corpus_smaller_than_one_sequence_is_an_error_unless_allowed(tmp_path, tok):
     (tmp_path / "a.txt").write_text("def f")
     ds = read_documents(cfg_for(tmp_path / "a.txt"))
-    with pytest.raises(CorpusError, match=r"corpus yields \d+ tokens, fewer than prepare.seq_len=512; add text or lower seq_len"):
+    with pytest.raises(
+        CorpusError, match=r"corpus yields \d+ tokens, fewer than prepare.seq_len=512; add text or lower seq_len"
+    ):
         tokenize_and_pack(ds, tok, seq_len=512)
     assert tokenize_and_pack(ds, tok, seq_len=512, allow_empty=True).shape == (0, 512)
 
@@ -275,8 +299,12 @@ def test_corpus_smaller_than_one_sequence_is_an_error_unless_allowed(tmp_path, t
 def test_prepare_tokens_writes_train_and_val_token_data(tmp_path, tok, tok_dir):
     write_txt_corpus(tmp_path / "c", n=30, lines=20)
     corpus_cfg = cfg_for(tmp_path / "c" / "*.txt", val_fraction=0.3)
-    manifest = prepare_tokens(corpus_cfg, PrepareConfig(seq_len=32, max_train_sequences=20),
-                              tokenizer_dir=tok_dir, out_dir=tmp_path / "tokens")
+    manifest = prepare_tokens(
+        corpus_cfg,
+        PrepareConfig(seq_len=32, max_train_sequences=20),
+        tokenizer_dir=tok_dir,
+        out_dir=tmp_path / "tokens",
+    )
     train, val = open_tokens(tmp_path / "tokens", "train"), open_tokens(tmp_path / "tokens", "val")
     verify_tokens(train)
     assert train.ids.shape == (20, 32) and len(val) > 0
@@ -291,6 +319,10 @@ def test_prepare_tokens_writes_train_and_val_token_data(tmp_path, tok, tok_dir):
 def test_prepare_fails_when_val_has_no_full_sequence(tmp_path, tok_dir):
     write_txt_corpus(tmp_path / "c", n=20)
     with pytest.raises(CorpusError, match=r"val split .* has no full sequence.*raise corpus.val_fraction"):
-        prepare_tokens(cfg_for(tmp_path / "c" / "*.txt", val_fraction=1e-6), PrepareConfig(seq_len=128),
-                       tokenizer_dir=tok_dir, out_dir=tmp_path / "tokens")
+        prepare_tokens(
+            cfg_for(tmp_path / "c" / "*.txt", val_fraction=1e-6),
+            PrepareConfig(seq_len=128),
+            tokenizer_dir=tok_dir,
+            out_dir=tmp_path / "tokens",
+        )
     assert not (tmp_path / "tokens" / "manifest.json").exists()

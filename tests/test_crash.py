@@ -36,24 +36,40 @@ VOCAB, SEQ, N = 48, 16, 12
 CACHE_FLAGS = ["--top-k", "8", "--batch-size", "2", "--rows-per-shard", "4", "--device", "cpu"]  # 3 shards x 2 batches
 CACHE_CFG = CacheConfig(top_k=8, batch_size=2, rows_per_shard=4)
 STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
-TRAIN = {"batch_size": 4, "max_steps": 8, "checkpoint_every": 2, "lr": 0.01, "warmup_steps": 2, "log_every": 100,
-         "chunk_tokens": 16}  # 12 sequences / 4 = 3 batches per epoch: resumes at step 4 (mid-epoch) and 6 (boundary)
+TRAIN = {
+    "batch_size": 4,
+    "max_steps": 8,
+    "checkpoint_every": 2,
+    "lr": 0.01,
+    "warmup_steps": 2,
+    "log_every": 100,
+    "chunk_tokens": 16,
+}  # 12 sequences / 4 = 3 batches per epoch: resumes at step 4 (mid-epoch) and 6 (boundary)
 
 
 def make_world(root: Path, *, n: int = N, seq: int = SEQ, seed: int = 0) -> dict[str, Path]:
     """A tiny Llama teacher dir (weights + word-level tokenizer) and packed train/val tokens made with it."""
     teacher, tokens = root / "teacher", root / "tokens"
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=seq)).save_pretrained(teacher)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=seq,
+        )
+    ).save_pretrained(teacher)
     words = ["<eos>", "<pad>", *(f"w{i}" for i in range(2, VOCAB))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<eos>")
     fast.save_pretrained(teacher)
     ids = np.random.default_rng(seed).integers(2, VOCAB, size=(n + 2, seq))
-    write_tokens(tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB,
-                 tokenizer_fingerprint=tokenizer_fingerprint(fast))
+    write_tokens(
+        tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(fast)
+    )
     return {"root": root, "teacher": teacher, "tokens": tokens}
 
 
@@ -67,15 +83,23 @@ def identity(path: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-def cli(*args: str, fault: str | None = None, preexec=None, env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, fault: str | None = None, preexec=None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m kdcache.cli ARGS`` single-threaded (same kernels, same bytes as this process)."""
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full.pop("KDCACHE_FAULT", None)
     if fault:
         full["KDCACHE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "kdcache.cli", *args], env=full, cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=180, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *args],
+        env=full,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=preexec,
+    )
 
 
 def killed(proc: subprocess.CompletedProcess) -> bool:
@@ -98,8 +122,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _cache_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["cache", "--teacher", str(world["teacher"]), "--tokens", str(world["tokens"]), "--out", str(out),
-            *CACHE_FLAGS, *extra]
+    return [
+        "cache",
+        "--teacher",
+        str(world["teacher"]),
+        "--tokens",
+        str(world["tokens"]),
+        "--out",
+        str(out),
+        *CACHE_FLAGS,
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------- cache stage
@@ -173,14 +206,28 @@ def test_training_killed_twice_resumes_from_the_last_checkpoint_with_identical_l
     from kdcache.train import train
 
     cache = tmp_path / "cache"
-    build_cache(load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
-                open_tokens(world["tokens"], "train"), CACHE_CFG, out_dir=cache)
+    build_cache(
+        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
+        open_tokens(world["tokens"], "train"),
+        CACHE_CFG,
+        out_dir=cache,
+    )
     ref = tmp_path / "ref"
     train(TrainConfig(student=StudentConfig(**STUDENT), **TRAIN), cache_dir=cache, out_dir=ref)
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
     out = tmp_path / "run"
-    args = ["train", "--cache", str(cache), "--out", str(out), "--student", str(tmp_path / "student.json"),
-            "--device", "cpu", *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items())]
+    args = [
+        "train",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--student",
+        str(tmp_path / "student.json"),
+        "--device",
+        "cpu",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()),
+    ]
 
     proc = cli(*args, fault="checkpoint_write:6")  # dies while saving step 6 (its weights half in place)
     assert killed(proc), proc.stderr[-3000:]
@@ -210,6 +257,7 @@ def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: writes fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -227,8 +275,10 @@ def test_disk_full_and_read_only_output_give_a_clear_error_and_leave_no_partial_
     readonly.mkdir(mode=0o555)
     full = tmp_path / "full" / "cache"
     limit = max(p.stat().st_size for p in world["teacher"].glob("tok*")) + 256  # tokenizer files fit, shards do not
-    procs = {"full": _popen(*_cache_args(world, full), preexec=_file_size_limit(limit)),  # side by side: one
-             "ro": _popen(*_cache_args(world, readonly / "c"), preexec=_without_dac_override)}  # start each
+    procs = {
+        "full": _popen(*_cache_args(world, full), preexec=_file_size_limit(limit)),  # side by side: one
+        "ro": _popen(*_cache_args(world, readonly / "c"), preexec=_without_dac_override),
+    }  # start each
     results = {k: (p.wait(timeout=180), p.stderr.read()) for k, p in procs.items()}
     rc, err = results["full"]
     assert rc == 1 and f"kdcache: error: {full / 'shard-00000.parquet'}: cannot write (" in err, err
@@ -246,8 +296,15 @@ def test_disk_full_and_read_only_output_give_a_clear_error_and_leave_no_partial_
 def _popen(*args: str, preexec, env: dict[str, str] | None = None) -> subprocess.Popen:
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full.pop("KDCACHE_FAULT", None)
-    return subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], env=full, cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcache.cli", *args],
+        env=full,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec,
+    )
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path):
@@ -257,14 +314,29 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_
     from kdcache.train import train
 
     cache, out = tmp_path / "cache", tmp_path / "run"
-    build_cache(load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
-                open_tokens(world["tokens"], "train"), CACHE_CFG, out_dir=cache)
+    build_cache(
+        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
+        open_tokens(world["tokens"], "train"),
+        CACHE_CFG,
+        out_dir=cache,
+    )
     train(TrainConfig(student=StudentConfig(**STUDENT), **TRAIN), cache_dir=cache, out_dir=out, max_steps=4)
     weights = (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
-    proc = cli("train", "--cache", str(cache), "--out", str(out), "--student", str(tmp_path / "student.json"),
-               "--device", "cpu", "--resume", *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()),
-               preexec=_file_size_limit(weights + 1024))  # the weights fit, the 2x larger optimizer state does not
+    proc = cli(
+        "train",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--student",
+        str(tmp_path / "student.json"),
+        "--device",
+        "cpu",
+        "--resume",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()),
+        preexec=_file_size_limit(weights + 1024),
+    )  # the weights fit, the 2x larger optimizer state does not
     step6 = out / "checkpoints" / "step-000006"
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"kdcache: error: {step6}: cannot write the checkpoint (" in proc.stderr, proc.stderr[-3000:]

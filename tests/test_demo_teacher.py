@@ -16,8 +16,28 @@ from kdcache.demo_teacher import TRAINING_JSON, lr_factor, train_demo_teacher
 from kdcache.fingerprint import model_dir_fingerprint, tokenizer_fingerprint
 from kdcache.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
-         "print", "data", "items", "key", "lambda", "yield", "with", "open"]
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "value",
+    "import",
+    "class",
+    "for",
+    "in",
+    "range",
+    "if",
+    "else",
+    "None",
+    "print",
+    "data",
+    "items",
+    "key",
+    "lambda",
+    "yield",
+    "with",
+    "open",
+]
 
 
 def tiny_corpus(root, n: int = 30) -> CorpusConfig:
@@ -30,8 +50,19 @@ def tiny_corpus(root, n: int = 30) -> CorpusConfig:
 
 
 def tiny_teacher(**kw) -> DemoTeacherConfig:
-    base = dict(vocab_size=320, seq_len=32, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                batch_size=4, lr=1e-2, warmup_steps=2, max_steps=3, max_minutes=1.0)
+    base = dict(
+        vocab_size=320,
+        seq_len=32,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        max_steps=3,
+        max_minutes=1.0,
+    )
     return DemoTeacherConfig(**{**base, **kw})
 
 

@@ -48,13 +48,22 @@ def make_teacher_and_tokens(root: Path, *, n: int = N, seed: int = 0) -> tuple[P
     """A tiny Llama teacher dir (weights + tokenizer) and packed train/val token data made with its tokenizer."""
     teacher, tokens = root / "teacher", root / "tokens"
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(teacher)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=SEQ,
+        )
+    ).save_pretrained(teacher)
     tok = word_tokenizer(teacher_words())
     tok.save_pretrained(teacher)
     ids = np.random.default_rng(seed).integers(2, VOCAB, size=(n + 4, SEQ))
-    write_tokens(tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB,
-                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    write_tokens(
+        tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(tok)
+    )
     return teacher, tokens
 
 
@@ -91,16 +100,40 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def two_rank_cache(world: dict[str, Path]) -> Path:
     out = world["root"] / "two" / "cache"
-    proc = torchrun("--no-python", str(BIN / "kdcache"), "cache", "--teacher", str(world["teacher"]),
-                    "--tokens", str(world["tokens"]), "--out", str(out), *CACHE_FLAGS, cwd=world["root"])
+    proc = torchrun(
+        "--no-python",
+        str(BIN / "kdcache"),
+        "cache",
+        "--teacher",
+        str(world["teacher"]),
+        "--tokens",
+        str(world["tokens"]),
+        "--out",
+        str(out),
+        *CACHE_FLAGS,
+        cwd=world["root"],
+    )
     assert proc.stdout.strip().splitlines() == [str(out)], "rank 0 alone prints the cache path"
     return out
 
 
 def test_two_rank_cache_is_byte_identical_to_a_one_process_run(world, two_rank_cache, capsys) -> None:
     one = world["root"] / "one" / "cache"  # same leaf name: the manifest records it
-    assert kdcache(["cache", "--teacher", str(world["teacher"]), "--tokens", str(world["tokens"]), "--out", str(one),
-                    *CACHE_FLAGS]) == 0
+    assert (
+        kdcache(
+            [
+                "cache",
+                "--teacher",
+                str(world["teacher"]),
+                "--tokens",
+                str(world["tokens"]),
+                "--out",
+                str(one),
+                *CACHE_FLAGS,
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(one)
     want = digests(one)
     assert {f"shard-{i:05d}.parquet" for i in range(5)} | {"manifest.json"} <= set(want)
@@ -113,10 +146,24 @@ def test_rerun_under_torchrun_rescores_only_the_missing_shards_of_one_rank(world
         (two_rank_cache / name).unlink()
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in two_rank_cache.glob("shard-*.parquet")}
     params = world["root"] / "params.yaml"
-    params.write_text(yaml.safe_dump({"teacher": {"path": str(world["teacher"]), "device": "cpu"},
-                                      "cache": {"top_k": 8, "batch_size": 3, "rows_per_shard": 4}}))
-    torchrun(str(ROOT / "stages" / "cache.py"), "--params", str(params), "--tokens", str(world["tokens"]),
-             "--out", str(two_rank_cache), cwd=world["root"])
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": {"path": str(world["teacher"]), "device": "cpu"},
+                "cache": {"top_k": 8, "batch_size": 3, "rows_per_shard": 4},
+            }
+        )
+    )
+    torchrun(
+        str(ROOT / "stages" / "cache.py"),
+        "--params",
+        str(params),
+        "--tokens",
+        str(world["tokens"]),
+        "--out",
+        str(two_rank_cache),
+        cwd=world["root"],
+    )
     assert digests(two_rank_cache) == want
     assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n in kept for p in [two_rank_cache / n]} == kept
 
@@ -130,9 +177,23 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     train(TrainConfig(batch_size=4, student=StudentConfig(**STUDENT), **TRAIN), cache_dir=two_rank_cache, out_dir=ref)
     ddp = world["root"] / "ddp"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
-    torchrun("--no-python", str(BIN / "kdcache"), "train", "--cache", str(two_rank_cache), "--out", str(ddp),
-             "--student", str(world["root"] / "student.json"), "--batch-size", "2", "--device", "cpu", *flags,
-             cwd=world["root"])
+    torchrun(
+        "--no-python",
+        str(BIN / "kdcache"),
+        "train",
+        "--cache",
+        str(two_rank_cache),
+        "--out",
+        str(ddp),
+        "--student",
+        str(world["root"] / "student.json"),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        *flags,
+        cwd=world["root"],
+    )
     full = _losses(ddp)
     assert len(full) == 6, "rank 0 alone writes the log"
     assert np.allclose(full, _losses(ref), rtol=0, atol=1e-5), (full, _losses(ref))
@@ -147,8 +208,17 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     (ddp / "training.json").unlink()
     params = world["root"] / "train-params.yaml"
     params.write_text(yaml.safe_dump({"train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
-    proc = torchrun(str(ROOT / "stages" / "train.py"), "--params", str(params), "--cache", str(two_rank_cache),
-                    "--out", str(ddp), "--resume", cwd=world["root"])
+    proc = torchrun(
+        str(ROOT / "stages" / "train.py"),
+        "--params",
+        str(params),
+        "--cache",
+        str(two_rank_cache),
+        "--out",
+        str(ddp),
+        "--resume",
+        cwd=world["root"],
+    )
     assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
     assert np.allclose(_losses(ddp), full, rtol=0, atol=1e-6)
     assert json.loads((ddp / "training.json").read_text())["complete"]

@@ -21,8 +21,15 @@ from kdcache.cache.reader import open_cache
 from kdcache.cli import main as kdcache
 
 DVC = [sys.executable, "-m", "dvc"]
-ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-       "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "KDCACHE_NO_PROGRESS": "1"}
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+    "DVC_NO_ANALYTICS": "1",
+    "KDCACHE_NO_PROGRESS": "1",
+}
 STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 
 
@@ -53,8 +60,28 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sh(*DVC, "init", "-q", cwd=repo)
     sh(*DVC, "remote", "add", "-d", "shared", str(remote), cwd=repo)
     cache_root = repo / "cache"
-    assert kdcache(["cache", "--teacher", str(teacher), "--tokens", str(tokens), "--cache-root", str(cache_root),
-                    "--top-k", "8", "--batch-size", "4", "--rows-per-shard", "8", "--device", "cpu"]) == 0
+    assert (
+        kdcache(
+            [
+                "cache",
+                "--teacher",
+                str(teacher),
+                "--tokens",
+                str(tokens),
+                "--cache-root",
+                str(cache_root),
+                "--top-k",
+                "8",
+                "--batch-size",
+                "4",
+                "--rows-per-shard",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     (cache,) = [p for p in cache_root.iterdir() if p.is_dir()]
     rel = str(cache.relative_to(repo))
     sh(*DVC, "add", "-q", rel, cwd=repo)
@@ -82,8 +109,26 @@ def test_pulled_cache_verifies_and_trains_without_the_teacher(pushed, tmp_path, 
     assert cache.name.startswith(manifest.teacher["sha256"][:8] + "-" + manifest.corpus["fingerprint"][:8])
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
     out = tmp_path / "student"
-    assert kdcache(["train", "--cache", str(cache), "--out", str(out), "--student", str(tmp_path / "student.json"),
-                    "--max-steps", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (
+        kdcache(
+            [
+                "train",
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+                "--student",
+                str(tmp_path / "student.json"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "training.json").read_text())
     assert summary["complete"] and summary["cache"]["teacher_sha256"] == manifest.teacher["sha256"]
 

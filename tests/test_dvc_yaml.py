@@ -65,7 +65,9 @@ def test_stage_code_deps_are_exactly_the_code_it_imports(name: str) -> None:
     expected = _closure(_script(stage["cmd"]))
     # package __init__ files hold a version string and docstrings only (see pipeline/__init__.py)
     expected = {f for f in expected if not f.endswith("__init__.py")}
-    assert declared == expected, f"stage {name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
+    assert declared == expected, (
+        f"stage {name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -84,12 +86,20 @@ def test_params_yaml_sections_all_load() -> None:
     from kdcache import config
 
     params = config.load_params(ROOT / "params.yaml")
-    classes = {"corpus": config.CorpusConfig, "demo_teacher": config.DemoTeacherConfig, "teacher": config.TeacherConfig,
-               "prepare": config.PrepareConfig, "cache": config.CacheConfig, "train": config.TrainConfig,
-               "train_baseline": config.TrainConfig, "evaluate": config.EvaluateConfig}
+    classes = {
+        "corpus": config.CorpusConfig,
+        "demo_teacher": config.DemoTeacherConfig,
+        "teacher": config.TeacherConfig,
+        "prepare": config.PrepareConfig,
+        "cache": config.CacheConfig,
+        "train": config.TrainConfig,
+        "train_baseline": config.TrainConfig,
+        "evaluate": config.EvaluateConfig,
+    }
     assert set(params) == set(classes) | {"paths"}
     for section, cls in classes.items():
         config.load_section(cls, params[section], section=section)
     assert params["train_baseline"]["loss"] == "ce"
-    assert {k: v for k, v in params["train_baseline"].items() if k != "loss"} == \
-        {k: v for k, v in params["train"].items() if k != "loss"}, "baseline must match the KD student but for the loss"
+    assert {k: v for k, v in params["train_baseline"].items() if k != "loss"} == {
+        k: v for k, v in params["train"].items() if k != "loss"
+    }, "baseline must match the KD student but for the loss"

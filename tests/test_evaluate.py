@@ -33,8 +33,15 @@ def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
 
 def save_tiny_model(path: Path, *, seed: int, vocab: int = VOCAB, hidden: int = 32) -> Path:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=SEQ, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tiny_tokenizer(vocab).save_pretrained(path)
     return path
@@ -52,10 +59,16 @@ def _one_thread() -> Iterator[None]:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(10, SEQ), dtype=np.int32)
-    write_tokens(root / "tokens", {"val": ids}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(tiny_tokenizer()))
-    return {"tokens": open_tokens(root / "tokens", "val"), "teacher": save_tiny_model(root / "teacher", seed=0),
-            "student": save_tiny_model(root / "student", seed=1, hidden=16),
-            "baseline": save_tiny_model(root / "baseline", seed=2, hidden=16), "root": root}
+    write_tokens(
+        root / "tokens", {"val": ids}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(tiny_tokenizer())
+    )
+    return {
+        "tokens": open_tokens(root / "tokens", "val"),
+        "teacher": save_tiny_model(root / "teacher", seed=0),
+        "student": save_tiny_model(root / "student", seed=1, hidden=16),
+        "baseline": save_tiny_model(root / "baseline", seed=2, hidden=16),
+        "root": root,
+    }
 
 
 def test_evaluate_returns_finite_metrics_for_every_model(setup: dict) -> None:
@@ -74,7 +87,9 @@ def test_evaluate_returns_finite_metrics_for_every_model(setup: dict) -> None:
 
 def test_teacher_against_itself_has_zero_kl_and_full_agreement(setup: dict, tmp_path: Path) -> None:
     copy = shutil.copytree(setup["teacher"], tmp_path / "copy")
-    m = evaluate(EvaluateConfig(batch_size=3), tokens=setup["tokens"], models={"teacher": setup["teacher"], "copy": copy})
+    m = evaluate(
+        EvaluateConfig(batch_size=3), tokens=setup["tokens"], models={"teacher": setup["teacher"], "copy": copy}
+    )
     for name in ("teacher", "copy"):
         assert abs(m["models"][name]["kl_to_teacher"]) < 1e-6
         assert m["models"][name]["top1_agreement"] == 1.0
@@ -82,8 +97,9 @@ def test_teacher_against_itself_has_zero_kl_and_full_agreement(setup: dict, tmp_
 
 
 def test_cross_entropy_matches_a_direct_forward(setup: dict) -> None:
-    m = evaluate(EvaluateConfig(batch_size=4, max_sequences=6), tokens=setup["tokens"],
-                 models={"teacher": setup["teacher"]})
+    m = evaluate(
+        EvaluateConfig(batch_size=4, max_sequences=6), tokens=setup["tokens"], models={"teacher": setup["teacher"]}
+    )
     model = AutoModelForCausalLM.from_pretrained(setup["teacher"])
     ids = torch.from_numpy(np.asarray(setup["tokens"].ids[:6], dtype=np.int64))
     with torch.no_grad():
@@ -99,16 +115,23 @@ def test_ece_matches_a_hand_computation() -> None:
     # bin [0, .5): conf .30+.35 = .65, correct 1 -> |1 - .65| = .35
     # bin [.5, 1]: conf .95+.85+1.0 = 2.8, correct 2 -> |2 - 2.8| = .8;  ECE = (.35 + .8) / 5
     assert expected_calibration_error(conf, correct, bins=2) == pytest.approx(0.23)
-    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([True, False]), bins=10) == pytest.approx(0.0)
+    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([True, False]), bins=10) == pytest.approx(
+        0.0
+    )
 
 
 def test_write_metrics_writes_flat_json_and_calibration_csv(setup: dict, tmp_path: Path) -> None:
-    m = evaluate(EvaluateConfig(batch_size=5, calibration_bins=4), tokens=setup["tokens"],
-                 models={k: setup[k] for k in ("teacher", "student", "baseline")})
+    m = evaluate(
+        EvaluateConfig(batch_size=5, calibration_bins=4),
+        tokens=setup["tokens"],
+        models={k: setup[k] for k in ("teacher", "student", "baseline")},
+    )
     write_metrics(m, metrics_path=tmp_path / "metrics" / "eval.json", plots_dir=tmp_path / "plots")
     flat = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert {"teacher", "student", "baseline", "kd_minus_baseline_ce", "num_tokens"} <= set(flat)
-    assert {"ce", "ppl", "kl_to_teacher", "top1_agreement", "ece", "tokens_per_s", "num_parameters"} <= set(flat["student"])
+    assert {"ce", "ppl", "kl_to_teacher", "top1_agreement", "ece", "tokens_per_s", "num_parameters"} <= set(
+        flat["student"]
+    )
     assert flat["kd_minus_baseline_ce"] == pytest.approx(flat["student"]["ce"] - flat["baseline"]["ce"])
     assert all(not isinstance(v, (dict, list)) for r in ("teacher", "student") for v in flat[r].values())
     with open(tmp_path / "plots" / "calibration.csv", newline="") as f:

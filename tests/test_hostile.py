@@ -48,9 +48,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def sealed(world: dict[str, Path]) -> Path:
     out = world["root"] / "cache"
-    build_cache(load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
-                open_tokens(world["tokens"], "train"), CacheConfig(top_k=8, batch_size=2, rows_per_shard=4),
-                out_dir=out)
+    build_cache(
+        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
+        open_tokens(world["tokens"], "train"),
+        CacheConfig(top_k=8, batch_size=2, rows_per_shard=4),
+        out_dir=out,
+    )
     return out
 
 
@@ -77,8 +80,9 @@ def rewrite_shard(cache: Path, index: int, edit) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
     data = path.read_bytes()
     m = Manifest.load(cache)
-    m.shards[index] = ShardInfo(**{**m.shards[index].__dict__, "bytes": len(data),
-                                   "sha256": hashlib.sha256(data).hexdigest()})
+    m.shards[index] = ShardInfo(
+        **{**m.shards[index].__dict__, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
     (cache / "manifest.json").write_text(m.to_json())
 
 
@@ -144,18 +148,21 @@ def test_verify_finds_ids_beyond_the_vocabulary_in_a_crafted_shard_with_a_valid_
     assert f"BAD {cache / 'shard-00001.parquet'}: topk_ids: ids >= vocab_size {VOCAB}" in bad
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("shards.0.rows", -4, "shards[0].rows must be a non-negative integer"),
-    ("shards.1.bytes", "2836", "shards[1].bytes must be a non-negative integer"),
-    ("shards.0.tokens", 1 << 62, "shards[0].tokens must be a non-negative integer"),
-    ("targets.top_k", 10**9, "targets.top_k must be in [1, 1024]"),
-    ("targets.top_k", 8.0, "targets.top_k must be an integer"),
-    ("targets.samples", -1, None),  # ignored for a top-k cache: zeroed by the layout
-    ("targets.vocab_size", 1 << 40, "bad vocab_size"),
-    ("stats", [], "field 'stats' must be an object"),
-    ("shards", {"file": "shard-00000.parquet"}, "field 'shards' must be a list"),
-    ("format_version", "2.0", "format version 2.0 is not supported"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("shards.0.rows", -4, "shards[0].rows must be a non-negative integer"),
+        ("shards.1.bytes", "2836", "shards[1].bytes must be a non-negative integer"),
+        ("shards.0.tokens", 1 << 62, "shards[0].tokens must be a non-negative integer"),
+        ("targets.top_k", 10**9, "targets.top_k must be in [1, 1024]"),
+        ("targets.top_k", 8.0, "targets.top_k must be an integer"),
+        ("targets.samples", -1, None),  # ignored for a top-k cache: zeroed by the layout
+        ("targets.vocab_size", 1 << 40, "bad vocab_size"),
+        ("stats", [], "field 'stats' must be an object"),
+        ("shards", {"file": "shard-00000.parquet"}, "field 'shards' must be a list"),
+        ("format_version", "2.0", "format version 2.0 is not supported"),
+    ],
+)
 def test_verify_refuses_malformed_manifest_fields_naming_the_manifest(cache, capsys, field, value, message):
     def edit(d):
         node, keys = d, field.split(".")
@@ -193,8 +200,19 @@ def test_nan_and_inf_cannot_be_stored_every_code_decodes_to_a_finite_normalized_
 def test_training_refuses_a_cache_that_fails_its_checks_naming_the_shard(cache, tmp_path, capsys):
     student = tmp_path / "student.json"
     student.write_text(json.dumps(STUDENT))
-    args = ["train", "--cache", str(cache), "--student", str(student), "--device", "cpu", "--max-steps", "2",
-            "--batch-size", "4"]
+    args = [
+        "train",
+        "--cache",
+        str(cache),
+        "--student",
+        str(student),
+        "--device",
+        "cpu",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     shard = cache / "shard-00002.parquet"
     good = shard.read_bytes()
     shard.write_bytes(good[:-1])
@@ -217,8 +235,23 @@ def test_training_refuses_a_forged_shard_with_ids_beyond_the_vocabulary(cache, t
     rewrite_shard(cache, 0, forge)
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
     try:
-        code = kdcache(["train", "--cache", str(cache), "--out", str(tmp_path / "s"), "--student",
-                        str(tmp_path / "student.json"), "--device", "cpu", "--max-steps", "3", "--batch-size", "4"])
+        code = kdcache(
+            [
+                "train",
+                "--cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "s"),
+                "--student",
+                str(tmp_path / "student.json"),
+                "--device",
+                "cpu",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+            ]
+        )
     except IndexError:  # today: the embedding lookup crashes (a device-side assert on CUDA)
         code = -1
     assert code == 1 and "ids >= vocab_size" in capsys.readouterr().err
@@ -251,13 +284,32 @@ def test_shards_that_are_fifos_or_symlinks_out_of_the_cache_are_refused_unopened
     os.mkfifo(cache / "shard-00002.parquet")
     fifos = (outside, cache / "shard-00002.parquet")
     err = returns_without_opening(lambda: open_cache(cache), *fifos)
-    assert isinstance(err, CacheError) and "shard-00001.parquet: symlink to" in str(err) and "outside the cache" in str(err)
+    assert (
+        isinstance(err, CacheError)
+        and "shard-00001.parquet: symlink to" in str(err)
+        and "outside the cache" in str(err)
+    )
     code, bad, _ = returns_without_opening(lambda: verify(cache, capsys), *fifos)
     assert code == 1 and "outside the cache directory" in bad[0] and "shard-00002.parquet: not a regular file" in bad[1]
     # the cache stage resuming into such a directory refuses too, instead of reading or sealing those files
     (cache / "manifest.json").unlink()
-    args = ["cache", "--teacher", str(world["teacher"]), "--tokens", str(world["tokens"]), "--out", str(cache),
-            "--top-k", "8", "--batch-size", "2", "--rows-per-shard", "4", "--device", "cpu"]
+    args = [
+        "cache",
+        "--teacher",
+        str(world["teacher"]),
+        "--tokens",
+        str(world["tokens"]),
+        "--out",
+        str(cache),
+        "--top-k",
+        "8",
+        "--batch-size",
+        "2",
+        "--rows-per-shard",
+        "4",
+        "--device",
+        "cpu",
+    ]
     assert returns_without_opening(lambda: kdcache(args), *fifos) == 1
     assert "shard-00001.parquet: symlink to" in capsys.readouterr().err
     (cache / "shard-00001.parquet").unlink()
@@ -287,6 +339,6 @@ def test_no_pickle_and_no_forced_remote_code_in_any_source():
         text = path.read_text()
         found += [f"{path.name}: {what}" for what, rx in FORBIDDEN.items() if rx.search(text)]
         for call in re.finditer(r"\btorch\.load\(", text):  # allowed only as torch.load(..., weights_only=True)
-            if "weights_only=True" not in text[call.start():text.find(")", call.start()) + 1]:
+            if "weights_only=True" not in text[call.start() : text.find(")", call.start()) + 1]:
                 found.append(f"{path.name}: torch.load without weights_only=True")
     assert found == []

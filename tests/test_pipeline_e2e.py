@@ -18,12 +18,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
 
 TINY = {
-    "demo_teacher": {"vocab_size": 320, "seq_len": 32, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                     "intermediate_size": 64, "batch_size": 8, "lr": 0.01, "max_steps": 30, "max_minutes": 1.0},
+    "demo_teacher": {
+        "vocab_size": 320,
+        "seq_len": 32,
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "batch_size": 8,
+        "lr": 0.01,
+        "max_steps": 30,
+        "max_minutes": 1.0,
+    },
     "prepare": {"seq_len": 32, "max_train_sequences": 0, "max_val_sequences": 0},
     "cache": {"targets": "topk", "top_k": 8, "batch_size": 4, "rows_per_shard": 16},
-    "train": {"loss": "topk_tail", "max_steps": 12, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 6,
-              "student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
+    "train": {
+        "loss": "topk_tail",
+        "max_steps": 12,
+        "batch_size": 4,
+        "warmup_steps": 2,
+        "checkpoint_every": 6,
+        "student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+    },
     "evaluate": {"batch_size": 4, "max_sequences": 16},
 }
 
@@ -62,8 +78,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
         params[section] = {**params[section], **values}
     params["train_baseline"] = {**params["train"], "loss": "ce"}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(work), "KDCACHE_NO_PROGRESS": "1", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(work),
+        "KDCACHE_NO_PROGRESS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     _run(["git", "init", "-q"], work, env)
     _run([*DVC, "init", "-q"], work, env)
     _run([*DVC, "config", "core.analytics", "false"], work, env)

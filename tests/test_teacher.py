@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdcache.config import TeacherConfig
-from kdcache.teacher import TeacherError, load_teacher, teacher_logits, tokenizer_vocab_size
+from kdcache.teacher import TeacherError, load_teacher, teacher_logits
+from kdcache.tokenizer import tokenizer_vocab_size
 
 MODEL_VOCAB = 320  # > the tokenizer's 300 ids: padding rows, as real models have
 
@@ -23,8 +24,12 @@ def make_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -33,8 +38,14 @@ def make_teacher_dir(path: Path, *, model_vocab: int = MODEL_VOCAB, tokenizer=No
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=model_vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=model_vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     (tokenizer or make_tokenizer()).save_pretrained(path)
     return path
@@ -94,8 +105,9 @@ def test_dir_without_config_is_refused(tmp_path):
 def test_encoder_only_config_is_not_a_causal_lm(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
     with pytest.raises(TeacherError, match="BertModel .* is not a causal LM"):
         load_teacher(TeacherConfig(path=str(tmp_path)))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
@@ -144,8 +156,9 @@ def test_code_shipped_in_the_teacher_dir_never_runs_unless_trusted(teacher_dir, 
     marker = tmp_path / "executed"
     monkeypatch.setenv("KDCACHE_TEST_MARKER", str(marker))
     auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
-    custom = _with_shipped_code(teacher_dir, tmp_path / "custom", model_type="evil_lm",
-                                architectures=["EvilForCausalLM"], auto_map=auto_map)
+    custom = _with_shipped_code(
+        teacher_dir, tmp_path / "custom", model_type="evil_lm", architectures=["EvilForCausalLM"], auto_map=auto_map
+    )
     with pytest.raises(TeacherError, match=f"{custom}.*teacher.trust_remote_code: true"):
         load_teacher(TeacherConfig(path=str(custom), device="cpu"))
     assert not marker.exists()

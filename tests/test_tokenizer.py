@@ -12,14 +12,36 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer
 
-WORDS = ["def", "return", "self", "value", "import", "class", "for", "in", "range", "if", "else", "None",
-         "print", "data", "items", "key", "lambda", "yield", "with", "open"]
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "value",
+    "import",
+    "class",
+    "for",
+    "in",
+    "range",
+    "if",
+    "else",
+    "None",
+    "print",
+    "data",
+    "items",
+    "key",
+    "lambda",
+    "yield",
+    "with",
+    "open",
+]
 
 
 def tiny_texts(seed: int = 0, n: int = 40) -> list[str]:
     rng = random.Random(seed)
-    return ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(rng.randint(2, 8)))
-            for _ in range(n)]
+    return [
+        "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(rng.randint(2, 8)))
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +105,12 @@ def test_load_tokenizer_names_a_directory_without_tokenizer_files(tmp_path):
 def test_load_tokenizer_refuses_a_tokenizer_without_eos(tmp_path):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(tiny_texts(), trainer=trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.train_from_iterator(
+        tiny_texts(),
+        trainer=trainers.BpeTrainer(
+            vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config.get("eos_token") is None

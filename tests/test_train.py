@@ -38,7 +38,7 @@ def _position_targets(rng: np.random.Generator, logp: np.ndarray, layout: Target
     """Top-k and/or sampled targets of one sequence from its per-position teacher log-probs (T, V)."""
     out: dict[str, np.ndarray] = {}
     if layout.has_topk:
-        order = np.argsort(-logp, axis=1, kind="stable")[:, :layout.top_k]  # (T, k)
+        order = np.argsort(-logp, axis=1, kind="stable")[:, : layout.top_k]  # (T, k)
         out["topk_ids"], out["topk_logprobs"] = order, np.take_along_axis(logp, order, axis=1)
         lengths = np.full(len(logp), layout.top_k)
         if layout.adaptive:
@@ -49,15 +49,26 @@ def _position_targets(rng: np.random.Generator, logp: np.ndarray, layout: Target
         ids = np.zeros((len(logp), layout.samples), np.int64)
         counts = np.zeros((len(logp), layout.samples), np.int64)
         for t, row in enumerate(logp):
-            u, c = np.unique(rng.choice(len(row), size=layout.samples, p=np.exp(row) / np.exp(row).sum()),
-                             return_counts=True)
-            ids[t, :len(u)], counts[t, :len(u)] = u, c
+            u, c = np.unique(
+                rng.choice(len(row), size=layout.samples, p=np.exp(row) / np.exp(row).sum()), return_counts=True
+            )
+            ids[t, : len(u)], counts[t, : len(u)] = u, c
         out["sample_ids"], out["sample_counts"] = ids, counts
     return out
 
 
-def write_tiny_cache(out: Path, *, kind: str = "both", n: int = 8, k: int = 8, samples: int = 8, mass: float = 0.0,
-                     rows_per_shard: int = 4, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+def write_tiny_cache(
+    out: Path,
+    *,
+    kind: str = "both",
+    n: int = 8,
+    k: int = 8,
+    samples: int = 8,
+    mass: float = 0.0,
+    rows_per_shard: int = 4,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
     """A valid cache of a bigram teacher p(next | token) = softmax(W[token]); sequences sampled from it."""
     tokenizer = tokenizer or tiny_tokenizer()
     rng = np.random.default_rng(seed)
@@ -67,22 +78,41 @@ def write_tiny_cache(out: Path, *, kind: str = "both", n: int = 8, k: int = 8, s
     ids[:, 0] = rng.integers(2, VOCAB, size=n)
     for t in range(1, SEQ):
         ids[:, t] = [rng.choice(VOCAB, p=np.exp(logp[j]) / np.exp(logp[j]).sum()) for j in ids[:, t - 1]]
-    layout = TargetLayout(kind=kind, vocab_size=VOCAB, seq_len=SEQ, top_k=k if kind != "sampled" else 0, mass=mass,
-                          samples=samples if kind != "topk" else 0)
-    rows = [SequenceTargets(seq_index=i, input_ids=ids[i], **_position_targets(rng, logp[ids[i]], layout))
-            for i in range(n)]
+    layout = TargetLayout(
+        kind=kind,
+        vocab_size=VOCAB,
+        seq_len=SEQ,
+        top_k=k if kind != "sampled" else 0,
+        mass=mass,
+        samples=samples if kind != "topk" else 0,
+    )
+    rows = [
+        SequenceTargets(seq_index=i, input_ids=ids[i], **_position_targets(rng, logp[ids[i]], layout)) for i in range(n)
+    ]
     out.mkdir(parents=True)
     shards = []
     for s in range(0, n, rows_per_shard):
         path = out / f"shard-{s // rows_per_shard:05d}.parquet"
-        pq.write_table(encode_table(layout, rows[s:s + rows_per_shard]), path, compression="zstd")
-        count = len(rows[s:s + rows_per_shard])
-        shards.append(ShardInfo(file=path.name, rows=count, tokens=count * SEQ, bytes=path.stat().st_size,
-                                sha256=sha256_file(path), first_seq=s))
-    manifest = Manifest(name=out.name, teacher={"path": "bigram", "sha256": "0" * 64},
-                        tokenizer={"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": VOCAB},
-                        corpus={"fingerprint": "1" * 64, "split": "train", "seq_len": SEQ, "num_sequences": n},
-                        targets=layout.to_dict(), shards=shards)
+        pq.write_table(encode_table(layout, rows[s : s + rows_per_shard]), path, compression="zstd")
+        count = len(rows[s : s + rows_per_shard])
+        shards.append(
+            ShardInfo(
+                file=path.name,
+                rows=count,
+                tokens=count * SEQ,
+                bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                first_seq=s,
+            )
+        )
+    manifest = Manifest(
+        name=out.name,
+        teacher={"path": "bigram", "sha256": "0" * 64},
+        tokenizer={"fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": VOCAB},
+        corpus={"fingerprint": "1" * 64, "split": "train", "seq_len": SEQ, "num_sequences": n},
+        targets=layout.to_dict(),
+        shards=shards,
+    )
     (out / "manifest.json").write_text(manifest.to_json())
     tokenizer.save_pretrained(out / "tokenizer")
     return out
@@ -100,13 +130,24 @@ def _staging_and_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("caches")
-    return {"both": write_tiny_cache(root / "both"), "topk": write_tiny_cache(root / "topk", kind="topk"),
-            "adaptive": write_tiny_cache(root / "adaptive", kind="topk", mass=0.9)}
+    return {
+        "both": write_tiny_cache(root / "both"),
+        "topk": write_tiny_cache(root / "topk", kind="topk"),
+        "adaptive": write_tiny_cache(root / "adaptive", kind="topk", mass=0.9),
+    }
 
 
 def cfg_for(**kw) -> TrainConfig:
-    base = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 100,
-            "student": TINY, "chunk_tokens": 16}
+    base = {
+        "max_steps": 6,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "checkpoint_every": 2,
+        "log_every": 100,
+        "student": TINY,
+        "chunk_tokens": 16,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -114,9 +155,13 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(("loss", "cache"), [("topk_tail", "both"), ("topk_renorm", "both"), ("sampled", "both"),
-                                             ("ce", "both"), ("topk_tail", "adaptive")])
-def test_each_loss_kind_trains_and_saves_a_loadable_student(loss: str, cache: str, caches: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("loss", "cache"),
+    [("topk_tail", "both"), ("topk_renorm", "both"), ("sampled", "both"), ("ce", "both"), ("topk_tail", "adaptive")],
+)
+def test_each_loss_kind_trains_and_saves_a_loadable_student(
+    loss: str, cache: str, caches: dict, tmp_path: Path
+) -> None:
     out = tmp_path / "student"
     summary = train(cfg_for(loss=loss, max_steps=3), cache_dir=caches[cache], out_dir=out)
     assert summary["complete"] and summary["steps"] == 3 and summary["tokens"] == 3 * 4 * SEQ
@@ -134,8 +179,12 @@ def test_each_loss_kind_trains_and_saves_a_loadable_student(loss: str, cache: st
 
 
 def test_loss_decreases_over_30_steps(caches: dict, tmp_path: Path) -> None:
-    cfg = cfg_for(max_steps=30, warmup_steps=3, checkpoint_every=100,
-                  student=StudentConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    cfg = cfg_for(
+        max_steps=30,
+        warmup_steps=3,
+        checkpoint_every=100,
+        student=StudentConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+    )
     train(cfg, cache_dir=caches["topk"], out_dir=tmp_path / "s")
     history = losses(tmp_path / "s")
     assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5]), history
@@ -150,7 +199,10 @@ def test_resume_twice_matches_an_uninterrupted_run_step_for_step(caches: dict, t
     train(cfg, cache_dir=caches["both"], out_dir=part, resume=True, max_steps=4)
     summary = train(cfg, cache_dir=caches["both"], out_dir=part, resume=True)
     assert summary["complete"] and summary["steps"] == 6
-    assert np.allclose(losses(part), losses(tmp_path / "full"), rtol=0, atol=1e-6), (losses(part), losses(tmp_path / "full"))
+    assert np.allclose(losses(part), losses(tmp_path / "full"), rtol=0, atol=1e-6), (
+        losses(part),
+        losses(tmp_path / "full"),
+    )
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
     b = AutoModelForCausalLM.from_pretrained(part).state_dict()
     assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)
@@ -194,8 +246,9 @@ def test_fresh_run_replaces_a_previous_runs_checkpoints_and_log(caches: dict, tm
 
 def test_student_with_another_tokenizer_is_refused(caches: dict, tmp_path: Path) -> None:
     student_dir = tmp_path / "pretrained"
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32)).save_pretrained(student_dir)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(student_dir)
     other = tiny_tokenizer(prefix="x")
     other.save_pretrained(student_dir)
     cfg = cfg_for(student=StudentConfig(path=str(student_dir)))
@@ -206,11 +259,22 @@ def test_student_with_another_tokenizer_is_refused(caches: dict, tmp_path: Path)
 
 def test_pretrained_student_with_the_caches_tokenizer_trains(caches: dict, tmp_path: Path) -> None:
     student_dir = tmp_path / "pretrained"
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=SEQ)).save_pretrained(student_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=SEQ,
+        )
+    ).save_pretrained(student_dir)
     tiny_tokenizer().save_pretrained(student_dir)
-    summary = train(cfg_for(max_steps=2, student=StudentConfig(path=str(student_dir))), cache_dir=caches["both"],
-                    out_dir=tmp_path / "s")
+    summary = train(
+        cfg_for(max_steps=2, student=StudentConfig(path=str(student_dir))),
+        cache_dir=caches["both"],
+        out_dir=tmp_path / "s",
+    )
     assert summary["complete"]
 
 
@@ -223,6 +287,7 @@ def test_data_order_depends_only_on_seed_and_rolls_over_epochs(caches: dict) -> 
     from kdcache.cache.reader import open_cache
 
     with open_cache(caches["both"]) as reader:
+
         def seqs(pos: Position, n: int) -> list[tuple[tuple[int, int], list[int]]]:
             stream = batch_stream(reader, 4, seed=3, pos=pos, rank=0, world=1)
             got = [(nxt, batch["seq_index"].tolist()) for nxt, batch in (next(stream) for _ in range(n))]
@@ -255,7 +320,9 @@ def test_state_flattening_round_trips_optimizer_and_rng_state_without_pickle() -
     assert set(restored["optimizer"]["state"]) == {0, 1}
     expected = (torch.rand(3), np.random.rand(), random.random())
     set_rng_state(restored["rng"])
-    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1] and random.random() == expected[2]
+    assert (
+        torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1] and random.random() == expected[2]
+    )
 
 
 def test_built_student_ties_embeddings_and_takes_special_ids_from_the_tokenizer() -> None:
@@ -275,17 +342,37 @@ def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Pat
 
     teacher_dir, tok = tmp_path / "teacher", tiny_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=SEQ)).save_pretrained(teacher_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=SEQ,
+        )
+    ).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     ids = np.random.default_rng(0).integers(2, VOCAB, size=(12, SEQ), dtype=np.int32)
-    write_tokens(tmp_path / "tokens", {"train": ids[:8], "val": ids[8:]}, vocab_size=VOCAB,
-                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
-    build_cache(load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu")), open_tokens(tmp_path / "tokens", "train"),
-                CacheConfig(top_k=8, batch_size=4, rows_per_shard=4), out_dir=tmp_path / "cache")
+    write_tokens(
+        tmp_path / "tokens",
+        {"train": ids[:8], "val": ids[8:]},
+        vocab_size=VOCAB,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+    )
+    build_cache(
+        load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu")),
+        open_tokens(tmp_path / "tokens", "train"),
+        CacheConfig(top_k=8, batch_size=4, rows_per_shard=4),
+        out_dir=tmp_path / "cache",
+    )
     summary = train(cfg_for(max_steps=2), cache_dir=tmp_path / "cache", out_dir=tmp_path / "student", progress=True)
-    metrics = evaluate(EvaluateConfig(), tokens=open_tokens(tmp_path / "tokens", "val"),
-                       models={"teacher": teacher_dir, "student": tmp_path / "student"}, progress=True)
+    metrics = evaluate(
+        EvaluateConfig(),
+        tokens=open_tokens(tmp_path / "tokens", "val"),
+        models={"teacher": teacher_dir, "student": tmp_path / "student"},
+        progress=True,
+    )
     assert summary["complete"] and summary["cache"]["teacher_sha256"]
     assert math.isfinite(metrics["models"]["student"]["kl_to_teacher"]) and metrics["num_tokens"] == 4 * (SEQ - 1)
 
@@ -297,8 +384,13 @@ SHARED = 30  # cache ids 0..29 (<eos>, <pad>, w2..w29) exist in the student's vo
 
 def partial_tokenizer() -> PreTrainedTokenizerFast:
     """Shares <eos>, <pad> and w2..w29 with ``tiny_tokenizer()`` (at other ids); has y0..y9 of its own."""
-    words = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i + 1 for i in range(2, SHARED)},
-             **{f"y{i}": SHARED + 1 + i for i in range(10)}}
+    words = {
+        "<unk>": 0,
+        "<eos>": 1,
+        "<pad>": 2,
+        **{f"w{i}": i + 1 for i in range(2, SHARED)},
+        **{f"y{i}": SHARED + 1 + i for i in range(10)},
+    }
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
@@ -308,11 +400,13 @@ def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
     vmap = build_vocab_map(tiny_tokenizer(), partial_tokenizer(), cache_vocab_size=VOCAB, student_vocab_size=41)
     assert vmap.num_mapped == SHARED and vmap.fallback_id == 0
     assert vmap.to_student[:3].tolist() == [1, 2, 3] and (vmap.to_student[SHARED:] == -1).all()
-    batch = {"input_ids": torch.tensor([[0, 5, 40]]),  # (1, 3)
-             "topk_ids": torch.tensor([[[5, 40], [31, 2], [0, 1]]]),  # (1, 3, 2)
-             "topk_logprobs": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.7, 0.1]]])),
-             "sample_ids": torch.tensor([[[5, 40], [2, 3], [0, 47]]]),
-             "sample_counts": torch.tensor([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]]])}
+    batch = {
+        "input_ids": torch.tensor([[0, 5, 40]]),  # (1, 3)
+        "topk_ids": torch.tensor([[[5, 40], [31, 2], [0, 1]]]),  # (1, 3, 2)
+        "topk_logprobs": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.7, 0.1]]])),
+        "sample_ids": torch.tensor([[[5, 40], [2, 3], [0, 47]]]),
+        "sample_counts": torch.tensor([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]]]),
+    }
     out = vmap.apply(batch)
     assert out["input_ids"].tolist() == [[1, 6, 0]]  # w40 is unknown to the student: its unk token
     assert out["topk_mask"].tolist() == [[[True, False], [False, True], [True, True]]]
@@ -324,12 +418,21 @@ def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
 
 @pytest.mark.parametrize("loss", ["topk_tail", "sampled"])
 def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_kept_mass(
-        loss: str, caches: dict, tmp_path: Path) -> None:
+    loss: str, caches: dict, tmp_path: Path
+) -> None:
     from kdcache.cache.reader import open_cache
 
     student_dir = tmp_path / "pretrained"
-    LlamaForCausalLM(LlamaConfig(vocab_size=41, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=SEQ)).save_pretrained(student_dir)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=41,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=SEQ,
+        )
+    ).save_pretrained(student_dir)
     partial_tokenizer().save_pretrained(student_dir)
     cfg = cfg_for(loss=loss, max_steps=2, vocab_map="exact", student=StudentConfig(path=str(student_dir)))
     summary = train(cfg, cache_dir=caches["both"], out_dir=tmp_path / "s")
@@ -344,7 +447,9 @@ def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_
     assert report["ids_mapped"] == SHARED and report["positions_measured"] == len(rows) * SEQ
     assert report["teacher_mass_cached"] == pytest.approx(p.sum(-1).mean(), rel=1e-6)
     assert report["teacher_mass_kept"] == pytest.approx((p * (ids < SHARED)).sum(-1).mean(), rel=1e-6)
-    assert report["teacher_mass_kept_ratio"] == pytest.approx(report["teacher_mass_kept"] / report["teacher_mass_cached"])
+    assert report["teacher_mass_kept_ratio"] == pytest.approx(
+        report["teacher_mass_kept"] / report["teacher_mass_cached"]
+    )
     assert report["draws_kept"] == pytest.approx(draws_kept / draws)
     assert report["input_tokens_mapped"] == pytest.approx(np.mean([r["input_ids"] < SHARED for r in rows]))
     assert 0 < report["teacher_mass_kept_ratio"] < 1

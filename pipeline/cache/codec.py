@@ -23,6 +23,8 @@ TAIL_SCALE = 1024.0
 TAIL_LOGIT_MAX = 24.0
 TAIL_EMPTY = 65535
 """Tail code for an empty tail (k = V, or logit(p_tail) < 24 - 65534/1024 ~ -40)."""
+
+
 class CacheFormatError(ValueError):
     """A cache file or manifest does not follow the format contract."""
 
@@ -99,8 +101,9 @@ def segment_starts(lengths: np.ndarray) -> np.ndarray:
     return ends - lengths.astype(np.int64)
 
 
-def encode_values(logprobs: np.ndarray, lengths: np.ndarray, *, gamma: float = VALUE_GAMMA,
-                  levels: int = VALUE_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+def encode_values(
+    logprobs: np.ndarray, lengths: np.ndarray, *, gamma: float = VALUE_GAMMA, levels: int = VALUE_LEVELS
+) -> tuple[np.ndarray, np.ndarray]:
     """Flat log-probs (n,) in segments of ``lengths`` (each >= 1) -> (uint8 codes relative to each
     segment's max (n,), log of each segment's mass (P,) in float64)."""
     lp = logprobs.astype(np.float64)
@@ -156,7 +159,9 @@ def decode_topk_logprobs(codes: np.ndarray, tail_codes: np.ndarray, keep: np.nda
 # ----------------------------------------------------------------------------- rows <-> blobs
 
 
-def sorted_entries(ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+def sorted_entries(
+    ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, vocab: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Kept entries (the first ``lengths[t]`` of row t) of padded (T, K) arrays, ascending by id -> flat (n,)."""
     keep = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # (T, K)
     key = np.where(keep, ids.astype(np.int64), vocab)  # padding sorts last
@@ -171,8 +176,9 @@ def row_blobs(flat: np.ndarray, per_row: np.ndarray, dtype: np.dtype) -> list[by
     return [to_planes(part) for part in np.split(flat.astype(dtype), np.cumsum(per_row)[:-1])]
 
 
-def column_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype, values_per_row: np.ndarray, *,
-                 rows: int, where: str) -> np.ndarray:
+def column_values(
+    column: pa.ChunkedArray | pa.Array, dtype: np.dtype, values_per_row: np.ndarray, *, rows: int, where: str
+) -> np.ndarray:
     """A binary column of byte-plane-split blobs -> all rows' values, flat (zero copy for 1-byte
     values); refuses rows whose size is not ``values_per_row`` (R,) values."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -180,15 +186,16 @@ def column_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype, values_pe
         raise CacheFormatError(f"{where}: null values")
     _, off_buf, data_buf = arr.buffers()
     off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(off_buf, off_type)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
+    offsets = np.frombuffer(off_buf, off_type)[arr.offset : arr.offset + len(arr) + 1].astype(np.int64)
     raw = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     sizes = np.diff(offsets)
     size = dtype.itemsize
     if np.any(sizes != values_per_row * size):
         bad = int(np.flatnonzero(sizes != values_per_row * size)[0])
-        raise CacheFormatError(f"{where} of row {bad}: {sizes[bad]} bytes, expected {values_per_row[bad]} values "
-                               f"of {size} bytes")
-    data = raw[offsets[0]:offsets[-1]]
+        raise CacheFormatError(
+            f"{where} of row {bad}: {sizes[bad]} bytes, expected {values_per_row[bad]} values of {size} bytes"
+        )
+    data = raw[offsets[0] : offsets[-1]]
     if size == 1:
         return data.view(dtype)
     if rows and np.all(values_per_row == values_per_row[0]):  # one vectorized transpose for all rows
@@ -198,7 +205,7 @@ def column_values(column: pa.ChunkedArray | pa.Array, dtype: np.dtype, values_pe
             out[:, :, b] = planes[:, b, :]
         return out.view(dtype).reshape(-1)
     rel = offsets - offsets[0]
-    return np.concatenate([from_planes(data[rel[r]:rel[r + 1]], dtype) for r in range(rows)] or [np.zeros(0, dtype)])
+    return np.concatenate([from_planes(data[rel[r] : rel[r + 1]], dtype) for r in range(rows)] or [np.zeros(0, dtype)])
 
 
 def padded(flat: np.ndarray, lengths: np.ndarray, width: int, fill: Any, dtype: Any = None) -> np.ndarray:

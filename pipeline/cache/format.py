@@ -75,8 +75,12 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"\Ashard-[0-9]{5}\.parquet\Z")  # \Z, not $ (which accepts a trailing newline)
 VALUE_ENCODING = f"u8-pow{VALUE_GAMMA:.4f}-rel+u16-tail-logit/{int(TAIL_SCALE)}"
 """Recorded in the manifest; readers refuse any other value encoding."""
-PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "use_dictionary": False,
-                                   "write_page_checksum": True}
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": False,
+    "write_page_checksum": True,
+}
 """``pq.ParquetWriter`` keyword arguments every shard writer uses (level chosen by bench/cache_format.py)."""
 MAX_TOP_K = 1024
 MAX_SAMPLES = 65535
@@ -104,7 +108,9 @@ class TargetLayout:
         for key in ("vocab_size", "seq_len", "top_k", "samples", "seed", "mass", "temperature"):
             value, kind = getattr(self, key), numbers.Real if key in ("mass", "temperature") else numbers.Integral
             if not isinstance(value, kind) or isinstance(value, bool):  # e.g. seq_len 12.0 from a hand-edited manifest
-                raise CacheFormatError(f"targets.{key} must be {'a number' if kind is numbers.Real else 'an integer'}, got {value!r}")
+                raise CacheFormatError(
+                    f"targets.{key} must be {'a number' if kind is numbers.Real else 'an integer'}, got {value!r}"
+                )
         if self.kind not in ("topk", "sampled", "both"):
             raise CacheFormatError(f"targets.kind must be topk|sampled|both, got {self.kind!r}")
         if not (0 < self.vocab_size < 1 << 32) or self.seq_len < 1:
@@ -116,8 +122,10 @@ class TargetLayout:
         if not 0.0 <= self.mass < 1.0 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise CacheFormatError(f"bad targets.mass/temperature: {self.mass}/{self.temperature}")
         if self.values != "logprob" or self.value_encoding != VALUE_ENCODING:
-            raise CacheFormatError(f"targets.values/value_encoding {self.values!r}/{self.value_encoding!r} are not "
-                                   f"supported by this kdcache (reads 'logprob'/{VALUE_ENCODING!r}); upgrade kdcache")
+            raise CacheFormatError(
+                f"targets.values/value_encoding {self.values!r}/{self.value_encoding!r} are not "
+                f"supported by this kdcache (reads 'logprob'/{VALUE_ENCODING!r}); upgrade kdcache"
+            )
 
     @property
     def has_topk(self) -> bool:
@@ -141,18 +149,25 @@ class TargetLayout:
         out = {"input_ids": ids}
         if self.has_topk:
             out |= ({"topk_lengths": count_dtype_for(self.top_k)} if self.adaptive else {}) | {
-                "topk_ids": ids, "topk_codes": np.dtype("u1"), "topk_tail": np.dtype("<u2")}
+                "topk_ids": ids,
+                "topk_codes": np.dtype("u1"),
+                "topk_tail": np.dtype("<u2"),
+            }
         if self.has_samples:
-            out |= {"sample_lengths": count_dtype_for(self.samples), "sample_ids": ids,
-                    "sample_counts": count_dtype_for(self.samples)}
+            out |= {
+                "sample_lengths": count_dtype_for(self.samples),
+                "sample_ids": ids,
+                "sample_counts": count_dtype_for(self.samples),
+            }
         return out
 
     def columns(self) -> list[str]:
         return ["seq_index", *self.blob_dtypes()]
 
     def schema(self) -> pa.Schema:
-        return pa.schema([pa.field(c, pa.int64() if c == "seq_index" else pa.binary(), nullable=False)
-                          for c in self.columns()])
+        return pa.schema(
+            [pa.field(c, pa.int64() if c == "seq_index" else pa.binary(), nullable=False) for c in self.columns()]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "id_dtype": self.id_dtype.name, "adaptive": self.adaptive}
@@ -201,14 +216,20 @@ def _topk_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str
     codes, log_mass = encode_values(np.concatenate(lps), n)  # (sum n,), (R*T,)
     with np.errstate(divide="ignore"):
         approx = np.log(np.clip(-np.expm1(log_mass), 0.0, None))  # tail from the kept mass when not given
-    log_tail = np.concatenate([approx[r * layout.seq_len:(r + 1) * layout.seq_len] if t is None else np.asarray(t, np.float64)
-                               for r, t in enumerate(tails)])
+    log_tail = np.concatenate(
+        [
+            approx[r * layout.seq_len : (r + 1) * layout.seq_len] if t is None else np.asarray(t, np.float64)
+            for r, t in enumerate(tails)
+        ]
+    )
     per_row = np.array([x.sum() for x in lengths], np.int64)
     dtypes, R = layout.blob_dtypes(), len(rows)
     out = {"topk_lengths": row_blobs(n, np.full(R, layout.seq_len), dtypes["topk_lengths"])} if layout.adaptive else {}
-    return out | {"topk_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["topk_ids"]),
-                  "topk_codes": row_blobs(codes, per_row, np.dtype("u1")),
-                  "topk_tail": row_blobs(encode_tail(log_tail, log_mass), np.full(R, layout.seq_len), np.dtype("<u2"))}
+    return out | {
+        "topk_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["topk_ids"]),
+        "topk_codes": row_blobs(codes, per_row, np.dtype("u1")),
+        "topk_tail": row_blobs(encode_tail(log_tail, log_mass), np.full(R, layout.seq_len), np.dtype("<u2")),
+    }
 
 
 def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
@@ -221,27 +242,34 @@ def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[s
         ids.append(i), counts.append(c), lengths.append(n)
     n = np.concatenate(lengths)
     per_row, dtypes = np.array([x.sum() for x in lengths], np.int64), layout.blob_dtypes()
-    return {"sample_lengths": row_blobs(n, np.full(len(rows), layout.seq_len), dtypes["sample_lengths"]),
-            "sample_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["sample_ids"]),
-            "sample_counts": row_blobs(np.concatenate(counts), per_row, dtypes["sample_counts"])}
+    return {
+        "sample_lengths": row_blobs(n, np.full(len(rows), layout.seq_len), dtypes["sample_lengths"]),
+        "sample_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["sample_ids"]),
+        "sample_counts": row_blobs(np.concatenate(counts), per_row, dtypes["sample_counts"]),
+    }
 
 
 def encode_table(layout: TargetLayout, rows: list[SequenceTargets]) -> pa.Table:
     """Sequences -> an Arrow table with ``layout.schema()`` (vectorized over the rows)."""
     for t in rows:
         if np.shape(t.input_ids) != (layout.seq_len,):
-            raise CacheFormatError(f"sequence {t.seq_index}: input_ids has shape {np.shape(t.input_ids)}, "
-                                   f"expected ({layout.seq_len},)")
-    cols: dict[str, list] = {"seq_index": [int(t.seq_index) for t in rows],
-                             "input_ids": [to_planes(np.asarray(t.input_ids).astype(layout.id_dtype)) for t in rows]}
+            raise CacheFormatError(
+                f"sequence {t.seq_index}: input_ids has shape {np.shape(t.input_ids)}, expected ({layout.seq_len},)"
+            )
+    cols: dict[str, list] = {
+        "seq_index": [int(t.seq_index) for t in rows],
+        "input_ids": [to_planes(np.asarray(t.input_ids).astype(layout.id_dtype)) for t in rows],
+    }
     if rows and layout.has_topk:
         cols |= _topk_columns(layout, rows)
     if rows and layout.has_samples:
         cols |= _sample_columns(layout, rows)
     if not rows:
         cols = {c: [] for c in layout.columns()}
-    return pa.table({c: pa.array(cols[c], f.type) for c, f in zip(layout.columns(), layout.schema(), strict=True)},
-                    schema=layout.schema())
+    return pa.table(
+        {c: pa.array(cols[c], f.type) for c, f in zip(layout.columns(), layout.schema(), strict=True)},
+        schema=layout.schema(),
+    )
 
 
 def encode_row(layout: TargetLayout, t: SequenceTargets) -> dict[str, Any]:
@@ -283,16 +311,21 @@ def stage_rows(layout: TargetLayout, table: pa.Table, *, where: str = "rows") ->
         _check_lengths(lengths, 1, k, f"{where}: topk_lengths")
         per_row = lengths.reshape(R, T).sum(axis=1, dtype=np.int64)
         codes, tail = column("topk_codes", per_row), column("topk_tail", per_position)
-        arrays |= {"topk_lengths": lengths.astype(np.uint16),
-                   "topk_ids": decode_gaps(column("topk_ids", per_row), lengths, layout.id_dtype),
-                   "topk_codes": codes, "topk_tail": tail}
+        arrays |= {
+            "topk_lengths": lengths.astype(np.uint16),
+            "topk_ids": decode_gaps(column("topk_ids", per_row), lengths, layout.id_dtype),
+            "topk_codes": codes,
+            "topk_tail": tail,
+        }
     if layout.has_samples:
         lengths = column("sample_lengths", per_position)
         _check_lengths(lengths, 0, layout.samples, f"{where}: sample_lengths")
         per_row = lengths.reshape(R, T).sum(axis=1, dtype=np.int64)
-        arrays |= {"sample_lengths": lengths.astype(np.uint16),
-                   "sample_ids": decode_gaps(column("sample_ids", per_row), lengths, layout.id_dtype),
-                   "sample_counts": column("sample_counts", per_row).astype(np.uint16)}
+        arrays |= {
+            "sample_lengths": lengths.astype(np.uint16),
+            "sample_ids": decode_gaps(column("sample_ids", per_row), lengths, layout.id_dtype),
+            "sample_counts": column("sample_counts", per_row).astype(np.uint16),
+        }
     seq_index = table.column("seq_index").to_numpy().astype(np.int64)
     return StagedRows(seq_index=seq_index, input_ids=arrays.pop("input_ids").reshape(R, T), arrays=arrays)
 
@@ -312,14 +345,18 @@ def decode_row(layout: TargetLayout, row: dict[str, Any]) -> SequenceTargets:
     return unpack_row(layout, staged.seq_index[0], staged.input_ids[0], staged.arrays)
 
 
-def unpack_row(layout: TargetLayout, seq_index: int, input_ids: np.ndarray, a: dict[str, np.ndarray]) -> SequenceTargets:
+def unpack_row(
+    layout: TargetLayout, seq_index: int, input_ids: np.ndarray, a: dict[str, np.ndarray]
+) -> SequenceTargets:
     """One row's staged arrays (per-position and per-entry slices) -> ``SequenceTargets`` (padded, new arrays)."""
     out = SequenceTargets(seq_index=int(seq_index), input_ids=np.array(input_ids))
     if layout.has_topk:
         lengths = a["topk_lengths"]
         keep = np.arange(layout.top_k)[None, :] < lengths[:, None]  # (T, k)
         out.topk_ids = padded(a["topk_ids"], lengths, layout.top_k, 0)
-        out.topk_logprobs = decode_topk_logprobs(padded(a["topk_codes"], lengths, layout.top_k, 0), a["topk_tail"], keep)
+        out.topk_logprobs = decode_topk_logprobs(
+            padded(a["topk_codes"], lengths, layout.top_k, 0), a["topk_tail"], keep
+        )
         out.topk_lengths = lengths.copy()
     if layout.has_samples:
         lengths = a["sample_lengths"]
@@ -387,22 +424,28 @@ class Manifest:
             with open(path, "rb") as f:
                 raw = f.read((64 << 20) + 1)
         except FileNotFoundError as e:
-            raise CacheFormatError(f"{path}: no manifest — the cache is incomplete or not a kdcache cache; "
-                                   "rerun the cache stage (it resumes) or pull the cache again") from e
+            raise CacheFormatError(
+                f"{path}: no manifest — the cache is incomplete or not a kdcache cache; "
+                "rerun the cache stage (it resumes) or pull the cache again"
+            ) from e
         if len(raw) > 64 << 20:
             raise CacheFormatError(f"{path}: manifest is {len(raw)} bytes, refusing (> 64 MiB)")
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheFormatError(f"{path}: not valid JSON ({e}); the file is damaged — pull or rebuild the cache") from e
+            raise CacheFormatError(
+                f"{path}: not valid JSON ({e}); the file is damaged — pull or rebuild the cache"
+            ) from e
         return _parse_manifest(data, str(path))
 
 
 def check_shard_name(name: Any, source: str = MANIFEST_NAME) -> str:
     """Refuse shard names that could reach outside the cache directory."""
     if not isinstance(name, str) or not SHARD_PATTERN.match(name):
-        raise CacheFormatError(f"{source}: shard file name {name!r} is not of the form shard-NNNNN.parquet "
-                               "(absolute paths, separators and '..' are refused); the manifest is corrupt or hostile")
+        raise CacheFormatError(
+            f"{source}: shard file name {name!r} is not of the form shard-NNNNN.parquet "
+            "(absolute paths, separators and '..' are refused); the manifest is corrupt or hostile"
+        )
     return name
 
 
@@ -416,8 +459,11 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     version = data.get("format_version")
     need(isinstance(version, str) and re.fullmatch(r"\d+\.\d+", version) is not None, f"bad format_version {version!r}")
     major = version.split(".")[0]
-    need(major == FORMAT_VERSION.split(".")[0],
-         f"format version {version} is not supported by this kdcache (reads {FORMAT_VERSION.split('.')[0]}.x); upgrade kdcache")
+    need(
+        major == FORMAT_VERSION.split(".")[0],
+        f"format version {version} is not supported by this kdcache (reads {FORMAT_VERSION.split('.')[0]}.x); "
+        "upgrade kdcache",
+    )
     for key in ("teacher", "tokenizer", "corpus", "targets", "stats"):
         need(isinstance(data.get(key), dict), f"field '{key}' must be an object")
     need(isinstance(data.get("name"), str), "field 'name' must be a string")
@@ -430,19 +476,48 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         seen.add(name)
         for key in ("rows", "tokens", "bytes", "first_seq"):
             v = s.get(key, 0)
-            need(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62, f"shards[{i}].{key} must be a non-negative integer, got {v!r}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62,
+                f"shards[{i}].{key} must be a non-negative integer, got {v!r}",
+            )
         sha = s.get("sha256")
-        need(isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None, f"shards[{i}].sha256 must be 64 hex digits")
-        shards.append(ShardInfo(file=name, rows=s["rows"], tokens=s["tokens"], bytes=s["bytes"], sha256=sha,
-                                first_seq=s.get("first_seq", 0)))
-    manifest = Manifest(name=data["name"], teacher=data["teacher"], tokenizer=data["tokenizer"],
-                        corpus=data["corpus"], targets=data["targets"], shards=shards, stats=data["stats"],
-                        created_by=str(data.get("created_by", "")), format=FORMAT_NAME, format_version=version)
+        need(
+            isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None,
+            f"shards[{i}].sha256 must be 64 hex digits",
+        )
+        shards.append(
+            ShardInfo(
+                file=name,
+                rows=s["rows"],
+                tokens=s["tokens"],
+                bytes=s["bytes"],
+                sha256=sha,
+                first_seq=s.get("first_seq", 0),
+            )
+        )
+    manifest = Manifest(
+        name=data["name"],
+        teacher=data["teacher"],
+        tokenizer=data["tokenizer"],
+        corpus=data["corpus"],
+        targets=data["targets"],
+        shards=shards,
+        stats=data["stats"],
+        created_by=str(data.get("created_by", "")),
+        format=FORMAT_NAME,
+        format_version=version,
+    )
     try:
         layout = manifest.layout  # validates kind, k, samples, sizes, value encoding
     except CacheFormatError as e:
         raise CacheFormatError(f"{source}: {e}") from e
-    need(layout.vocab_size == manifest.tokenizer.get("vocab_size"), "targets.vocab_size differs from tokenizer.vocab_size")
+    need(
+        layout.vocab_size == manifest.tokenizer.get("vocab_size"),
+        "targets.vocab_size differs from tokenizer.vocab_size",
+    )
     for i, s in enumerate(shards):
-        need(s.tokens == s.rows * layout.seq_len, f"shards[{i}]: tokens {s.tokens} != rows {s.rows} x seq_len {layout.seq_len}")
+        need(
+            s.tokens == s.rows * layout.seq_len,
+            f"shards[{i}]: tokens {s.tokens} != rows {s.rows} x seq_len {layout.seq_len}",
+        )
     return manifest

@@ -41,23 +41,36 @@ MAX_MAPPED = 16
 """Mapped shards kept open (LRU) beyond the current shuffle window and prefetch; remapping is cheap."""
 
 
-def open_cache(path: str | Path, *, staging_dir: str | Path | None = None, verify: Literal["size", "full"] = "size",
-               expect_tokenizer: str | None = None, prefetch: int = 2) -> CacheReader:
+def open_cache(
+    path: str | Path,
+    *,
+    staging_dir: str | Path | None = None,
+    verify: Literal["size", "full"] = "size",
+    expect_tokenizer: str | None = None,
+    prefetch: int = 2,
+) -> CacheReader:
     """Validate a cache (manifest, shard names, files, sizes; sha256 too with ``verify="full"``) and open it.
 
     ``expect_tokenizer``: the student's tokenizer fingerprint; a different one is refused.
     ``prefetch``: shards staged ahead in a background thread while batches are served.
     """
-    return CacheReader(path, staging_dir=staging_dir, verify=verify, expect_tokenizer=expect_tokenizer,
-                       prefetch=prefetch)
+    return CacheReader(
+        path, staging_dir=staging_dir, verify=verify, expect_tokenizer=expect_tokenizer, prefetch=prefetch
+    )
 
 
 class CacheReader:
     """Memory-mapped access to a cache: ``len``, ``reader[i]``, ``batches(...)``. Pickles by path."""
 
-    def __init__(self, path: str | Path, *, staging_dir: str | Path | None = None,
-                 verify: Literal["size", "full"] = "size", expect_tokenizer: str | None = None,
-                 prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        staging_dir: str | Path | None = None,
+        verify: Literal["size", "full"] = "size",
+        expect_tokenizer: str | None = None,
+        prefetch: int = 2,
+    ) -> None:
         if verify not in ("size", "full"):
             raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
         if prefetch < 0:
@@ -90,9 +103,11 @@ class CacheReader:
     def _check_tokenizer(self, expect: str | None) -> None:
         have = self.meta.tokenizer.get("fingerprint")
         if expect is not None and expect != have:
-            raise CacheError(f"{self.path / 'manifest.json'}: the student's tokenizer differs from the cache's "
-                             f"(student {expect}, cache {have}); use the cache's tokenizer ({self.path / 'tokenizer'}/) "
-                             "or set train.vocab_map: exact")
+            raise CacheError(
+                f"{self.path / 'manifest.json'}: the student's tokenizer differs from the cache's "
+                f"(student {expect}, cache {have}); use the cache's tokenizer ({self.path / 'tokenizer'}/) "
+                "or set train.vocab_map: exact"
+            )
 
     # -- pickling: by path, so DataLoader workers reopen cheaply (staged files are reused)
     def __getstate__(self) -> dict[str, Any]:
@@ -148,13 +163,23 @@ class CacheReader:
         shards = rng.permutation(len(self._files))
         parts = []
         for w in range(0, len(shards), window):
-            rows = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in shards[w:w + window]])
+            rows = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in shards[w : w + window]])
             parts.append(rows[rng.permutation(len(rows))])
         return np.concatenate(parts), shards
 
-    def batches(self, batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                start_batch: int = 0, drop_last: bool = True, shuffle: bool = True,
-                window: int = 4) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        window: int = 4,
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of each global batch of an epoch, from global batch ``start_batch`` on.
 
         Global batch g is ``batch_size * world_size`` consecutive sequences of ``epoch_order`` (storage
@@ -176,23 +201,27 @@ class CacheReader:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         total = self.num_batches(batch_size, world_size, drop_last=drop_last)
         if not 0 <= start_batch <= total:
-            raise ValueError(f"start_batch {start_batch} outside [0, {total}] for batch_size {batch_size} x "
-                             f"{world_size} rank(s) over {len(self)} sequences")
+            raise ValueError(
+                f"start_batch {start_batch} outside [0, {total}] for batch_size {batch_size} x "
+                f"{world_size} rank(s) over {len(self)} sequences"
+            )
         if shuffle:
             order, shard_seq = self.epoch_order(seed, epoch, window=window)
         else:
             order, shard_seq = np.arange(len(self)), np.arange(len(self._files))
         self._capacity = max(MAX_MAPPED, window + self.prefetch + 1)
-        return self._serve(order, shard_seq, range(start_batch, total), batch_size=batch_size, rank=rank,
-                           world_size=world_size)  # arguments were checked above, not at the first next()
+        return self._serve(
+            order, shard_seq, range(start_batch, total), batch_size=batch_size, rank=rank, world_size=world_size
+        )  # arguments were checked above, not at the first next()
 
-    def _serve(self, order: np.ndarray, shard_seq: np.ndarray, steps: range, *, batch_size: int, rank: int,
-               world_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _serve(
+        self, order: np.ndarray, shard_seq: np.ndarray, steps: range, *, batch_size: int, rank: int, world_size: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
         rank_of = np.empty(len(shard_seq), np.int64)
         rank_of[shard_seq] = np.arange(len(shard_seq))  # position of each shard in the epoch's shard order
         global_batch = batch_size * world_size
         for g in steps:
-            rows = order[g * global_batch:(g + 1) * global_batch]
+            rows = order[g * global_batch : (g + 1) * global_batch]
             reached = rank_of[np.searchsorted(self._offsets, rows, side="right") - 1].max()
             self._prefetch_from(int(reached) + 1, list(shard_seq))  # every rank stages what the global batch needs
             yield self._assemble(np.array_split(rows, world_size)[rank])
@@ -201,15 +230,19 @@ class CacheReader:
         """Vectorized gather of sequences ``idx`` (global positions) from their mapped shards."""
         lay, B, T = self.layout, len(idx), self.layout.seq_len
         shard_of = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
-        parts = [(self._shard(int(s)), sel, idx[sel] - self._offsets[s])
-                 for s in np.unique(shard_of) for sel in [np.flatnonzero(shard_of == s)]]
+        parts = [
+            (self._shard(int(s)), sel, idx[sel] - self._offsets[s])
+            for s in np.unique(shard_of)
+            for sel in [np.flatnonzero(shard_of == s)]
+        ]
         out: dict[str, np.ndarray] = {"input_ids": np.empty((B, T), np.int64), "seq_index": np.empty(B, np.int64)}
         for shard, sel, local in parts:
             out["input_ids"][sel] = shard.fixed["input_ids"][local]
             out["seq_index"][sel] = shard.seq_index[local]
         if lay.has_topk:
-            out["topk_ids"], codes, keep = _gather_ragged(parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive,
-                                                           dtypes=staged_columns(lay))
+            out["topk_ids"], codes, keep = _gather_ragged(
+                parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive, dtypes=staged_columns(lay)
+            )
             tail = np.empty((B, T), np.uint16)
             for shard, sel, local in parts:
                 tail[sel] = shard.fixed["topk_tail"][local]
@@ -219,8 +252,9 @@ class CacheReader:
                 out["topk_mask"] = keep
         if lay.has_samples:
             width = max((int(p[0].fixed["sample_lengths"][p[2]].max(initial=0)) for p in parts), default=0)
-            ids, counts, _ = _gather_ragged(parts, "sample", (B, T, max(width, 1)), fixed=False,
-                                            dtypes=staged_columns(lay))
+            ids, counts, _ = _gather_ragged(
+                parts, "sample", (B, T, max(width, 1)), fixed=False, dtypes=staged_columns(lay)
+            )
             out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
@@ -240,7 +274,7 @@ class CacheReader:
             return
         pool = self._executor()
         with self._lock:
-            for s in shard_seq[pos:pos + self.prefetch]:
+            for s in shard_seq[pos : pos + self.prefetch]:
                 s = int(s)
                 if s not in self._mapped and s not in self._futures:
                     self._futures[s] = pool.submit(self._load, s)
@@ -276,8 +310,14 @@ class CacheReader:
         self.close()
 
 
-def _gather_ragged(parts: list[tuple[MappedShard, np.ndarray, np.ndarray]], prefix: str, shape: tuple[int, int, int],
-                   *, fixed: bool, dtypes: dict[str, np.dtype]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _gather_ragged(
+    parts: list[tuple[MappedShard, np.ndarray, np.ndarray]],
+    prefix: str,
+    shape: tuple[int, int, int],
+    *,
+    fixed: bool,
+    dtypes: dict[str, np.dtype],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-position entry lists -> padded ``shape`` = (B, T, width) int64 ids, raw values (codes or
     counts, 0 where padded) and the real-entry mask.
 

@@ -62,27 +62,40 @@ def check_shard_file(root: Path, info: ShardInfo) -> Path:
         if stat.S_ISLNK(st.st_mode):
             real = path.resolve()
             if not real.is_relative_to(root.resolve()):
-                raise CacheError(f"{path}: symlink to {real}, outside the cache directory; refusing it — copy the "
-                                 "file into the cache (with DVC: `dvc config cache.type copy` or hardlink/reflink)")
+                raise CacheError(
+                    f"{path}: symlink to {real}, outside the cache directory; refusing it — copy the "
+                    "file into the cache (with DVC: `dvc config cache.type copy` or hardlink/reflink)"
+                )
             st = os.stat(path)
     except FileNotFoundError as e:
-        raise CacheError(f"{path}: shard listed in {root / 'manifest.json'} is missing; pull the cache again "
-                         "(dvc pull) or rerun the cache stage (it resumes)") from e
+        raise CacheError(
+            f"{path}: shard listed in {root / 'manifest.json'} is missing; pull the cache again "
+            "(dvc pull) or rerun the cache stage (it resumes)"
+        ) from e
     if not stat.S_ISREG(st.st_mode):
         raise CacheError(f"{path}: not a regular file; remove it and pull the cache again")
     if st.st_size != info.bytes:
-        raise CacheError(f"{path}: {st.st_size} bytes but the manifest says {info.bytes}; the shard is truncated or "
-                         "damaged — pull it again (dvc pull) or rerun the cache stage")
+        raise CacheError(
+            f"{path}: {st.st_size} bytes but the manifest says {info.bytes}; the shard is truncated or "
+            "damaged — pull it again (dvc pull) or rerun the cache stage"
+        )
     return path
 
 
 def sha_error(path: Path, digest: str, expected: str) -> CacheError:
-    return CacheError(f"{path}: sha256 {digest} does not match the manifest's {expected}; the shard is corrupt — "
-                      "pull it again (dvc pull) or rerun the cache stage")
+    return CacheError(
+        f"{path}: sha256 {digest} does not match the manifest's {expected}; the shard is corrupt — "
+        "pull it again (dvc pull) or rerun the cache stage"
+    )
 
 
-STAGED_DTYPES = {"topk_lengths": np.dtype("<u2"), "topk_codes": np.dtype("u1"), "topk_tail": np.dtype("<u2"),
-                 "sample_lengths": np.dtype("<u2"), "sample_counts": np.dtype("<u2")}
+STAGED_DTYPES = {
+    "topk_lengths": np.dtype("<u2"),
+    "topk_codes": np.dtype("u1"),
+    "topk_tail": np.dtype("<u2"),
+    "sample_lengths": np.dtype("<u2"),
+    "sample_counts": np.dtype("<u2"),
+}
 """Staged (decoded, memory-mapped) element types; ids keep ``layout.id_dtype``."""
 
 
@@ -98,8 +111,10 @@ def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
 
 def _staged_schema(layout: TargetLayout) -> pa.Schema:
     """large_binary (64-bit offsets) blobs, so no shard hits Arrow's 2 GiB limit."""
-    return pa.schema([pa.field("seq_index", pa.int64(), nullable=False)]
-                     + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)])
+    return pa.schema(
+        [pa.field("seq_index", pa.int64(), nullable=False)]
+        + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)]
+    )
 
 
 def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
@@ -107,9 +122,13 @@ def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CacheError(f"{path}: cannot read the shard ({e}); check the file, pull it again or rerun the cache stage") from e
+        raise CacheError(
+            f"{path}: cannot read the shard ({e}); check the file, pull it again or rerun the cache stage"
+        ) from e
     if len(data) != info.bytes:
-        raise CacheError(f"{path}: {len(data)} bytes but the manifest says {info.bytes}; pull it again or rerun the cache stage")
+        raise CacheError(
+            f"{path}: {len(data)} bytes but the manifest says {info.bytes}; pull it again or rerun the cache stage"
+        )
     if (digest := hashlib.sha256(data).hexdigest()) != info.sha256:
         raise sha_error(path, digest, info.sha256)
     try:
@@ -117,8 +136,10 @@ def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
     except (pa.ArrowException, OSError) as e:
         raise CacheError(f"{path}: not a readable Parquet file ({e}); pull it again or rerun the cache stage") from e
     if table.schema != layout.schema():
-        raise CacheError(f"{path}: columns {table.schema.names} ({table.schema.types}), the manifest's targets need "
-                         f"{layout.columns()} (int64 seq_index, binary blobs); the shard belongs to another cache — rebuild it")
+        raise CacheError(
+            f"{path}: columns {table.schema.names} ({table.schema.types}), the manifest's targets need "
+            f"{layout.columns()} (int64 seq_index, binary blobs); the shard belongs to another cache — rebuild it"
+        )
     if table.num_rows != info.rows:
         raise CacheError(f"{path}: {table.num_rows} rows but the manifest says {info.rows}; rebuild the shard")
     return table
@@ -144,8 +165,13 @@ def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
             lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
             per_row = lens.reshape(R, T).sum(axis=1, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(per_row)]) * dtype.itemsize  # (R+1,) byte offsets
-        arrays.append(pa.LargeBinaryArray.from_buffers(pa.large_binary(), R, [None, pa.py_buffer(offsets.astype(np.int64)),
-                                                                              pa.py_buffer(flat.reshape(-1).view(np.uint8))]))
+        arrays.append(
+            pa.LargeBinaryArray.from_buffers(
+                pa.large_binary(),
+                R,
+                [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(flat.reshape(-1).view(np.uint8))],
+            )
+        )
     return pa.Table.from_arrays(arrays, schema=_staged_schema(layout))
 
 
@@ -161,7 +187,9 @@ def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: 
             staged = decode_shard(read_shard(path, info, layout), layout, where=str(path))
             problems = _content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
             if problems:
-                raise CacheError(f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again")
+                raise CacheError(
+                    f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again"
+                )
             table = staged_table(staged, layout)
             MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
             tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
@@ -172,8 +200,10 @@ def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: 
             finally:
                 tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise CacheError(f"{staging_dir}: cannot stage {path} there ({e}); pass staging_dir= or set "
-                         "KDCACHE_STAGING_DIR to a writable local directory with free space") from e
+        raise CacheError(
+            f"{staging_dir}: cannot stage {path} there ({e}); pass staging_dir= or set "
+            "KDCACHE_STAGING_DIR to a writable local directory with free space"
+        ) from e
     dt = time.perf_counter() - t0
     log.debug("staged %s: %d tokens in %.3fs (%.0f tokens/s)", path, info.tokens, dt, info.tokens / max(dt, 1e-9))
     return target
@@ -223,15 +253,23 @@ class MappedShard:
     uint8 codes plus a tail code per position (``cache_format.decode_topk_logprobs``).
     """
 
-    def __init__(self, seq_index: np.ndarray, flat: dict[str, np.ndarray], starts: dict[str, np.ndarray],
-                 fixed: dict[str, np.ndarray], layout: TargetLayout) -> None:
+    def __init__(
+        self,
+        seq_index: np.ndarray,
+        flat: dict[str, np.ndarray],
+        starts: dict[str, np.ndarray],
+        fixed: dict[str, np.ndarray],
+        layout: TargetLayout,
+    ) -> None:
         self.seq_index, self.flat, self.starts, self.fixed, self.layout = seq_index, flat, starts, fixed, layout
 
     @classmethod
     def from_table(cls, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> MappedShard:
         if table.schema != _staged_schema(layout) or table.num_rows != rows:
-            raise _malformed(where, f"schema {table.schema} and {table.num_rows} rows, expected "
-                                    f"{_staged_schema(layout)} and {rows} rows")
+            raise _malformed(
+                where,
+                f"schema {table.schema} and {table.num_rows} rows, expected {_staged_schema(layout)} and {rows} rows",
+            )
         T = layout.seq_len
         widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
         if layout.has_topk and not layout.adaptive:
@@ -241,14 +279,17 @@ class MappedShard:
             flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtype, f"{where}:{name}")
             if name in widths:
                 if not np.all(np.diff(starts[name]) == widths[name]):
-                    raise _malformed(where, f"column {name} has rows of the wrong length (expected {widths[name]} values)")
+                    raise _malformed(
+                        where, f"column {name} has rows of the wrong length (expected {widths[name]} values)"
+                    )
                 fixed[name] = flat[name].reshape(rows, widths[name])
         for prefix, vals, limit in (("topk", "topk_codes", layout.top_k), ("sample", "sample_counts", layout.samples)):
             if f"{prefix}_lengths" in fixed:
                 lens = fixed[f"{prefix}_lengths"]  # (rows, T)
                 per_row = lens.sum(axis=1, dtype=np.int64)
-                if int(lens.max(initial=0)) > limit or not all(np.array_equal(np.diff(starts[c]), per_row)
-                                                               for c in (f"{prefix}_ids", vals)):
+                if int(lens.max(initial=0)) > limit or not all(
+                    np.array_equal(np.diff(starts[c]), per_row) for c in (f"{prefix}_ids", vals)
+                ):
                     raise _malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
         seq_index = table.column("seq_index").to_numpy()
         return cls(seq_index, flat, starts, fixed, layout)
@@ -263,14 +304,16 @@ class MappedShard:
         """Row j: seq_index, input_ids and one array slice per staged column (``unpack_row`` input)."""
         out: dict[str, Any] = {"seq_index": int(self.seq_index[j])}
         for name, values in self.flat.items():
-            out[name] = values[self.starts[name][j]:self.starts[name][j + 1]]
+            out[name] = values[self.starts[name][j] : self.starts[name][j + 1]]
         if self.layout.has_topk and not self.layout.adaptive:
             out["topk_lengths"] = self.lengths("topk", np.array([j]))[0]
         return out
 
 
 def _malformed(where: str, what: str) -> CacheError:
-    return CacheError(f"{where}: {what}; the shard does not follow the cache format — rebuild it (rerun the cache stage)")
+    return CacheError(
+        f"{where}: {what}; the shard does not follow the cache format — rebuild it (rerun the cache stage)"
+    )
 
 
 def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -278,12 +321,14 @@ def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray
     if arr.null_count:
         raise _malformed(where, "null values")
     _, off_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(off_buf, np.int64)[arr.offset:arr.offset + len(arr) + 1] if off_buf else np.zeros(1, np.int64)
+    offsets = (
+        np.frombuffer(off_buf, np.int64)[arr.offset : arr.offset + len(arr) + 1] if off_buf else np.zeros(1, np.int64)
+    )
     rel = offsets - offsets[0]
     data = np.frombuffer(data_buf, np.uint8) if data_buf else np.zeros(0, np.uint8)
     if np.any(rel % dtype.itemsize) or np.any(np.diff(rel) < 0) or offsets[0] < 0 or offsets[-1] > data.size:
         raise _malformed(where, f"blob offsets are inconsistent or not multiples of {dtype.itemsize} bytes")
-    return data[offsets[0]:offsets[-1]].view(dtype), rel // dtype.itemsize
+    return data[offsets[0] : offsets[-1]].view(dtype), rel // dtype.itemsize
 
 
 def verify_cache(path: str | Path, *, progress: bool = False) -> list[str]:
@@ -347,5 +392,7 @@ def _content_problems(staged: StagedRows, layout: TargetLayout, info: ShardInfo,
         if counts.size and int(counts.min()) < 1:
             out.append("sample_counts: stored entries with zero draws")
         if np.any(sums != layout.samples):
-            out.append(f"sample_counts: {int(np.sum(sums != layout.samples))} positions do not sum to {layout.samples} draws")
+            out.append(
+                f"sample_counts: {int(np.sum(sums != layout.samples))} positions do not sum to {layout.samples} draws"
+            )
     return out

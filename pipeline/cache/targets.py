@@ -42,8 +42,9 @@ def sample_uniforms(seed: int, seq_indices: torch.Tensor | list[int], seq_len: i
     return out
 
 
-def sparsify(logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.Tensor,
-             chunk_tokens: int = 4096) -> dict[str, torch.Tensor]:
+def sparsify(
+    logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.Tensor, chunk_tokens: int = 4096
+) -> dict[str, torch.Tensor]:
     """Sparse targets of a batch of teacher logits (B, T, V >= layout.vocab_size), on their device.
 
     Logits past ``layout.vocab_size`` (padding rows of the output embedding) are dropped before the
@@ -65,8 +66,10 @@ def sparsify(logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.T
     if V_full < V:
         raise ValueError(f"logits have {V_full} entries per token, fewer than the layout's vocab_size {V}")
     if layout.seq_len != T or seq_indices.shape != (B,):
-        raise ValueError(f"logits {tuple(logits.shape)} / seq_indices {tuple(seq_indices.shape)} do not match "
-                         f"seq_len {layout.seq_len}")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} / seq_indices {tuple(seq_indices.shape)} do not match "
+            f"seq_len {layout.seq_len}"
+        )
     device, N = logits.device, B * T
     flat = logits.reshape(N, V_full)  # (N, V_full), a view of contiguous logits
     k, S = layout.top_k, layout.samples
@@ -93,8 +96,9 @@ def sparsify(logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.T
     return result
 
 
-def _sparsify_chunk(chunk: torch.Tensor, layout: TargetLayout, out: dict[str, torch.Tensor], rows: slice,
-                    uniforms: torch.Tensor | None) -> None:
+def _sparsify_chunk(
+    chunk: torch.Tensor, layout: TargetLayout, out: dict[str, torch.Tensor], rows: slice, uniforms: torch.Tensor | None
+) -> None:
     """Fill ``out[...][rows]`` from one (n, V) chunk of logits."""
     n = chunk.shape[0]
     logprobs = chunk.to(torch.float32, copy=True)  # (n, V) the one fp32 copy
@@ -165,10 +169,14 @@ def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unique.to(torch.int32), counts.to(torch.int32)
 
 
-def to_sequence_targets(sparse: dict[str, torch.Tensor], input_ids: np.ndarray,
-                        seq_indices: list[int] | np.ndarray) -> list[SequenceTargets]:
+def to_sequence_targets(
+    sparse: dict[str, torch.Tensor], input_ids: np.ndarray, seq_indices: list[int] | np.ndarray
+) -> list[SequenceTargets]:
     """CPU results of ``sparsify`` + the batch's input ids (B, T) -> one ``SequenceTargets`` per row."""
     arrays = {key: sparse[key].numpy() for key in SMALL_KEYS if key in sparse}
-    return [SequenceTargets(seq_index=int(index), input_ids=np.asarray(input_ids[b]),
-                            **{key: value[b] for key, value in arrays.items()})
-            for b, index in enumerate(seq_indices)]
+    return [
+        SequenceTargets(
+            seq_index=int(index), input_ids=np.asarray(input_ids[b]), **{key: value[b] for key, value in arrays.items()}
+        )
+        for b, index in enumerate(seq_indices)
+    ]

@@ -54,12 +54,12 @@ from kdcache.cache.format import (
     TargetLayout,
     encode_table,
 )
+from kdcache.cache.targets import chunk_tokens_for, sparsify, to_sequence_targets
 from kdcache.config import CacheConfig
 from kdcache.fingerprint import sha256_file, sha256_json, tokenizer_fingerprint
-from kdcache.cache.targets import chunk_tokens_for, sparsify, to_sequence_targets
-from kdcache.teacher import Teacher, teacher_logits, tokenizer_vocab_size
+from kdcache.teacher import Teacher, teacher_logits
 from kdcache.token_data import TokenSplit
-from kdcache.tokenizer import load_tokenizer
+from kdcache.tokenizer import load_tokenizer, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 TOKENIZER_DIR = "tokenizer"
@@ -81,9 +81,11 @@ def _fault(point: str) -> None:
 
 
 def _write_error(path: Path, e: OSError) -> CacheWriteError:
-    err = CacheWriteError(f"{path}: cannot write ({e.strerror or e}) — free space on that filesystem (or raise the "
-                          "file-size/quota limit) or choose a writable output directory; finished shards are kept, "
-                          "rerun to resume")
+    err = CacheWriteError(
+        f"{path}: cannot write ({e.strerror or e}) — free space on that filesystem (or raise the "
+        "file-size/quota limit) or choose a writable output directory; finished shards are kept, "
+        "rerun to resume"
+    )
     err.__cause__ = e
     return err
 
@@ -92,10 +94,16 @@ def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int) -> TargetL
     """The cache layout for ``cfg``; fields that do not apply to the chosen kind are zeroed."""
     topk = cfg.targets in ("topk", "both")
     sampled = cfg.targets in ("sampled", "both")
-    return TargetLayout(kind=cfg.targets, vocab_size=vocab_size, seq_len=seq_len,
-                        top_k=cfg.top_k if topk else 0, mass=cfg.mass if topk else 0.0,
-                        samples=cfg.samples if sampled else 0, temperature=cfg.temperature,
-                        seed=cfg.seed if sampled else 0)
+    return TargetLayout(
+        kind=cfg.targets,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        top_k=cfg.top_k if topk else 0,
+        mass=cfg.mass if topk else 0.0,
+        samples=cfg.samples if sampled else 0,
+        temperature=cfg.temperature,
+        seed=cfg.seed if sampled else 0,
+    )
 
 
 def default_cache_name(teacher_info: dict[str, Any], tokens: TokenSplit, layout: TargetLayout) -> str:
@@ -122,8 +130,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def build_cache(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, out_dir: str | Path,
-                rank: int | None = None, world_size: int | None = None, progress: bool = False) -> Manifest | None:
+def build_cache(
+    teacher: Teacher,
+    tokens: TokenSplit,
+    cfg: CacheConfig,
+    *,
+    out_dir: str | Path,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = False,
+) -> Manifest | None:
     """Score this rank's missing shards into ``out_dir``; rank 0 then writes the manifest.
 
     ``rank``/``world_size`` default to the initialized ``torch.distributed`` group (else 0/1). Under
@@ -148,27 +164,41 @@ def build_cache(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, out_d
     try:
         header = _manifest_header(teacher, tokens, cfg)
         layout = TargetLayout.from_dict(header["targets"])
-        build_key = sha256_json({k: v for k, v in header.items() if k != "tokenizer"}
-                                | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]})
+        build_key = sha256_json(
+            {k: v for k, v in header.items() if k != "tokenizer"}
+            | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]}
+        )
         ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
         todo = _plan(out, num_shards=len(ranges), build_key=build_key, rank=rank, world_size=world_size)
         if rank == 0:
             header["tokenizer"]["files"] = _save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
-        written = _score_shards(teacher, tokens, cfg, layout=layout, out=out, shards=[(i, *ranges[i]) for i in todo],
-                                build_key=build_key, progress=progress)
+        written = _score_shards(
+            teacher,
+            tokens,
+            cfg,
+            layout=layout,
+            out=out,
+            shards=[(i, *ranges[i]) for i in todo],
+            build_key=build_key,
+            progress=progress,
+        )
     except Exception:
         if group:
             _any_rank_failed(True)  # let the other ranks through the collective, and stop them sealing
         raise
     if group and _any_rank_failed(False):
-        raise CacheWriteError(f"{out}: another rank failed (see its error); no manifest written — fix the cause "
-                              "and rerun: finished shards are kept")
+        raise CacheWriteError(
+            f"{out}: another rank failed (see its error); no manifest written — fix the cause "
+            "and rerun: finished shards are kept"
+        )
     if rank != 0:
         return None
     manifest = _seal(out, header, build_key=build_key, num_shards=len(ranges), known=written)
     if manifest is None and group:
-        raise CacheWriteError(f"{out}: every rank finished but shard files are missing here — out_dir must be on "
-                              "storage shared by all ranks (all nodes)")
+        raise CacheWriteError(
+            f"{out}: every rank finished but shard files are missing here — out_dir must be on "
+            "storage shared by all ranks (all nodes)"
+        )
     return manifest
 
 
@@ -197,19 +227,27 @@ def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> 
     if tokens.tokenizer_fingerprint != fingerprint:
         raise CacheWriteError(
             f"token data was made with tokenizer {tokens.tokenizer_fingerprint[:12]}… but teacher "
-            f"{teacher.info['path']} has tokenizer {fingerprint[:12]}… — rerun prepare with this teacher's tokenizer")
+            f"{teacher.info['path']} has tokenizer {fingerprint[:12]}… — rerun prepare with this teacher's tokenizer"
+        )
     vocab = tokenizer_vocab_size(teacher.tokenizer)
     if tokens.vocab_size > teacher.vocab_size:
-        raise CacheWriteError(f"token data declares vocab_size {tokens.vocab_size} > the teacher's "
-                              f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer")
+        raise CacheWriteError(
+            f"token data declares vocab_size {tokens.vocab_size} > the teacher's "
+            f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer"
+        )
     layout = target_layout(cfg, vocab_size=vocab, seq_len=tokens.seq_len)
     return {
         "teacher": dict(teacher.info),
         "tokenizer": {"fingerprint": fingerprint, "vocab_size": vocab, "model_vocab_size": teacher.vocab_size},
-        "corpus": {"fingerprint": tokens.fingerprint, "split": tokens.split, "seq_len": tokens.seq_len,
-                   "num_sequences": len(tokens), "num_tokens": len(tokens) * tokens.seq_len},
-        "targets": layout.to_dict() | {"batch_size": cfg.batch_size, "rows_per_shard": cfg.rows_per_shard,
-                                       "compute_dtype": teacher.info["dtype"]},
+        "corpus": {
+            "fingerprint": tokens.fingerprint,
+            "split": tokens.split,
+            "seq_len": tokens.seq_len,
+            "num_sequences": len(tokens),
+            "num_tokens": len(tokens) * tokens.seq_len,
+        },
+        "targets": layout.to_dict()
+        | {"batch_size": cfg.batch_size, "rows_per_shard": cfg.rows_per_shard, "compute_dtype": teacher.info["dtype"]},
     }
 
 
@@ -219,16 +257,25 @@ def _plan(out: Path, *, num_shards: int, build_key: str, rank: int, world_size: 
     existing = [p for p in sorted(out.glob("shard-*.parquet")) if SHARD_PATTERN.match(p.name)]
     for path in existing:
         if int(path.name[6:11]) >= num_shards:
-            raise CacheWriteError(f"{path}: this cache has only {num_shards} shards — the file belongs to another "
-                                  "cache; write to an empty out_dir (or delete the directory)")
+            raise CacheWriteError(
+                f"{path}: this cache has only {num_shards} shards — the file belongs to another "
+                "cache; write to an empty out_dir (or delete the directory)"
+            )
     for path in existing:
         read_shard_meta(path, build_key)  # footer only: cheap, and fails before hours of scoring
     mine = [i for i in range(num_shards) if i % world_size == rank]
     for i in mine:
         (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
     todo = [i for i in mine if not (out / shard_name(i)).exists()]
-    log.info("cache %s: %d shards, rank %d/%d scores %d (%d already done)", out, num_shards, rank, world_size,
-             len(todo), len(mine) - len(todo))
+    log.info(
+        "cache %s: %d shards, rank %d/%d scores %d (%d already done)",
+        out,
+        num_shards,
+        rank,
+        world_size,
+        len(todo),
+        len(mine) - len(todo),
+    )
     return todo
 
 
@@ -239,8 +286,10 @@ def _check_writable(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out, prefix=".kdcache-probe-"):
             pass
     except OSError as e:
-        raise CacheWriteError(f"{out}: the cache directory is not writable ({e.strerror or e}) — choose a writable "
-                              "output directory (--out / the stage's out) or fix its permissions") from e
+        raise CacheWriteError(
+            f"{out}: the cache directory is not writable ({e.strerror or e}) — choose a writable "
+            "output directory (--out / the stage's out) or fix its permissions"
+        ) from e
 
 
 def _save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, str]:
@@ -256,9 +305,11 @@ def _save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, st
     saved = tokenizer_fingerprint(load_tokenizer(tmp))
     if saved != fingerprint:
         shutil.rmtree(tmp)
-        raise CacheWriteError(f"the teacher's tokenizer does not round-trip through save_pretrained "
-                              f"(fingerprint {saved[:12]}… != {fingerprint[:12]}…); the cache could not be self-contained")
-    current = ({p.name: sha256_file(p) for p in sorted(final.iterdir()) if p.is_file()} if final.is_dir() else None)
+        raise CacheWriteError(
+            f"the teacher's tokenizer does not round-trip through save_pretrained "
+            f"(fingerprint {saved[:12]}… != {fingerprint[:12]}…); the cache could not be self-contained"
+        )
+    current = {p.name: sha256_file(p) for p in sorted(final.iterdir()) if p.is_file()} if final.is_dir() else None
     if current == files:
         shutil.rmtree(tmp)
     else:
@@ -267,8 +318,17 @@ def _save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, st
     return files
 
 
-def _score_shards(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, layout: TargetLayout, out: Path,
-                  shards: list[tuple[int, int, int]], build_key: str, progress: bool) -> dict[int, dict[str, Any]]:
+def _score_shards(
+    teacher: Teacher,
+    tokens: TokenSplit,
+    cfg: CacheConfig,
+    *,
+    layout: TargetLayout,
+    out: Path,
+    shards: list[tuple[int, int, int]],
+    build_key: str,
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
     """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer."""
     from tqdm.auto import tqdm
 
@@ -277,11 +337,19 @@ def _score_shards(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, lay
     # GPUs want big kernels; CPUs are ~1.5x faster when a chunk's fp32 buffer fits in cache (measured, V=4096).
     chunk = chunk_tokens_for(layout.vocab_size, budget_bytes=(256 << 20) if teacher.device.type == "cuda" else 16 << 20)
     began = time.perf_counter()
-    with ShardWriter(out, layout) as writer, tqdm(total=total, unit="tok", unit_scale=True, disable=not progress,
-                                                  desc="cache") as bar:
+    with (
+        ShardWriter(out, layout) as writer,
+        tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="cache") as bar,
+    ):
         for index, start, end in shards:
-            meta = {"build_key": build_key, "shard": index, "first_seq": start, "entropy_sum": 0.0,
-                    "topk_mass_sum": 0.0, "skipped": []}
+            meta = {
+                "build_key": build_key,
+                "shard": index,
+                "first_seq": start,
+                "entropy_sum": 0.0,
+                "topk_mass_sum": 0.0,
+                "skipped": [],
+            }
             for b0 in range(start, end, cfg.batch_size):
                 seqs = np.arange(b0, min(end, b0 + cfg.batch_size))
                 rows = _score_batch(teacher, tokens, cfg, layout=layout, seqs=seqs, chunk=chunk, meta=meta, timer=timer)
@@ -292,19 +360,39 @@ def _score_shards(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, lay
             writer.finish(index, meta)
     elapsed = time.perf_counter() - began
     if total:
-        log.info("scored %d tokens in %.1f s (%.0f tokens/s): forward %.1f s, sparsify %.1f s, host %.1f s, "
-                 "writer busy %.2f s, waited on writer %.2f s", total, elapsed, total / elapsed, timer["forward"],
-                 timer["sparsify"], timer["host"], writer.busy_s, writer.wait_s)
+        log.info(
+            "scored %d tokens in %.1f s (%.0f tokens/s): forward %.1f s, sparsify %.1f s, host %.1f s, "
+            "writer busy %.2f s, waited on writer %.2f s",
+            total,
+            elapsed,
+            total / elapsed,
+            timer["forward"],
+            timer["sparsify"],
+            timer["host"],
+            writer.busy_s,
+            writer.wait_s,
+        )
     return writer.written
 
 
-def _score_batch(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, layout: TargetLayout, seqs: np.ndarray,
-                 chunk: int, meta: dict[str, Any], timer: dict[str, float]) -> list[SequenceTargets]:
+def _score_batch(
+    teacher: Teacher,
+    tokens: TokenSplit,
+    cfg: CacheConfig,
+    *,
+    layout: TargetLayout,
+    seqs: np.ndarray,
+    chunk: int,
+    meta: dict[str, Any],
+    timer: dict[str, float],
+) -> list[SequenceTargets]:
     """Forward + sparsify one batch; drop (``skip``) or refuse (``fail``) sequences with non-finite logits."""
-    ids = np.asarray(tokens.ids[seqs[0]:seqs[-1] + 1], dtype=np.int64)  # (B, T)
+    ids = np.asarray(tokens.ids[seqs[0] : seqs[-1] + 1], dtype=np.int64)  # (B, T)
     if ids.max(initial=0) >= layout.vocab_size or ids.min(initial=0) < 0:
-        raise CacheWriteError(f"token split {tokens.split!r}: sequences {seqs[0]}..{seqs[-1]} hold ids outside "
-                              f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer")
+        raise CacheWriteError(
+            f"token split {tokens.split!r}: sequences {seqs[0]}..{seqs[-1]} hold ids outside "
+            f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer"
+        )
     t0 = time.perf_counter()
     logits = teacher_logits(teacher, torch.from_numpy(ids))  # (B, T, V)
     t1 = time.perf_counter()
@@ -316,9 +404,11 @@ def _score_batch(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, layo
     if bad.any():
         names = seqs[bad].tolist()
         if cfg.on_nan == "fail":
-            raise CacheWriteError(f"teacher produced NaN/inf logits for sequence(s) {names} of split {tokens.split!r} "
-                                  "— check the teacher weights and dtype (float16 overflows: use bfloat16 or "
-                                  "float32), or set cache.on_nan: skip to drop them")
+            raise CacheWriteError(
+                f"teacher produced NaN/inf logits for sequence(s) {names} of split {tokens.split!r} "
+                "— check the teacher weights and dtype (float16 overflows: use bfloat16 or "
+                "float32), or set cache.on_nan: skip to drop them"
+            )
         log.warning("dropping sequence(s) %s: teacher logits are NaN/inf (cache.on_nan: skip)", names)
         meta["skipped"].extend(names)
     keep = ~bad
@@ -338,10 +428,14 @@ def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
     try:
         meta = json.loads(pq.read_metadata(path).metadata[SHARD_META_KEY])
     except (OSError, KeyError, TypeError, ValueError) as e:
-        raise CacheWriteError(f"{path}: not a complete kdcache shard ({e}) — delete it and rerun to recompute it") from e
+        raise CacheWriteError(
+            f"{path}: not a complete kdcache shard ({e}) — delete it and rerun to recompute it"
+        ) from e
     if meta.get("build_key") != build_key:
-        raise CacheWriteError(f"{path}: was written with another teacher, corpus or target settings — write to an "
-                              "empty out_dir (or delete this directory) instead of mixing caches")
+        raise CacheWriteError(
+            f"{path}: was written with another teacher, corpus or target settings — write to an "
+            "empty out_dir (or delete this directory) instead of mixing caches"
+        )
     return meta
 
 
@@ -350,15 +444,18 @@ def _check_regular_file(path: Path) -> None:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         if not path.resolve().is_relative_to(path.parent.resolve()):
-            raise CacheWriteError(f"{path}: symlink to {path.resolve()}, outside the cache directory — remove it (the "
-                                  "cache stage writes its own shards; with DVC use `dvc config cache.type copy`)")
+            raise CacheWriteError(
+                f"{path}: symlink to {path.resolve()}, outside the cache directory — remove it (the "
+                "cache stage writes its own shards; with DVC use `dvc config cache.type copy`)"
+            )
         st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise CacheWriteError(f"{path}: not a regular file — remove it and rerun")
 
 
-def _seal(out: Path, header: dict[str, Any], *, build_key: str, num_shards: int,
-          known: dict[int, dict[str, Any]]) -> Manifest | None:
+def _seal(
+    out: Path, header: dict[str, Any], *, build_key: str, num_shards: int, known: dict[int, dict[str, Any]]
+) -> Manifest | None:
     """Write the manifest (atomically, last) if every shard exists; return it, else ``None``."""
     shards, metas, missing = [], [], []
     for i in range(num_shards):
@@ -371,28 +468,51 @@ def _seal(out: Path, header: dict[str, Any], *, build_key: str, num_shards: int,
             missing.append(i)
             continue
         metas.append(meta)
-        shards.append(ShardInfo(file=path.name, rows=meta["rows"], tokens=meta["tokens"], bytes=size, sha256=digest,
-                                first_seq=meta["first_seq"]))
+        shards.append(
+            ShardInfo(
+                file=path.name,
+                rows=meta["rows"],
+                tokens=meta["tokens"],
+                bytes=size,
+                sha256=digest,
+                first_seq=meta["first_seq"],
+            )
+        )
     if missing:
-        log.info("cache %s: %d shard(s) still missing (%s…); no manifest yet — rerun rank 0 when all ranks finish",
-                 out, len(missing), shard_name(missing[0]))
+        log.info(
+            "cache %s: %d shard(s) still missing (%s…); no manifest yet — rerun rank 0 when all ranks finish",
+            out,
+            len(missing),
+            shard_name(missing[0]),
+        )
         return None
     tokens = sum(s.tokens for s in shards)
     skipped = sorted(j for m in metas for j in m["skipped"])
-    stats = {"num_rows": sum(s.rows for s in shards), "num_tokens": tokens,
-             "mean_entropy": sum(m["entropy_sum"] for m in metas) / max(tokens, 1),
-             "mean_topk_mass": sum(m["topk_mass_sum"] for m in metas) / max(tokens, 1),
-             "total_bytes": sum(s.bytes for s in shards),
-             "bytes_per_token": sum(s.bytes for s in shards) / max(tokens, 1),
-             "num_skipped": len(skipped), "skipped_sequences": skipped}
+    stats = {
+        "num_rows": sum(s.rows for s in shards),
+        "num_tokens": tokens,
+        "mean_entropy": sum(m["entropy_sum"] for m in metas) / max(tokens, 1),
+        "mean_topk_mass": sum(m["topk_mass_sum"] for m in metas) / max(tokens, 1),
+        "total_bytes": sum(s.bytes for s in shards),
+        "bytes_per_token": sum(s.bytes for s in shards) / max(tokens, 1),
+        "num_skipped": len(skipped),
+        "skipped_sequences": skipped,
+    }
     manifest = Manifest(name=out.name, shards=shards, stats=stats, created_by=f"kdcache {__version__}", **header)
     text = manifest.to_json()
     path = out / MANIFEST_NAME
     path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # left by a kill mid-write
     if not path.exists() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(path, text)
-    log.info("cache %s sealed: %d rows, %d tokens, %.2f bytes/token, mean entropy %.3f nats, top-k mass %.4f",
-             out, stats["num_rows"], tokens, stats["bytes_per_token"], stats["mean_entropy"], stats["mean_topk_mass"])
+    log.info(
+        "cache %s sealed: %d rows, %d tokens, %.2f bytes/token, mean entropy %.3f nats, top-k mass %.4f",
+        out,
+        stats["num_rows"],
+        tokens,
+        stats["bytes_per_token"],
+        stats["mean_entropy"],
+        stats["mean_topk_mass"],
+    )
     return Manifest.load(out)
 
 
