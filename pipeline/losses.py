@@ -108,10 +108,12 @@ class KDLossSpec:
         if not self.temperature > 0:
             raise ValueError(f"KDLossSpec.temperature: must be > 0, got {self.temperature}")
         if self.kind in ("sampled", "hard") and self.temperature != 1.0:
-            why = "samples were drawn from the temperature-1 teacher" if self.kind == "sampled" else "argmax has none"
+            why = (
+                "its ids were drawn from the temperature-1 teacher" if self.kind == "sampled" else "argmax ignores tau"
+            )
             raise ValueError(
                 f"KDLossSpec.temperature: kind={self.kind!r} supports only temperature=1.0, got {self.temperature} "
-                f"({why}); use kind='topk_tail' for tau != 1"
+                f"({why}); for tau != 1 use kind='topk_renorm', or 'topk_tail' with a cache that stores topk_log_z"
             )
         b = self.beta
         if not {"jsd": 0 < b < 1, "skew_kl": 0 <= b < 1}.get(self.kind, 0 <= b <= 1):
@@ -292,11 +294,12 @@ def kd_loss(
     ``topk_ids``/``topk_logprobs`` (B, T, k) and ``topk_mask`` (B, T, k) bool (None = all real;
     padded entries carry no probability and get no gradient); ``topk_log_tail`` (B, T): log of
     the teacher mass outside the unmasked entries (a caller that masks real entries must fold
-    their mass in); ``topk_log_z`` (B, T): logsumexp_v(log p_v / tau) at ``spec.temperature``;
-    ``sample_ids``/``sample_counts`` (B, T, S); ``sample_total`` (B, T): draws made per position.
-    KD averages over positions where ``loss_mask`` (B, T) is True (for ``sampled``: that had
-    draws; for ``hard``: that have a top-k entry).  CE averages over positions t < T-1 where
-    ``ce_mask`` (B, T) is True (None = all) and the label is not -100.  Ids must lie in [0, V).
+    their mass in); ``topk_log_z`` (B, T): logsumexp_v(log p_v / tau) at ``spec.temperature``,
+    read only at tau != 1; ``sample_ids``/``sample_counts`` (B, T, S); ``sample_total`` (B, T):
+    draws made per position at cache time.  KD averages over positions where ``loss_mask``
+    (B, T) is True and, for ``sampled``, draws were made (``sample_total`` > 0; without it, at
+    least one kept); for ``hard``, a top-k entry exists.  CE averages over positions t < T-1
+    where ``ce_mask`` (B, T) is True (None = all) and the label is not -100.  Ids lie in [0, V).
     """
     targets = dict(
         topk_ids=topk_ids,
@@ -314,7 +317,7 @@ def kd_loss(
     flat = logits.reshape(batch * seq, vocab)  # (N, V); a view for contiguous logits
     labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); last has no label
     if ce_mask is not None:
-        labels = labels.masked_fill(~ce_mask.to(torch.bool), IGNORE_INDEX)
+        labels = labels.masked_fill(~ce_mask.to(device=labels.device, dtype=torch.bool), IGNORE_INDEX)
     labels = labels.reshape(-1).to(logits.device)  # (N,)
     kd_rows = _kd_rows(spec.kind, targets, loss_mask=loss_mask, n=batch * seq, device=logits.device)  # (N,) bool
     kd_sum, ce_sum = _ChunkedSums.apply(flat, labels, kd_rows, spec, tuple(targets), *targets.values())

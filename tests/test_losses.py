@@ -567,8 +567,7 @@ def test_loss_mask_excludes_positions_from_kd_even_with_nan_targets_there(kind, 
     loss_mask = torch.rand(B, T, generator=torch.Generator().manual_seed(5)) < 0.5
     loss_mask[0, 0] = True
     if kind == "sampled":
-        targets = {name: case[name].to(F64) for name in ("sample_ids", "sample_counts", "sample_total")}
-        targets["sample_ids"] = case["sample_ids"]
+        targets = {name: case[name] for name in ("sample_ids", "sample_counts", "sample_total")}
     else:
         targets = {name: case[name] for name in ("topk_ids", "topk_logprobs", "topk_log_tail")}
         targets["topk_log_z"] = log_z(case["teacher"], tau)
@@ -599,7 +598,7 @@ def test_loss_mask_excludes_positions_from_kd_even_with_nan_targets_there(kind, 
 
 
 def all_targets(case, k=4):
-    """Every target kind_loss may read, for `sampled_case`s."""
+    """Every target kd_loss may read, for `sampled_case`s (topk_log_z at tau = 2)."""
     topk_logprobs, topk_ids = case["teacher"].topk(k, -1)
     return dict(
         topk_ids=topk_ids,
