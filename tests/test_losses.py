@@ -660,7 +660,7 @@ class _PeakLiveBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind", ["ce", "sampled", "hard", "topk_renorm", "topk_tail", "jsd"])
+@pytest.mark.parametrize("kind", ["ce", "sampled", "topk_tail", "jsd"])  # jsd at tau = 2: the largest
 def test_measured_working_set_stays_within_the_auto_chunk_budget_at_262k_vocab(kind):
     """bf16 logits (N, 262144) in chunks of 3 rows: peak live memory beyond the one (N, V)
     gradient stays within chunk_budget_bytes, and uses most of it (the estimate is not loose)."""
@@ -682,7 +682,7 @@ def test_measured_working_set_stays_within_the_auto_chunk_budget_at_262k_vocab(k
 
 
 def test_auto_chunked_equals_unchunked_at_262k_vocab():
-    case = make_case(k=8, vocab=262_144, batch=1, seq=5)
+    case = make_case(k=8, vocab=262_144, batch=1, seq=3)
     auto = KDLossSpec(kind="jsd", temperature=2.0, chunk_budget_bytes=20 << 20)  # fp64: 1 row per chunk
     assert auto.rows_per_chunk(262_144, itemsize=8) == 1
     one = run(case, auto, topk_log_tail=case["topk_log_tail"])
