@@ -43,7 +43,7 @@ import zstandard
 from kdcache.cache import format as cf
 from kdcache.cache.format import SequenceTargets, TargetLayout
 from kdcache.cache.targets import sparsify
-from kdcache.config import TeacherConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import load_teacher, teacher_logits
 from kdcache.token_data import open_tokens
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from kdcache.cache.format import TargetLayout, decode_row, encode_table
 from kdcache.cache.targets import sparsify, to_sequence_targets
-from kdcache.config import TeacherConfig, TrainConfig
+from kdcache.config.teacher import TeacherConfig
+from kdcache.config.train import TrainConfig
 from kdcache.evaluate import Tally
 from kdcache.losses import KDLossSpec, dense_kl, kd_loss
 from kdcache.student import build_student

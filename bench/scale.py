@@ -72,18 +72,20 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from kdcache.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
+    from kdcache.config.cache import CacheConfig
+    from kdcache.config.teacher import TeacherConfig
+    from kdcache.config.train import StudentConfig, TrainConfig
     from kdcache.distributed import barrier, process_group
 
     with process_group("gloo") as (rank, world):
         if args.what == "cache":
-            from kdcache.cache.writer import build_cache
+            from kdcache.cache.build import build_cache
             from kdcache.teacher import load_teacher
             from kdcache.token_data import open_tokens
 
             teacher = load_teacher(TeacherConfig(path=args.teacher, device="cpu"))
             tokens = open_tokens(args.tokens, "train")
-            cfg = CacheConfig(top_k=32, batch_size=args.batch_size, rows_per_shard=args.batch_size)
+            cfg = CacheConfig(targets="topk", top_k=32, batch_size=args.batch_size, rows_per_shard=args.batch_size)
             barrier()
             began = time.perf_counter()
             build_cache(teacher, tokens, cfg, out_dir=args.out, rank=rank, world_size=world)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
 from kdcache.cache.reader import open_cache
-from kdcache.config import StudentConfig, TrainConfig
+from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.fingerprint import sha256_file
 from kdcache.losses import KDLossSpec, kd_loss
 from kdcache.student import count_parameters

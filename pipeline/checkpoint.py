@@ -13,9 +13,9 @@ and renamed when complete, so a crash (``kill -9``, power loss after the rename)
 (disk full) never leaves a directory that looks like a checkpoint: the previous one stays the
 newest. Only directories holding all four files count as checkpoints; the newest ``keep`` are kept.
 
-Test-only fault injection: ``KDCACHE_FAULT=checkpoint_write:N`` (SIGKILL after the weights of step
-N reached the temp dir) or ``checkpoint_replace:N`` (temp dir complete, not yet renamed) make the
-process kill itself there (``tests/test_crash.py``); unset, one ``None`` check per checkpoint.
+Crash points (``kdcache.files.crash_point``, armed only by tests/faults.py): ``checkpoint_write:N``
+(the weights of step N are in the temp dir) and ``checkpoint_replace:N`` (temp dir complete, not
+yet renamed).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from kdcache.files import crash_point, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = (
     "trainer.json",
 )
 FILES = (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON)
-_FAULT = os.environ.get("KDCACHE_FAULT") or None
-"""Test-only crash point (module docstring); read once at import."""
 
 
 class CheckpointError(ValueError):
@@ -145,22 +144,19 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
-        if _FAULT:
-            _fault(f"checkpoint_write:{step}")
+        crash_point(f"checkpoint_write:{step}")
         skeleton, tensors = flatten_state(state)
         save_file(tensors, str(tmp / STATE_FILE))
         _write_json(tmp / STATE_JSON, skeleton)
         _write_json(tmp / TRAINER_JSON, {**trainer, "step": step})
         for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if _FAULT:
-            _fault(f"checkpoint_replace:{step}")
+            fsync_file(path)
+        fsync_dir(tmp)
+        crash_point(f"checkpoint_replace:{step}")
         if final.exists():  # re-saving a step (resumed from an older checkpoint): move the old one aside first
             os.replace(final, root / f".{final.name}.old.incomplete")
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out_dir)
@@ -177,20 +173,6 @@ def save_checkpoint(
         shutil.rmtree(old)
     log.info("checkpoint %s", final)
     return final
-
-
-def _fault(point: str) -> None:
-    """Test-only: SIGKILL this process if ``KDCACHE_FAULT`` names ``point`` (callers check ``_FAULT`` first)."""
-    if point == _FAULT:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

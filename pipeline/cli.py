@@ -18,18 +18,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from kdcache import __version__, config
-from kdcache.config import (
-    CacheConfig,
-    CorpusConfig,
-    DemoTeacherConfig,
-    EvaluateConfig,
-    PrepareConfig,
-    StudentConfig,
-    TeacherConfig,
-    TrainConfig,
-    load_section,
-)
+from kdcache import __version__
+from kdcache.config.base import ConfigError, load_params, load_section
+from kdcache.config.cache import CacheConfig
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.demo_teacher import DemoTeacherConfig
+from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.prepare import PrepareConfig
+from kdcache.config.teacher import TeacherConfig
+from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.entry import run, setup_logging, show_progress
 
 SECTIONS = {
@@ -45,7 +42,7 @@ SECTIONS = {
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal right after a field) of a dataclass."""
+    """Attribute docstrings (the string literal right after a field) of a dataclass, as plain text."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
@@ -56,7 +53,7 @@ def field_docs(cls: type) -> dict[str, str]:
             and isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)
         ):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+            docs[node.target.id] = " ".join(str(nxt.value.value).replace("``", "").split())
     return docs
 
 
@@ -64,7 +61,7 @@ def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
 ) -> None:
     """One flag per dataclass field; only flags the user passes are set (defaults stay in the dataclass)."""
-    group = parser.add_argument_group(f"{cls.__name__} (params.yaml section options)")
+    group = parser.add_argument_group(f"params.yaml section '{SECTIONS[cls]}' ({cls.__name__})")
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -87,6 +84,7 @@ def add_config_flags(
             kwargs["nargs"] = "+"
         elif hint in (int, float, str):
             kwargs["type"] = hint
+            kwargs["metavar"] = {int: "N", float: "X"}.get(hint, f.name.upper())
         group.add_argument(flag, **kwargs)
 
 
@@ -124,73 +122,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
-CACHE_TIMEOUT_S = 24 * 3600.0
-"""Process-group timeout for the cache command: ranks that finish early wait this long at the final barrier."""
-
-
-class CacheDirError(ValueError):
-    """The output directory already holds a cache made from other inputs or settings."""
-
-
 def cmd_cache(args: argparse.Namespace) -> None:
-    teacher_cfg = config_from_args(TeacherConfig, args, path=args.teacher)
-    cfg = config_from_args(CacheConfig, args)
-    from kdcache.cache.writer import build_cache, default_cache_name, target_layout
-    from kdcache.distributed import process_group
-    from kdcache.teacher import load_teacher
-    from kdcache.token_data import open_tokens
-    from kdcache.tokenizer import tokenizer_vocab_size
+    from kdcache.cache.build import cache_corpus
 
-    # gloo even on GPUs: the cache build's only collective is a barrier, which may wait for hours
-    with process_group("gloo", timeout_s=CACHE_TIMEOUT_S) as (rank, world):
-        teacher, tokens = load_teacher(teacher_cfg), open_tokens(args.tokens, cfg.split)
-        layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
-        out = Path(args.out or Path(args.cache_root) / default_cache_name(teacher.info, tokens, layout))
-        expected = {
-            "teacher.sha256": teacher.info["sha256"],
-            "corpus.fingerprint": tokens.fingerprint,
-            "corpus.split": tokens.split,
-            "targets.batch_size": cfg.batch_size,
-            "targets.rows_per_shard": cfg.rows_per_shard,
-            "targets.compute_dtype": teacher.info["dtype"],
-            **{f"targets.{k}": v for k, v in layout.to_dict().items()},
-        }
-        check_cache_dir(out, expected, content_named=args.out is None)
-        # under torchrun: this rank's shards, then a barrier; rank 0 writes the manifest
-        build_cache(
-            teacher, tokens, cfg, out_dir=out, rank=rank, world_size=world, progress=show_progress() and rank == 0
-        )
-        if rank == 0:
-            print(out)
-
-
-def check_cache_dir(out: Path, expected: dict[str, Any], *, content_named: bool) -> None:
-    """Refuse to resume into ``out`` if its manifest was made by another teacher, corpus or settings."""
-    from kdcache.cache.format import MANIFEST_NAME, Manifest
-
-    if not (out / MANIFEST_NAME).exists():
-        return  # shards without a manifest are checked one by one by the writer
-    m = Manifest.load(out)
-    have = {
-        "teacher.sha256": m.teacher.get("sha256"),
-        "corpus.fingerprint": m.corpus.get("fingerprint"),
-        "corpus.split": m.corpus.get("split"),
-        **{f"targets.{k}": v for k, v in m.targets.items()},
-    }
-    diffs = [
-        f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in expected.items() if have.get(key) != value
-    ]
-    if diffs:
-        fix = (
-            "pass --out DIR to write elsewhere, or delete the directory if its cache is no longer needed"
-            if content_named
-            else "omit --out to write to a directory named after the teacher, corpus and "
-            "settings (under --cache-root), or choose another --out"
-        )
-        raise CacheDirError(
-            f"{out / MANIFEST_NAME}: this directory holds a cache made by a different teacher, corpus "
-            f"or settings — {'; '.join(diffs)}; refusing to write into it: {fix}"
-        )
+    out = cache_corpus(
+        config_from_args(TeacherConfig, args, path=args.teacher),
+        config_from_args(CacheConfig, args),
+        tokens_dir=args.tokens,
+        out_dir=args.out,
+        cache_root=args.cache_root,
+        progress=show_progress(),
+    )
+    if out is not None:
+        print(out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -243,7 +187,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from kdcache.cache.reader import verify_cache
+    from kdcache.cache.verify import verify_cache
 
     problems = verify_cache(args.cache)
     for p in problems:
@@ -254,6 +198,10 @@ def cmd_verify(args: argparse.Namespace) -> None:
             "rebuild the listed shards (rerun the cache stage) or pull the cache again"
         )
     print(f"OK {args.cache}: every shard matches the manifest")
+
+
+SHOWN_ABOVE = frozenset({"num_rows", "num_tokens", "total_bytes", "bytes_per_token"})
+"""Manifest stats that ``describe_manifest`` already prints in its sequences/size lines."""
 
 
 def describe_manifest(m: Any) -> str:
@@ -279,7 +227,7 @@ def describe_manifest(m: Any) -> str:
     lines += [
         f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}"
         for k, v in stats.items()
-        if not isinstance(v, (list, dict))
+        if not isinstance(v, (list, dict)) and k not in SHOWN_ABOVE
     ]
     return "\n".join(lines)
 
@@ -289,9 +237,9 @@ def _student_config(spec: str) -> StudentConfig:
     if path.is_dir():
         return StudentConfig(path=str(path))
     if path.suffix in (".json", ".yaml", ".yml") and path.is_file():
-        values = config.load_params(path) if path.suffix != ".json" else json.loads(path.read_text(encoding="utf-8"))
+        values = load_params(path) if path.suffix != ".json" else json.loads(path.read_text(encoding="utf-8"))
         return load_section(StudentConfig, values, section="train.student")
-    raise config.ConfigError(f"--student {spec!r}: not a model directory nor a .json/.yaml file of student sizes")
+    raise ConfigError(f"--student {spec!r}: not a model directory nor a .json/.yaml file of student sizes")
 
 
 # ----------------------------------------------------------------------------- parser

@@ -5,6 +5,15 @@ Documents come from local text files (one document per file), JSON Lines / JSON 
 library. Everything is read through ``datasets`` with ``keep_in_memory=True`` and a throw-away cache
 directory, so prepare never writes into ``~/.cache/huggingface`` and never touches the network; the
 price is that the corpus text is held in RAM (fine up to a few GB; the packed ids are what is kept).
+
+Every document starts with the special tokens the tokenizer's own rules add (BOS for Llama-3 and
+Gemma tokenizers) and ends with EOS. Packing (``prepare.packing``, see ``kdcache.packing``) is by
+default ``documents``: each document starts a new row and its last row is padded, so a teacher
+never attends across a document boundary; padding is masked downstream. We chose padding over
+several documents per row with block-diagonal attention masks because every family's forward
+and every student take plain causal rows, and a masked pad costs only compute (on average half a
+row per document); ``stream`` packs without padding when documents are long or boundaries do
+not matter.
 """
 
 from __future__ import annotations
@@ -30,9 +39,12 @@ from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bar
 from tqdm.auto import tqdm
 
 from kdcache import token_data
-from kdcache.config import CorpusConfig, PrepareConfig, to_dict
+from kdcache.config.base import to_dict
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.prepare import PrepareConfig
 from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.tokenizer import load_tokenizer
+from kdcache.packing import packing_record, pad_id_for, row_packer, special_tokens_around
+from kdcache.tokenizer import load_tokenizer, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -326,48 +338,50 @@ def tokenize_and_pack(
     tokenizer: Any,
     *,
     seq_len: int,
+    packing: str = "stream",
     max_sequences: int = 0,
     allow_empty: bool = False,
     seq_len_key: str = "prepare.seq_len",
     progress: bool = False,
 ) -> np.ndarray:
-    """Tokenize documents, append EOS to each, concatenate and cut into rows of ``seq_len``.
+    """Tokenize documents and pack them into rows of ``seq_len`` ids: ``(N, seq_len)`` int32.
 
-    Returns ``(N, seq_len)`` int32; the incomplete last row is dropped. Tokenizing streams over
-    batches of documents (about 1M characters each; a longer document is tokenized in pieces cut
-    at line starts, see ``_cut_points``) and stops once ``max_sequences`` rows exist
-    (0 = all). Fewer tokens than one row raise ``CorpusError`` unless ``allow_empty`` (then the
+    Each document becomes the tokenizer's own special tokens around its text (``special_tokens_around``:
+    BOS for Llama-3/Gemma-style tokenizers) followed by EOS (unless the tokenizer already appended
+    it). ``packing`` (``prepare.packing``) is ``"stream"``: documents concatenated and cut into rows,
+    the incomplete last row dropped; or ``"documents"``: each document from a new row, its last row
+    padded (``kdcache.packing``). The demo teacher trains on ``stream`` rows.
+
+    Tokenizing streams over batches of documents (about 1M characters each; a longer document is
+    tokenized in pieces cut at line starts, see ``_cut_points``) and stops once ``max_sequences``
+    rows exist (0 = all). No row at all raises ``CorpusError`` unless ``allow_empty`` (then the
     result is ``(0, seq_len)``).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("tokenizer has no EOS token; documents cannot be separated — set eos_token")
-    rows: list[np.ndarray] = []
-    carry = np.zeros(0, dtype=np.int32)
-    n_rows = n_tokens = 0
+    prefix, suffix = special_tokens_around(tokenizer)
+    end = suffix if suffix[-1:] == [eos] else [*suffix, eos]
+    packer = row_packer(packing, seq_len=seq_len, pad_id=pad_id_for(tokenizer))
+    n_tokens, at_start = 0, True
     bar = tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress)
     for texts, ends in _text_batches(ds):
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # (pieces,)
-        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        flat = np.insert(flat, np.cumsum(lengths)[ends], eos)  # (tokens + docs,) EOS after every document
-        n_tokens += flat.size
-        flat = np.concatenate([carry, flat])
-        full = flat.size // seq_len
-        if max_sequences:
-            full = min(full, max_sequences - n_rows)
-        rows.append(flat[: full * seq_len].reshape(full, seq_len))  # (full, T)
-        carry = flat[full * seq_len :]
-        n_rows += full
+        for piece, is_end in zip(ids, ends.tolist(), strict=True):
+            flat = np.fromiter(chain(prefix if at_start else (), piece, end if is_end else ()), dtype=np.int32)
+            n_tokens += flat.size
+            packer.add(flat, document_end=is_end)
+            at_start = is_end
         bar.update(int(ends.sum()))
-        if max_sequences and n_rows >= max_sequences:
+        if max_sequences and packer.count >= max_sequences:
             break
     bar.close()
-    if n_rows == 0 and not allow_empty:
+    rows = packer.rows(max_sequences)
+    if len(rows) == 0 and not allow_empty:
         raise CorpusError(
             f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; add text or lower seq_len"
         )
-    return np.concatenate(rows) if rows else np.zeros((0, seq_len), dtype=np.int32)
+    return rows
 
 
 def prepare_tokens(
@@ -391,6 +405,7 @@ def prepare_tokens(
             ds,
             tokenizer,
             seq_len=prepare_cfg.seq_len,
+            packing=prepare_cfg.packing,
             max_sequences=caps[name],
             allow_empty=name == "val",
             progress=progress,
@@ -414,7 +429,12 @@ def prepare_tokens(
         },
         "prepare": to_dict(prepare_cfg),
         "tokenizer_dir": str(tokenizer_dir),
+        "packing": packing_record(tokenizer, prepare_cfg.packing),
     }
     return token_data.write_tokens(
-        out_dir, packed, vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), meta=meta
+        out_dir,
+        packed,
+        vocab_size=tokenizer_vocab_size(tokenizer),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        meta=meta,
     )

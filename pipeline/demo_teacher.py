@@ -4,19 +4,17 @@ With no downloadable weights, the default pipeline makes its own teacher. The re
 Hugging Face model directory (safetensors + tokenizer files + ``training.json``), so every later
 stage loads it exactly like a user's own ``teacher.path``.
 
-Training stops at ``max_steps`` or ``max_minutes`` of wall clock, whichever comes first; the
-cosine schedule follows the same budget (its progress is the larger of the step and time
-fractions), so a time-limited run still ends at a low learning rate. Because of the wall-clock
-stop, the number of steps (and so the weights) can differ between machines.
+Training runs ``max_steps`` optimizer steps with the student trainer's optimizer and schedule
+(``kdcache.optim``: warmup, then cosine over the step budget), so the weights are the same on any
+machine. ``max_minutes`` is only a safety cap: a run stopped by it says so (``stopped_by`` in
+``training.json``) and is not reproducible.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from kdcache.config import CorpusConfig, DemoTeacherConfig, to_dict
+from kdcache.config.base import to_dict
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.corpus import read_documents, split_documents, tokenize_and_pack
+from kdcache.files import atomic_dir
+from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,6 @@ def build_model(cfg: DemoTeacherConfig, tokenizer: PreTrainedTokenizerBase) -> L
     return LlamaForCausalLM(config)
 
 
-def lr_factor(step: int, progress: float, *, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` as ``progress`` goes 0 -> 1."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
-
-
 def _batches(num_rows: int, batch_size: int, generator: torch.Generator):
     """Endless random batches of row indices: a fresh permutation per epoch."""
     while True:
@@ -78,7 +72,10 @@ def train_loop(
     """Train ``model`` on packed rows ``ids`` (N, T) with AdamW; returns step/loss/throughput stats."""
     data = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))  # (N, T)
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = lr_scheduler(
+        optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
     budget_s = cfg.max_minutes * 60.0
     losses: list[float] = []
     tokens = step = 0
@@ -93,15 +90,13 @@ def train_loop(
         if elapsed >= budget_s:
             stopped_by = "max_minutes"
             break
-        frac = max(step / cfg.max_steps, elapsed / budget_s)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, frac, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         batch = data[rows]  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
+        scheduler.step()
         losses.append(loss.item())
         tokens += batch.numel()
         step += 1
@@ -145,18 +140,10 @@ def mean_loss(model: LlamaForCausalLM, ids: np.ndarray, *, batch_size: int) -> f
 
 def _save_atomic(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any], out: Path) -> None:
     """Write everything to ``<out>.incomplete``, then swap it in; a crash leaves ``out`` untouched."""
-    tmp = out.with_name(out.name + ".incomplete")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def train_demo_teacher(

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "gloo", "nccl"]
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ValueError):
     """The torchrun environment is inconsistent, or ranks disagree about shared state."""
 
 
@@ -45,6 +45,20 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def group_rank_world() -> tuple[int, int] | None:
+    """(rank, world_size) of the initialized default process group, else ``None``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def any_rank_failed(failed: bool) -> bool:
+    """All-reduce (MAX) a failure flag over the process group: a barrier that also says if any rank failed."""
+    flag = torch.tensor([int(failed)], dtype=torch.int64, device=_collective_device())  # (1,)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def resolve_backend(backend: Backend) -> str:

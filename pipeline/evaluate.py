@@ -12,10 +12,10 @@ Positions 0..T-2 of each sequence are scored (position t predicts token t+1).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from kdcache.config import EvaluateConfig
+from kdcache.config.evaluate import EvaluateConfig
 from kdcache.devices import resolve_device, resolve_dtype
+from kdcache.files import atomic_write_text
 from kdcache.fingerprint import WEIGHT_SUFFIXES
 from kdcache.losses import dense_kl
 from kdcache.token_data import TokenSplit
@@ -264,23 +265,14 @@ def write_metrics(metrics: dict[str, Any], *, metrics_path: str | Path, plots_di
     flat["num_sequences"], flat["num_tokens"] = metrics["num_sequences"], metrics["num_tokens"]
     metrics_path = Path(metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(metrics_path, json.dumps(flat, indent=2) + "\n")
+    atomic_write_text(metrics_path, json.dumps(flat, indent=2) + "\n")
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
-    tmp = plots / "calibration.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "bin", "confidence", "accuracy", "count"])
-        for name, m in models.items():
-            for row in m["calibration"]:
-                if row["count"]:
-                    writer.writerow(
-                        [name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]]
-                    )
-    os.replace(tmp, plots / "calibration.csv")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["model", "bin", "confidence", "accuracy", "count"])
+    for name, m in models.items():
+        for row in m["calibration"]:
+            if row["count"]:
+                writer.writerow([name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]])
+    atomic_write_text(plots / "calibration.csv", rows.getvalue())

@@ -93,6 +93,10 @@ class KDLossSpec:
     """Weight of the KD term: loss = alpha*KD + (1 - alpha)*CE; ignored for ``ce``."""
     temperature: float = 1.0
     """KD temperature tau: student logits / tau, teacher tempered exactly (see module docstring)."""
+    targets_temperature: float = 1.0
+    """Temperature the cached targets were computed at (the cache's ``cache.temperature``): the teacher
+    is re-tempered by ``temperature / targets_temperature``, so a cache made at tau = 2 trains at
+    ``temperature: 2`` exactly as stored (never tempered twice)."""
     beta: float = 0.5
     """Mixture weight of the teacher for ``jsd`` (in (0, 1)) and ``skew_kl`` (in [0, 1); DistiLLM uses 0.1)."""
     chunk_tokens: int = 0
@@ -105,15 +109,21 @@ class KDLossSpec:
             raise ValueError(f"KDLossSpec.kind: must be one of {'|'.join(KINDS)}, got {self.kind!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"KDLossSpec.alpha: must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"KDLossSpec.temperature: must be > 0, got {self.temperature}")
-        if self.kind in ("sampled", "hard") and self.temperature != 1.0:
+        if not self.temperature > 0 or not self.targets_temperature > 0:
+            raise ValueError(
+                f"KDLossSpec.temperature / targets_temperature: must be > 0, got {self.temperature} / "
+                f"{self.targets_temperature}"
+            )
+        if self.kind in ("sampled", "hard") and self.retemper != 1.0:
             why = (
-                "its ids were drawn from the temperature-1 teacher" if self.kind == "sampled" else "argmax ignores tau"
+                f"its ids were drawn from the teacher at temperature {self.targets_temperature}"
+                if self.kind == "sampled"
+                else "argmax ignores tau"
             )
             raise ValueError(
-                f"KDLossSpec.temperature: kind={self.kind!r} supports only temperature=1.0, got {self.temperature} "
-                f"({why}); for tau != 1 use kind='topk_renorm', or 'topk_tail' with a cache that stores topk_log_z"
+                f"KDLossSpec.temperature: kind={self.kind!r} supports only the cache's temperature "
+                f"{self.targets_temperature}, got {self.temperature} ({why}); for another tau use kind='topk_renorm', "
+                "or 'topk_tail' with a cache that stores topk_log_z"
             )
         b = self.beta
         if not {"jsd": 0 < b < 1, "skew_kl": 0 <= b < 1}.get(self.kind, 0 <= b <= 1):
@@ -124,6 +134,11 @@ class KDLossSpec:
             raise ValueError(f"KDLossSpec.chunk_tokens: must be >= 0 (0 = auto), got {self.chunk_tokens}")
         if self.chunk_budget_bytes <= 0:
             raise ValueError(f"KDLossSpec.chunk_budget_bytes: must be > 0, got {self.chunk_budget_bytes}")
+
+    @property
+    def retemper(self) -> float:
+        """Factor by which the cached teacher targets are re-tempered: ``temperature / targets_temperature``."""
+        return self.temperature / self.targets_temperature
 
     def rows_per_chunk(self, vocab_size: int, itemsize: int = 4) -> int:
         """``chunk_tokens``, or for 0 the most rows (at least 1) whose working set fits the budget."""
@@ -294,7 +309,7 @@ def kd_loss(
     ``topk_ids``/``topk_logprobs`` (B, T, k) and ``topk_mask`` (B, T, k) bool (None = all real;
     padded entries carry no probability and get no gradient); ``topk_log_tail`` (B, T): log of
     the teacher mass outside the unmasked entries (a caller that masks real entries must fold
-    their mass in); ``topk_log_z`` (B, T): logsumexp_v(log p_v / tau) at ``spec.temperature``,
+    their mass in); ``topk_log_z`` (B, T): logsumexp_v(log p_v / r) at the re-tempering factor r = ``spec.retemper``,
     read only at tau != 1; ``sample_ids``/``sample_counts`` (B, T, S); ``sample_total`` (B, T):
     draws made per position at cache time.  KD averages over positions where ``loss_mask``
     (B, T) is True and, for ``sampled``, draws were made (``sample_total`` > 0; without it, at
@@ -410,16 +425,16 @@ def _kd_terms(z: Tensor, t: dict[str, Tensor], kd_rows: Tensor, *, spec: KDLossS
     logprobs = t["topk_logprobs"].to(z.dtype).masked_fill(~mask, -torch.inf)  # (c, k)
     if spec.kind == "hard":
         return hard_ce(z, ids, topk_logprobs=logprobs, topk_mask=mask)
-    tau = spec.temperature
+    tau, retemper = spec.temperature, spec.retemper  # student at tau; cached teacher re-tempered by retemper
     zt = z / tau if tau != 1.0 else z  # (c, V) tempered student
     if spec.kind == "topk_renorm":
-        return topk_renorm_kl(zt, ids, teacher_logp=logprobs / tau, topk_mask=mask)
+        return topk_renorm_kl(zt, ids, teacher_logp=logprobs / retemper, topk_mask=mask)
     log_tail, log_z = t.get("topk_log_tail"), t.get("topk_log_z")
     log_tail = None if log_tail is None else torch.where(kd_rows, log_tail.to(z.dtype), -torch.inf)  # (c,)
     log_z = None if log_z is None else torch.where(kd_rows, log_z.to(z.dtype), 0.0)  # (c,)
     vocab = z.shape[-1]
     logp, logp_tail = tempered_topk_targets(
-        logprobs, mask, temperature=tau, vocab_size=vocab, log_tail=log_tail, log_z=log_z
+        logprobs, mask, temperature=retemper, vocab_size=vocab, log_tail=log_tail, log_z=log_z
     )  # (c, k), (c,)
     logp = torch.cat([logp, logp_tail.unsqueeze(-1)], dim=-1)  # (c, k+1)
     return coarse_divergence(logp, coarse_student_logprobs(zt, ids, mask), kind=spec.kind, beta=spec.beta)
@@ -464,7 +479,7 @@ def _check_inputs(logits: Tensor, *, spec: KDLossSpec, **kw: Tensor | None) -> N
     for name in TARGET_KEYS[spec.kind]:
         if name in REQUIRED_KEYS and kw[name] is None:
             raise ValueError(f"kd_loss: kind={spec.kind!r} needs {name}; pass the cache's {name} for this batch")
-    if spec.kind in TAIL_KINDS and spec.temperature != 1.0 and kw["topk_log_z"] is None:
+    if spec.kind in TAIL_KINDS and spec.retemper != 1.0 and kw["topk_log_z"] is None:
         raise ValueError(_no_log_z_message(f"kd_loss: kind={spec.kind!r}", spec.temperature))
     per_position = ("input_ids", "loss_mask", "ce_mask", "topk_log_tail", "topk_log_z", "sample_total")
     for name, t in kw.items():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from kdcache.config import StudentConfig
+from kdcache.config.train import StudentConfig
 from kdcache.fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ class VocabMap:
     """Cache (teacher) token ids -> student token ids, for token strings both vocabularies hold.
 
     ``apply`` rewrites a batch: input tokens the student lacks become ``fallback_id`` (its unk or
-    eos token); top-k entries on unmapped ids are masked out, so ``topk_tail`` counts their teacher
-    probability in the tail and ``topk_renorm`` renormalizes over the mapped ones; sampled draws of
-    unmapped ids are dropped (the sampled loss then renormalizes over the mapped draws).
+    eos token) and ``ce_mask`` drops the positions whose label is such a token from the CE term; top-k
+    entries on unmapped ids are masked out and their teacher probability moves into the stored tail
+    (``topk_log_tail``), so ``topk_tail`` counts it there and ``topk_renorm`` renormalizes over the
+    mapped ones; sampled draws of unmapped ids are dropped while ``sample_total`` keeps the number of
+    draws made, so the sampled loss stays unbiased for the mapped part (no renormalization).
     """
 
     to_student: np.ndarray  # (V_cache,) int64; -1 where the student has no token with that string
@@ -78,10 +80,16 @@ class VocabMap:
         out = dict(batch)
         ids = table[batch["input_ids"]]  # (B, T)
         out["input_ids"] = torch.where(ids >= 0, ids, self.fallback_id)
+        label_ok = torch.nn.functional.pad(ids[:, 1:] >= 0, (0, 1), value=False)  # (B, T): position t's label is t+1
+        out["ce_mask"] = label_ok & batch["ce_mask"] if "ce_mask" in batch else label_ok
         if "topk_ids" in batch:
             ids = table[batch["topk_ids"]]  # (B, T, k)
-            mask = batch.get("topk_mask", torch.ones_like(ids, dtype=torch.bool)) & (ids >= 0)  # (B, T, k)
+            real = batch.get("topk_mask", torch.ones_like(ids, dtype=torch.bool))  # (B, T, k)
+            mask = real & (ids >= 0)  # (B, T, k)
             out["topk_ids"], out["topk_mask"] = ids.clamp_min(0), mask
+            if "topk_log_tail" in batch:  # unmapped entries' probability joins the tail
+                dropped = batch["topk_logprobs"].masked_fill(~(real & ~mask), -torch.inf).logsumexp(-1)  # (B, T)
+                out["topk_log_tail"] = torch.logaddexp(batch["topk_log_tail"], dropped)
         if "sample_ids" in batch:
             ids = table[batch["sample_ids"]]  # (B, T, S)
             out["sample_ids"] = ids.clamp_min(0)

@@ -1,16 +1,27 @@
-"""Load a teacher causal LM from a local directory and run batched forwards (no file I/O besides loading)."""
+"""Load a teacher causal LM from a local directory and run batched forwards (no file I/O besides loading).
+
+The cache stage never materializes a batch's (B, T, V) logits: ``teacher_hidden`` runs the model
+without its LM head, and ``logit_rows`` computes logits from those final hidden states a chunk of
+positions at a time (``head_logits``), for ``kdcache.cache.targets.sparsify_rows`` to sparsify
+before the next chunk. The head is the model's own output embedding (tied or not, bias included),
+followed by the output transform of its family (``OUTPUT_TRANSFORMS``): Gemma-2/3 final-logit
+soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``, Falcon-H1's
+``lm_head_multiplier``. ``load_teacher`` proves the two paths agree on a short probe and refuses a
+model whose full forward computes something else (an output transform this module does not know).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdcache.config import TeacherConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.devices import resolve_device, resolve_dtype
 from kdcache.fingerprint import model_dir_fingerprint
 from kdcache.tokenizer import tokenizer_vocab_size
@@ -24,6 +35,25 @@ class TeacherError(ValueError):
     """The teacher directory is missing, is not a causal LM, or does not fit its tokenizer."""
 
 
+OUTPUT_TRANSFORMS = {
+    "final_logit_softcapping": "softcap",  # Gemma-2/3: cap * tanh(logits / cap)
+    "logit_scale": "multiply",  # Cohere / Command-R: logits * scale
+    "lm_head_multiplier": "multiply",  # Falcon-H1
+    "logits_scaling": "divide",  # Granite: logits / scaling
+}
+"""Text-config fields that transform the LM head's output, and how (applied in this order)."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """Final hidden states -> logits: the output embedding, then the family's transform (``OUTPUT_TRANSFORMS``)."""
+
+    module: Any  # torch.nn.Module: the model's output embedding (the input embedding when tied)
+    multiply: float = 1.0
+    divide: float = 1.0
+    softcap: float | None = None
+
+
 @dataclass
 class Teacher:
     """A loaded teacher: model in eval mode on ``device``, its tokenizer, and provenance ``info``."""
@@ -33,6 +63,7 @@ class Teacher:
     device: torch.device
     dtype: torch.dtype
     info: dict[str, Any]  # path, sha256, files, dtype, model_type, num_parameters, vocab_size
+    head: OutputHead | None = None  # None: ``output_head(model)`` on first use
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +103,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
             f"has {tokenizer_vocab_size(tokenizer)} token ids — the tokenizer files do not belong "
             "to this model"
         )
+    head = output_head(model, config, where=f"teacher.path '{path}'")
+    _check_head(model, head, where=f"teacher.path '{path}'", vocab=tokenizer_vocab_size(tokenizer), device=device)
     info = {
         "path": str(path),
         "sha256": fingerprint["sha256"],
@@ -89,7 +122,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         info["dtype"],
         device,
     )
-    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, info=info)
+    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, info=info, head=head)
 
 
 def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
@@ -162,10 +195,89 @@ def _logits_width(model: Any, config: Any) -> int:
     return int(config.get_text_config().vocab_size)
 
 
+def output_head(model: Any, config: Any, *, where: str = "teacher") -> OutputHead:
+    """The model's LM head and its family's output transform, read from its (text) config."""
+    module = model.get_output_embeddings()
+    if module is None:
+        raise TeacherError(f"{where}: the model has no output embedding (LM head) — the teacher must be a causal LM")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = {name: getattr(text, name, None) for name in OUTPUT_TRANSFORMS}
+    multiply = 1.0
+    for name in ("logit_scale", "lm_head_multiplier"):
+        if values[name] is not None:
+            multiply *= float(values[name])
+    divide = float(values["logits_scaling"]) if values["logits_scaling"] is not None else 1.0
+    softcap = values["final_logit_softcapping"]
+    return OutputHead(module=module, multiply=multiply, divide=divide, softcap=float(softcap) if softcap else None)
+
+
+def _check_head(model: Any, head: OutputHead, *, where: str, vocab: int, device: torch.device) -> None:
+    """Refuse a model whose full forward disagrees with hidden states -> ``head_logits`` on a 16-token probe."""
+    ids = (torch.arange(16, device=device) * 7919 % max(vocab, 1))[None]  # (1, 16) spread over the id space
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=False).logits[0].float()  # (16, V)
+        mine = head_logits(head, _hidden(model, ids, where=where)[0])  # (16, V)
+    dtype = next(model.parameters()).dtype
+    tol = 8 * torch.finfo(dtype).eps * max(1.0, float(full.abs().max()))
+    diff = float((full - mine).abs().max()) if full.shape == mine.shape else float("inf")
+    if not diff <= tol:
+        raise TeacherError(
+            f"{where}: {type(model).__name__} computes logits that kdcache cannot reproduce from its final hidden "
+            f"states (max difference {diff:.3g} > {tol:.3g} on a probe): its family transforms the LM head's output "
+            f"in a way kdcache.teacher.OUTPUT_TRANSFORMS ({', '.join(OUTPUT_TRANSFORMS)}) does not cover — add "
+            "that transform there"
+        )
+
+
+def _hidden(model: Any, input_ids: torch.Tensor, *, where: str = "teacher") -> torch.Tensor:
+    base = model.base_model
+    out = base(input_ids=input_ids, use_cache=False) if base is not model else None
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise TeacherError(
+            f"{where}: {type(model).__name__} has no base model returning final hidden states "
+            "(base_model_prefix) — kdcache needs them to compute logits in chunks"
+        )
+    return hidden  # (B, T, H)
+
+
+def teacher_hidden(teacher: Teacher, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the last norm) of a batch of packed sequences: (B, T, H) on ``teacher.device``."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    with torch.inference_mode():
+        return _hidden(teacher.model, input_ids.to(teacher.device, non_blocking=True), where=teacher.info["path"])
+
+
+def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of (n, H) final hidden states: (n, V) float32, the LM head then its transform in fp32.
+
+    In fp32 this equals the model's own forward bit for bit (same ops, same order); in bf16 the
+    transform runs in fp32 where the model's forward would round to bf16 first.
+    """
+    with torch.inference_mode():
+        logits = head.module(hidden).float()  # (n, V) fp32; a fresh tensor from the matmul (or its fp32 copy)
+        if head.multiply != 1.0:
+            logits.mul_(head.multiply)
+        if head.divide != 1.0:
+            logits.div_(head.divide)
+        if head.softcap is not None:
+            logits.div_(head.softcap).tanh_().mul_(head.softcap)  # (n, V) cap * tanh(logits / cap)
+    return logits
+
+
+def logit_rows(teacher: Teacher, hidden: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+    """``rows -> (n, V) float32`` logits of flat positions ``rows`` of (B, T, H) hidden states, for ``sparsify_rows``."""
+    head = teacher.head or output_head(teacher.model, teacher.model.config)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H) a view
+    return lambda rows: head_logits(head, flat[rows])
+
+
 def teacher_logits(teacher: Teacher, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits for a batch of packed sequences, on ``teacher.device`` in the model dtype.
+    """Logits for a batch of packed sequences from the model's own forward, on ``teacher.device``, model dtype.
 
     input_ids: (B, T) int64. Returns (B, T, V) with V = ``teacher.vocab_size``; never copied to the CPU.
+    This materializes (B, T, V): the cache stage uses ``teacher_hidden`` + ``logit_rows`` instead.
     """
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")

@@ -7,7 +7,6 @@ packed sequence; it is memory-mapped on open, so a split of any size costs no RA
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdcache.files import atomic_write, atomic_write_text
 from kdcache.fingerprint import array_fingerprint
 
 TOKENS_FORMAT = "kdcache-tokens"
@@ -65,7 +65,7 @@ def write_tokens(
             raise TokenDataError(f"split {split!r}: ids outside [0, {vocab_size})")
         column = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ids.shape[1])
         table = pa.table({"input_ids": column})
-        _atomic_write_ipc(out / f"{split}.arrow", table)
+        atomic_write(out / f"{split}.arrow", lambda tmp, table=table: _write_ipc(tmp, table))
         entries[split] = {
             "file": f"{split}.arrow",
             "num_sequences": int(ids.shape[0]),
@@ -84,19 +84,13 @@ def write_tokens(
         "splits": entries,
         **(meta or {}),
     }
-    tmp = out / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _atomic_write_ipc(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_token_manifest(token_dir: str | Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kdcache import __version__
+from kdcache.cache.format import TOKENIZER_DIR
 from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.checkpoint import (
     CHECKPOINTS,
@@ -46,11 +47,14 @@ from kdcache.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from kdcache.config import ConfigError, TrainConfig, to_dict
+from kdcache.config.base import ConfigError, to_dict
+from kdcache.config.train import TrainConfig
 from kdcache.devices import resolve_device
 from kdcache.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
+from kdcache.files import atomic_write_text, fsync_dir, fsync_file
 from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.losses import KDLossSpec, kd_loss
+from kdcache.losses import REQUIRED_KEYS, TARGET_KEYS, KDLossSpec, default_loss, kd_loss
+from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.student import (
     VocabMap,
     build_student,
@@ -65,15 +69,8 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training.json"
-TOKENIZER_SUBDIR = "tokenizer"
 MAPPING_SAMPLE = 256
 """Cache sequences read at start to measure how much teacher mass a vocabulary mapping keeps."""
-TARGET_KEYS = {
-    "topk_tail": ("topk_ids", "topk_logprobs", "topk_mask"),
-    "topk_renorm": ("topk_ids", "topk_logprobs", "topk_mask"),
-    "sampled": ("sample_ids", "sample_counts"),
-    "ce": (),
-}
 
 
 class TrainError(ValueError):
@@ -117,8 +114,10 @@ def train(
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
     model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = lr_scheduler(
+        optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
     pos = _start(out, resume=resume, model=model, optimizer=optimizer, scheduler=scheduler, is_main=rank == 0)
     check_same_on_all_ranks(pos.step, what=f"the checkpoint step to resume from in {out}")
     stop = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
@@ -199,7 +198,7 @@ def _open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, 
 
 
 def load_cache_tokenizer(cache_dir: str | Path) -> Any:
-    path = Path(cache_dir) / TOKENIZER_SUBDIR
+    path = Path(cache_dir) / TOKENIZER_DIR
     if not path.is_dir():
         raise TrainError(
             f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
@@ -209,46 +208,43 @@ def load_cache_tokenizer(cache_dir: str | Path) -> Any:
 
 
 def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -> KDLossSpec:
-    """The loss for ``cfg``, refusing a loss the cache's targets cannot feed."""
+    """The loss for ``cfg`` (``auto``: the one matching the cache), refusing one the cache's targets cannot feed."""
     layout = reader.layout
-    if cfg.loss in ("topk_tail", "topk_renorm") and not layout.has_topk:
+    kind = default_loss(layout.kind) if cfg.loss == "auto" else cfg.loss
+    needs = {k[: k.index("_")] for k in TARGET_KEYS[kind] if k in REQUIRED_KEYS}  # {"topk"} / {"sample"} / {}
+    if ("topk" in needs and not layout.has_topk) or ("sample" in needs and not layout.has_samples):
+        other = "sampled" if "topk" in needs else "topk_tail"
         raise ConfigError(
-            f"train.loss={cfg.loss} needs top-k targets but {cache_dir} holds '{layout.kind}' targets; "
-            "set train.loss: sampled, or rebuild the cache with cache.targets: topk or both"
-        )
-    if cfg.loss == "sampled" and not layout.has_samples:
-        raise ConfigError(
-            f"train.loss=sampled needs sampled targets but {cache_dir} holds '{layout.kind}' targets; "
-            "set train.loss: topk_tail, or rebuild the cache with cache.targets: sampled or both"
+            f"train.loss={kind} needs {'top-k' if 'topk' in needs else 'sampled'} targets but {cache_dir} holds "
+            f"'{layout.kind}' targets; set train.loss: auto (here: {default_loss(layout.kind)}) or {other}, "
+            "or rebuild the cache with matching cache.targets"
         )
     try:
-        return KDLossSpec(kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens)
+        return KDLossSpec(
+            kind=kind,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            targets_temperature=layout.temperature,
+            beta=cfg.beta,
+            chunk_tokens=cfg.chunk_tokens,
+        )
     except ValueError as e:
         raise ConfigError(f"train: {e}") from e
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms, biases and embeddings (tied to the LM head) do not."""
-    embed = {id(p) for p in model.get_input_embeddings().parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 and id(p) not in embed else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def batch_stream(
-    reader: CacheReader, batch_size: int, *, seed: int, pos: Position, rank: int, world: int
+    reader: CacheReader,
+    batch_size: int,
+    *,
+    seed: int,
+    pos: Position,
+    rank: int,
+    world: int,
+    keys: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
-    """Batches from ``pos`` on, rolling over epochs; yields ((epoch, batch) after this one, batch)."""
+    """Batches from ``pos`` on, rolling over epochs; yields ((epoch, batch) after this one, batch).
+
+    ``keys``: the target tensors the loss needs (the reader decodes only those)."""
     per_epoch = reader.num_batches(batch_size, world)
     if per_epoch < 1:
         raise TrainError(
@@ -257,7 +253,9 @@ def batch_stream(
         )
     epoch, start = pos.epoch, pos.batch
     while True:
-        batches = reader.batches(batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, start_batch=start)
+        batches = reader.batches(
+            batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, start_batch=start, keys=keys
+        )
         try:
             for index, batch in enumerate(batches, start):
                 yield ((epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)), batch
@@ -287,7 +285,9 @@ def _loop(
 ) -> None:
     from tqdm.auto import tqdm
 
-    stream = batch_stream(reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world)
+    stream = batch_stream(
+        reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=TARGET_KEYS[spec.kind]
+    )
     bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)
     log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
     try:
@@ -356,7 +356,8 @@ def _step(
         if vmap is not None:
             batch = vmap.apply(batch)
         input_ids = batch["input_ids"].to(dev, non_blocking=True)  # (B, T)
-        targets = {k: batch[k].to(dev, non_blocking=True) for k in TARGET_KEYS[spec.kind] if k in batch}
+        keys = (*TARGET_KEYS[spec.kind], "ce_mask")
+        targets = {k: batch[k].to(dev, non_blocking=True) for k in keys if k in batch}
         sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             with amp:
@@ -417,9 +418,7 @@ def _truncate_log(path: Path, step: int) -> None:
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     kept = [ln for ln in lines if _logged_step(ln) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def _logged_step(line: str) -> float:
@@ -436,11 +435,11 @@ def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: di
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     for path in tmp.iterdir():
-        os.replace(path, out / path.name)
+        fsync_file(path)
+        os.replace(path, out / path.name)  # each file whole: a new inode replaces the old one
     tmp.rmdir()
-    marker = out / (SUMMARY_NAME + ".tmp")
-    marker.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(marker, out / SUMMARY_NAME)
+    fsync_dir(out)
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
 
 
 def _summary(

@@ -7,7 +7,10 @@ model directory and run `dvc repro evaluate` (which does not depend on this stag
 import argparse
 import sys
 
-from kdcache.config import CorpusConfig, DemoTeacherConfig, load_params, load_section
+from kdcache.config.base import load_params, load_section
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.demo_teacher import DemoTeacherConfig
+from kdcache.config.paths import PathsConfig
 from kdcache.demo_teacher import train_demo_teacher
 from kdcache.entry import run, setup_logging, show_progress
 
@@ -15,13 +18,12 @@ from kdcache.entry import run, setup_logging, show_progress
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="models/demo-teacher")
     args = ap.parse_args()
     params = load_params(args.params)
     train_demo_teacher(
         load_section(CorpusConfig, params.get("corpus"), section="corpus"),
         load_section(DemoTeacherConfig, params.get("demo_teacher"), section="demo_teacher"),
-        out_dir=args.out,
+        out_dir=load_section(PathsConfig, params.get("paths"), section="paths").demo_teacher,
         progress=show_progress(),
     )
 

@@ -3,7 +3,10 @@
 import argparse
 import sys
 
-from kdcache.config import EvaluateConfig, load_params, load_section
+from kdcache.config.base import load_params, load_section
+from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.paths import PathsConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.entry import run, setup_logging, show_progress
 from kdcache.evaluate import evaluate, write_metrics
 from kdcache.token_data import open_tokens
@@ -12,21 +15,17 @@ from kdcache.token_data import open_tokens
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--tokens", default="data/tokens")
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--student", required=True)
-    ap.add_argument("--baseline", required=True)
-    ap.add_argument("--metrics", default="metrics/eval.json")
-    ap.add_argument("--plots", default="plots")
     args = ap.parse_args()
-    cfg = load_section(EvaluateConfig, load_params(args.params).get("evaluate"), section="evaluate")
+    params = load_params(args.params)
+    paths = load_section(PathsConfig, params.get("paths"), section="paths")
+    teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
     metrics = evaluate(
-        cfg,
-        tokens=open_tokens(args.tokens, "val"),
-        models={"teacher": args.teacher, "student": args.student, "baseline": args.baseline},
+        load_section(EvaluateConfig, params.get("evaluate"), section="evaluate"),
+        tokens=open_tokens(paths.tokens, "val"),
+        models={"teacher": teacher.path, "student": paths.student, "baseline": paths.baseline},
         progress=show_progress(),
     )
-    write_metrics(metrics, metrics_path=args.metrics, plots_dir=args.plots)
+    write_metrics(metrics, metrics_path=paths.metrics, plots_dir=paths.plots)
 
 
 if __name__ == "__main__":

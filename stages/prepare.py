@@ -3,7 +3,11 @@
 import argparse
 import sys
 
-from kdcache.config import CorpusConfig, PrepareConfig, TeacherConfig, load_params, load_section
+from kdcache.config.base import load_params, load_section
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.paths import PathsConfig
+from kdcache.config.prepare import PrepareConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.corpus import prepare_tokens
 from kdcache.entry import run, setup_logging, show_progress
 
@@ -11,7 +15,6 @@ from kdcache.entry import run, setup_logging, show_progress
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/tokens")
     args = ap.parse_args()
     params = load_params(args.params)
     teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
@@ -19,7 +22,7 @@ def main() -> None:
         load_section(CorpusConfig, params.get("corpus"), section="corpus"),
         load_section(PrepareConfig, params.get("prepare"), section="prepare"),
         tokenizer_dir=teacher.path,
-        out_dir=args.out,
+        out_dir=load_section(PathsConfig, params.get("paths"), section="paths").tokens,
         progress=show_progress(),
     )
 

@@ -14,7 +14,8 @@ import torch
 from test_cache_format import LAYOUTS, assert_same_targets, random_targets
 
 from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
-from kdcache.cache.reader import CacheError, CacheReader, open_cache, verify_cache
+from kdcache.cache.reader import CacheError, CacheReader, open_cache
+from kdcache.cache.verify import verify_cache
 from kdcache.fingerprint import sha256_file
 
 N = 23  # sequences; 5 shards of 5, 5, 5, 5, 3 rows
@@ -106,7 +107,8 @@ def _concat_ranks(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     width = max((p["sample_ids"].shape[-1] for p in parts if "sample_ids" in p), default=0)
 
     def widen(t: torch.Tensor, key: str) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[-1])) if key.startswith("sample") else t
+        padded = key in ("sample_ids", "sample_counts")  # (B, T, S): S differs per slice
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1])) if padded else t
 
     return {k: torch.cat([widen(p[k], k) for p in parts]) for k in parts[0]}
 
@@ -128,15 +130,14 @@ def test_reader_items_equal_what_was_written(caches, staging, kind) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
-def test_batch_tensors_hold_the_decoded_targets_with_zero_padding(caches, staging, kind) -> None:
+def test_batch_tensors_hold_the_decoded_targets_padded_like_reader_items(caches, staging, kind) -> None:
     path, _ = caches[kind]
     layout, reader = LAYOUTS[kind], open_cache(path, staging_dir=staging)
     batches = _epoch(reader, 4, epoch=1, drop_last=False)
     keys = (
         {"input_ids", "seq_index"}
-        | ({"topk_ids", "topk_logprobs"} if layout.has_topk else set())
-        | ({"topk_mask"} if layout.adaptive else set())
-        | ({"sample_ids", "sample_counts"} if layout.has_samples else set())
+        | ({"topk_ids", "topk_logprobs", "topk_log_tail", "topk_mask"} if layout.has_topk else set())
+        | ({"sample_ids", "sample_counts", "sample_total"} if layout.has_samples else set())
     )
     for batch in batches:
         assert set(batch) == keys and batch["input_ids"].dtype == torch.int64
@@ -145,11 +146,12 @@ def test_batch_tensors_hold_the_decoded_targets_with_zero_padding(caches, stagin
             np.testing.assert_array_equal(batch["input_ids"][b].numpy(), item["input_ids"])
             if layout.has_topk:
                 real = np.arange(layout.top_k) < item["topk_lengths"][:, None]  # (T, k)
-                if layout.adaptive:
-                    np.testing.assert_array_equal(batch["topk_mask"][b].numpy(), real)
+                np.testing.assert_array_equal(batch["topk_mask"][b].numpy(), real)
                 lp = batch["topk_logprobs"][b].numpy()
-                assert lp.dtype == np.float32 and (lp[~real] == 0.0).all() and not np.signbit(lp[~real]).any()
-                np.testing.assert_array_equal(lp[real], item["topk_logprobs"][real])
+                assert lp.dtype == np.float32 and (lp[~real] == -np.inf).all()
+                np.testing.assert_array_equal(lp, item["topk_logprobs"])
+                tail = np.exp(batch["topk_log_tail"][b].numpy().astype(np.float64))  # (T,) the stored tail
+                np.testing.assert_allclose(tail + np.exp(lp.astype(np.float64)).sum(-1), 1.0, atol=1e-5)
                 np.testing.assert_array_equal(batch["topk_ids"][b].numpy()[real], item["topk_ids"][real])
             if layout.has_samples:
                 w = item["sample_ids"].shape[1]

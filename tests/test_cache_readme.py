@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from kdcache.cache.build import build_cache
 from kdcache.cache.format import Manifest, TargetLayout
 from kdcache.cache.reader import open_cache
-from kdcache.cache.writer import build_cache
-from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.token_data import open_tokens, write_tokens

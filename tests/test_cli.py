@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kdcache.cli import build_parser, field_docs, main
-from kdcache.config import CacheConfig
+from kdcache.config.cache import CacheConfig
 
 COMMANDS = ["demo-teacher", "prepare", "cache", "train", "evaluate", "inspect", "verify"]
 
@@ -93,6 +93,8 @@ def _cache(made: dict[str, Path], *extra: str, teacher: str = "teacher") -> list
         str(made[teacher]),
         "--tokens",
         str(made["tokens"]),
+        "--targets",
+        "topk",
         "--top-k",
         "4",
         "--batch-size",

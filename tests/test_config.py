@@ -6,15 +6,10 @@ import dataclasses
 
 import pytest
 
-from kdcache.config import (
-    CacheConfig,
-    ConfigError,
-    CorpusConfig,
-    TrainConfig,
-    load_params,
-    load_section,
-    to_dict,
-)
+from kdcache.config.base import ConfigError, load_params, load_section, to_dict
+from kdcache.config.cache import CacheConfig
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.train import TrainConfig
 
 
 def test_unknown_key_is_refused_with_a_did_you_mean_hint() -> None:

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from kdcache.config import CorpusConfig, PrepareConfig
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.prepare import PrepareConfig
 from kdcache.corpus import (
     STDLIB_SKIP_DIRS,
     CorpusError,
@@ -312,8 +314,11 @@ def test_prepare_tokens_writes_train_and_val_token_data(tmp_path, tok, tok_dir):
     docs = manifest["corpus"]["num_documents"]
     assert docs["train"] + docs["val"] == 30 and manifest["tokenizer_dir"] == str(tok_dir)
     assert manifest["corpus"]["config"]["val_fraction"] == 0.3 and manifest["prepare"]["seq_len"] == 32
+    assert manifest["packing"] == {"mode": "documents", "eos_id": tok.eos_token_id, "prefix": [], "suffix": []} | {
+        "pad_id": tok.pad_token_id
+    }
     splits = split_documents(read_documents(corpus_cfg), val_fraction=0.3)
-    assert val.ids.tolist() == tokenize_and_pack(splits["val"], tok, seq_len=32).tolist()
+    assert val.ids.tolist() == tokenize_and_pack(splits["val"], tok, seq_len=32, packing="documents").tolist()
 
 
 def test_prepare_fails_when_val_has_no_full_sequence(tmp_path, tok_dir):
@@ -321,8 +326,113 @@ def test_prepare_fails_when_val_has_no_full_sequence(tmp_path, tok_dir):
     with pytest.raises(CorpusError, match=r"val split .* has no full sequence.*raise corpus.val_fraction"):
         prepare_tokens(
             cfg_for(tmp_path / "c" / "*.txt", val_fraction=1e-6),
-            PrepareConfig(seq_len=128),
+            PrepareConfig(seq_len=128, packing="stream"),
             tokenizer_dir=tok_dir,
             out_dir=tmp_path / "tokens",
         )
     assert not (tmp_path / "tokens" / "manifest.json").exists()
+
+
+# --- special tokens and document packing ----------------------------------------------------------
+
+
+def word_tokenizer(*, bos: bool = True, pad: bool = True, eos_suffix: bool = False):
+    """A word-level tokenizer over WORDS; Llama-3-style BOS template, optional pad and EOS-appending template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<bos>", "<eos>", "<pad>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + WORDS)}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = ("<bos> " if bos else "") + "$A" + (" <eos>" if eos_suffix else "")
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<bos>", 0), ("<eos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>" if pad else None
+    )
+
+
+def _documents(ds, tok) -> list[list[int]]:
+    return [tok(text)["input_ids"] + ([] if tok(text)["input_ids"][-1] == 1 else [1]) for text in ds["text"]]
+
+
+@pytest.mark.parametrize("packing", ["documents", "stream"])
+def test_every_document_starts_with_the_tokenizers_bos(tmp_path, packing):
+    write_txt_corpus(tmp_path, n=12, lines=4)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    tok = word_tokenizer()
+    ids = tokenize_and_pack(ds, tok, seq_len=16, packing=packing)
+    docs = _documents(ds, tok)
+    assert all(d[0] == 0 and d.count(0) == 1 for d in docs)
+    if packing == "stream":
+        stream = [t for d in docs for t in d]
+        assert ids.reshape(-1).tolist() == stream[: ids.size] and (ids == 0).sum() >= len(docs) - 1
+    else:
+        assert (ids == 0).sum() == len(docs)  # one BOS per document, each at the start of a row
+        assert set(np.flatnonzero(ids == 0) % 16) == {0}
+
+
+def test_document_packing_starts_rows_at_documents_and_pads_their_last_row(tmp_path):
+    from kdcache.packing import target_mask, token_mask, valid_lengths
+
+    write_txt_corpus(tmp_path, n=9, lines=5)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    tok = word_tokenizer()
+    ids = tokenize_and_pack(ds, tok, seq_len=16, packing="documents")
+    record = {"mode": "documents", "pad_id": 2, "eos_id": 1}
+    mask = token_mask(torch.from_numpy(ids), record).numpy()
+    expected = []
+    for d in _documents(ds, tok):
+        rows = [d[i : i + 16] for i in range(0, len(d), 16)]
+        expected += [r + [2] * (16 - len(r)) for r in rows if len(r) >= 2]
+    assert ids.tolist() == expected
+    assert [row[m].tolist() for row, m in zip(ids, mask, strict=True)] == [[t for t in r if t != 2] for r in expected]
+    assert all(row[m][-1] == 1 or m.all() for row, m in zip(ids, mask, strict=True))  # a partial row ends with EOS
+    assert (valid_lengths(torch.from_numpy(ids), {"mode": "stream"}) == 16).all()
+    assert target_mask(torch.from_numpy(ids), record).shape == (len(ids), 15)
+    assert tokenize_and_pack(ds, tok, seq_len=16, packing="documents", max_sequences=3).tolist() == expected[:3]
+
+
+def test_padding_with_eos_keeps_the_documents_own_eos(tmp_path):
+    from kdcache.packing import pad_id_for, token_mask
+
+    write_txt_corpus(tmp_path, n=6, lines=3)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    tok = word_tokenizer(pad=False)
+    assert pad_id_for(tok) == tok.eos_token_id == 1
+    ids = tokenize_and_pack(ds, tok, seq_len=16, packing="documents")
+    mask = token_mask(torch.from_numpy(ids), {"mode": "documents", "pad_id": 1, "eos_id": 1}).numpy()
+    real = [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+    kept = [d[i : i + 16] for d in _documents(ds, tok) for i in range(0, len(d), 16) if len(d) - i >= 2]
+    assert real == kept  # every document's EOS kept (unless alone in a last row), no padding
+    assert sum(r[-1] == 1 for r in real) >= len(ds) - 1
+
+
+def test_a_tokenizer_that_appends_eos_gets_no_second_eos(tmp_path):
+    write_txt_corpus(tmp_path, n=4)
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    tok = word_tokenizer(eos_suffix=True)
+    ids = tokenize_and_pack(ds, tok, seq_len=8, packing="stream")
+    assert ids.reshape(-1).tolist() == [t for text in ds["text"] for t in tok(text)["input_ids"]][: ids.size]
+
+
+def test_long_documents_cut_into_pieces_get_bos_once(tmp_path, monkeypatch):
+    (tmp_path / "long.txt").write_text("".join(doc(i, lines=30) for i in range(20)))
+    (tmp_path / "short.txt").write_text(doc(7))
+    ds = read_documents(cfg_for(tmp_path / "*.txt"))
+    tok = word_tokenizer()
+    whole = tokenize_and_pack(ds, tok, seq_len=16, packing="documents")
+    monkeypatch.setattr("kdcache.corpus._TOKENIZE_CHARS", 300)
+    assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16, packing="documents"), whole)
+    assert (whole == 0).sum() == 2
+
+
+def test_unknown_packing_is_refused():
+    from kdcache.config.base import ConfigError, load_section
+    from kdcache.packing import PackingError, row_packer
+
+    with pytest.raises(ConfigError, match=r"prepare.packing: must be one of documents\|stream"):
+        load_section(PrepareConfig, {"packing": "rows"}, section="prepare")
+    with pytest.raises(PackingError, match="prepare.packing must be one of"):
+        row_packer("rows", seq_len=4, pad_id=0)

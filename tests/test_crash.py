@@ -1,12 +1,11 @@
 """Crash safety of the real CLI: ``kill -9`` mid-cache and mid-training, disk full, read-only output.
 
 Every process under test is a real ``python -m kdcache.cli ...`` subprocess. Exact crash points come
-from the test-only ``KDCACHE_FAULT`` hook (``pipeline/cache_writer.py``, ``pipeline/checkpoint.py``):
+from ``kdcache.files.crash_point``, armed only by the test-only entry ``tests/faults.py``:
 the process SIGKILLs itself there, as a pre-empted GPU box would be. Disk full is a real
 ``RLIMIT_FSIZE`` (with SIGXFSZ ignored, writes past it fail with EFBIG); a read-only directory is
 mode 0o555 for a process running as ``nobody`` (the tests run as root, whom modes do not stop).
 
-``make_world`` (a tiny word-level teacher + packed tokens) is shared with ``test_hostile.py``.
 """
 
 from __future__ import annotations
@@ -22,20 +21,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import STUDENT, make_world
+from transformers import LlamaForCausalLM
 
 from kdcache.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from kdcache.cli import main as kdcache
-from kdcache.config import CacheConfig, StudentConfig, TeacherConfig, TrainConfig
-from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
-from kdcache.token_data import write_tokens
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
+from kdcache.config.train import StudentConfig, TrainConfig
+from kdcache.fingerprint import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, N = 48, 16, 12
-CACHE_FLAGS = ["--top-k", "8", "--batch-size", "2", "--rows-per-shard", "4", "--device", "cpu"]  # 3 shards x 2 batches
-CACHE_CFG = CacheConfig(top_k=8, batch_size=2, rows_per_shard=4)
-STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+CACHE_FLAGS = [
+    "--targets",
+    "topk",
+    "--top-k",
+    "8",
+    "--batch-size",
+    "2",
+    "--rows-per-shard",
+    "4",
+    "--device",
+    "cpu",
+]  # 3 shards x 2 batches
+CACHE_CFG = CacheConfig(targets="topk", top_k=8, batch_size=2, rows_per_shard=4)
 TRAIN = {
     "batch_size": 4,
     "max_steps": 8,
@@ -45,32 +55,6 @@ TRAIN = {
     "log_every": 100,
     "chunk_tokens": 16,
 }  # 12 sequences / 4 = 3 batches per epoch: resumes at step 4 (mid-epoch) and 6 (boundary)
-
-
-def make_world(root: Path, *, n: int = N, seq: int = SEQ, seed: int = 0) -> dict[str, Path]:
-    """A tiny Llama teacher dir (weights + word-level tokenizer) and packed train/val tokens made with it."""
-    teacher, tokens = root / "teacher", root / "tokens"
-    torch.manual_seed(seed)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=seq,
-        )
-    ).save_pretrained(teacher)
-    words = ["<eos>", "<pad>", *(f"w{i}" for i in range(2, VOCAB))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<eos>")
-    fast.save_pretrained(teacher)
-    ids = np.random.default_rng(seed).integers(2, VOCAB, size=(n + 2, seq))
-    write_tokens(
-        tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(fast)
-    )
-    return {"root": root, "teacher": teacher, "tokens": tokens}
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -86,13 +70,12 @@ def identity(path: Path) -> tuple[int, int]:
 def cli(
     *args: str, fault: str | None = None, preexec=None, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m kdcache.cli ARGS`` single-threaded (same kernels, same bytes as this process)."""
+    """Run ``kdcache ARGS`` single-threaded (same kernels, same bytes as this process) in a subprocess;
+    with ``fault``, through tests/faults.py, which SIGKILLs it at that crash point."""
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    full.pop("KDCACHE_FAULT", None)
-    if fault:
-        full["KDCACHE_FAULT"] = fault
+    entry = [str(Path(__file__).with_name("faults.py")), fault] if fault else ["-m", "kdcache.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "kdcache.cli", *args],
+        [sys.executable, *entry, *args],
         env=full,
         cwd=cwd or ROOT,
         capture_output=True,
@@ -200,7 +183,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_training_killed_twice_resumes_from_the_last_checkpoint_with_identical_losses(world, tmp_path):
-    from kdcache.cache.writer import build_cache
+    from kdcache.cache.build import build_cache
     from kdcache.teacher import load_teacher
     from kdcache.token_data import open_tokens
     from kdcache.train import train
@@ -295,7 +278,6 @@ def test_disk_full_and_read_only_output_give_a_clear_error_and_leave_no_partial_
 
 def _popen(*args: str, preexec, env: dict[str, str] | None = None) -> subprocess.Popen:
     full = {**os.environ, "KDCACHE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    full.pop("KDCACHE_FAULT", None)
     return subprocess.Popen(
         [sys.executable, "-m", "kdcache.cli", *args],
         env=full,
@@ -308,7 +290,7 @@ def _popen(*args: str, preexec, env: dict[str, str] | None = None) -> subprocess
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path):
-    from kdcache.cache.writer import build_cache
+    from kdcache.cache.build import build_cache
     from kdcache.teacher import load_teacher
     from kdcache.token_data import open_tokens
     from kdcache.train import train

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdcache.config import CorpusConfig, DemoTeacherConfig
+from kdcache.config.corpus import CorpusConfig
+from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.corpus import read_documents, split_documents
-from kdcache.demo_teacher import TRAINING_JSON, lr_factor, train_demo_teacher
+from kdcache.demo_teacher import TRAINING_JSON, train_demo_teacher
 from kdcache.fingerprint import model_dir_fingerprint, tokenizer_fingerprint
 from kdcache.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -123,10 +124,17 @@ def test_wall_clock_budget_stops_training_and_rerun_replaces_the_output(tmp_path
     assert not (out / "stale.txt").exists() and (out / TRAINING_JSON).exists()
 
 
-def test_lr_warms_up_then_decays_to_the_floor():
-    kw = dict(warmup_steps=4, min_lr_ratio=0.1)
-    assert lr_factor(0, 0.0, **kw) == pytest.approx(0.25)
-    assert lr_factor(3, 0.0, **kw) == pytest.approx(1.0)
-    assert lr_factor(10, 0.0, **kw) == pytest.approx(1.0)
-    assert lr_factor(10, 0.5, **kw) == pytest.approx(0.55)
-    assert lr_factor(10, 1.0, **kw) == pytest.approx(0.1)
+def test_training_is_a_function_of_the_steps_not_the_clock(tmp_path, monkeypatch):
+    """Same config, a slow clock: the same weights (the schedule never reads the time)."""
+    import time
+
+    from safetensors.torch import load_file
+
+    corpus = tiny_corpus(tmp_path / "corpus", n=10)
+    train_demo_teacher(corpus, tiny_teacher(max_steps=6), out_dir=tmp_path / "a")
+    real = time.perf_counter
+    calls = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + 5.0 * next(calls))  # 5 s more per call
+    train_demo_teacher(corpus, tiny_teacher(max_steps=6), out_dir=tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,55 +16,35 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import STUDENT, make_world
 
 from kdcache.cli import main as kdcache
-from kdcache.config import StudentConfig, TrainConfig
-from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
-from kdcache.token_data import write_tokens
+from kdcache.config.train import StudentConfig, TrainConfig
+from kdcache.fingerprint import sha256_file
 from kdcache.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 VOCAB, SEQ, N = 48, 16, 20
-CACHE_FLAGS = ["--top-k", "8", "--batch-size", "3", "--rows-per-shard", "4", "--device", "cpu"]  # 5 shards
-STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+CACHE_FLAGS = [
+    "--targets",
+    "topk",
+    "--top-k",
+    "8",
+    "--batch-size",
+    "3",
+    "--rows-per-shard",
+    "4",
+    "--device",
+    "cpu",
+]  # 5 shards
 TRAIN = {"max_steps": 6, "lr": 0.01, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 100, "chunk_tokens": 16}
 
 
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose ids are the positions in ``words`` (specials first)."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token=words[0])
-
-
-def teacher_words() -> list[str]:
-    return ["<eos>", "<pad>", *(f"w{i}" for i in range(2, VOCAB))]
-
-
 def make_teacher_and_tokens(root: Path, *, n: int = N, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny Llama teacher dir (weights + tokenizer) and packed train/val token data made with its tokenizer."""
-    teacher, tokens = root / "teacher", root / "tokens"
-    torch.manual_seed(seed)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=SEQ,
-        )
-    ).save_pretrained(teacher)
-    tok = word_tokenizer(teacher_words())
-    tok.save_pretrained(teacher)
-    ids = np.random.default_rng(seed).integers(2, VOCAB, size=(n + 4, SEQ))
-    write_tokens(
-        tokens, {"train": ids[:n], "val": ids[n:]}, vocab_size=VOCAB, tokenizer_fingerprint=tokenizer_fingerprint(tok)
-    )
-    return teacher, tokens
+    """A tiny Llama teacher dir and packed train (n) / val (4) token data made with its tokenizer."""
+    world = make_world(root, vocab_size=VOCAB, n=n, seq=SEQ, val=4, seed=seed)
+    return world["teacher"], world["tokens"]
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -149,21 +129,13 @@ def test_rerun_under_torchrun_rescores_only_the_missing_shards_of_one_rank(world
     params.write_text(
         yaml.safe_dump(
             {
+                "paths": {"tokens": str(world["tokens"]), "cache": str(two_rank_cache)},
                 "teacher": {"path": str(world["teacher"]), "device": "cpu"},
-                "cache": {"top_k": 8, "batch_size": 3, "rows_per_shard": 4},
+                "cache": {"targets": "topk", "top_k": 8, "batch_size": 3, "rows_per_shard": 4},
             }
         )
     )
-    torchrun(
-        str(ROOT / "stages" / "cache.py"),
-        "--params",
-        str(params),
-        "--tokens",
-        str(world["tokens"]),
-        "--out",
-        str(two_rank_cache),
-        cwd=world["root"],
-    )
+    torchrun(str(ROOT / "stages" / "cache.py"), "--params", str(params), cwd=world["root"])
     assert digests(two_rank_cache) == want
     assert {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n in kept for p in [two_rank_cache / n]} == kept
 
@@ -207,18 +179,9 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     (ddp / "checkpoints" / "step-000006").rmdir()
     (ddp / "training.json").unlink()
     params = world["root"] / "train-params.yaml"
-    params.write_text(yaml.safe_dump({"train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
-    proc = torchrun(
-        str(ROOT / "stages" / "train.py"),
-        "--params",
-        str(params),
-        "--cache",
-        str(two_rank_cache),
-        "--out",
-        str(ddp),
-        "--resume",
-        cwd=world["root"],
-    )
+    paths = {"cache": str(two_rank_cache), "student": str(ddp)}
+    params.write_text(yaml.safe_dump({"paths": paths, "train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
+    proc = torchrun(str(ROOT / "stages" / "train.py"), "--params", str(params), "--resume", cwd=world["root"])
     assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
     assert np.allclose(_losses(ddp), full, rtol=0, atol=1e-6)
     assert json.loads((ddp / "training.json").read_text())["complete"]

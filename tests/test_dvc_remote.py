@@ -14,12 +14,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_distributed import SEQ, make_teacher_and_tokens
+from conftest import STUDENT, make_world
 
 from kdcache.cache.format import Manifest, decode_row
 from kdcache.cache.reader import open_cache
 from kdcache.cli import main as kdcache
 
+SEQ = 16
 DVC = [sys.executable, "-m", "dvc"]
 ENV = {
     **os.environ,
@@ -30,7 +31,6 @@ ENV = {
     "DVC_NO_ANALYTICS": "1",
     "KDCACHE_NO_PROGRESS": "1",
 }
-STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 
 
 def sh(*cmd: str, cwd: Path) -> str:
@@ -53,7 +53,8 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A producer repo whose content-named cache is `dvc add`ed, committed and pushed to a directory remote."""
     root = tmp_path_factory.mktemp("teams")
-    teacher, tokens = make_teacher_and_tokens(root / "gpu-box")
+    world = make_world(root / "gpu-box", n=20, seq=SEQ, val=4)
+    teacher, tokens = world["teacher"], world["tokens"]
     repo, remote = root / "producer", root / "remote"
     repo.mkdir()
     sh("git", "init", "-q", cwd=repo)
@@ -70,6 +71,8 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 str(tokens),
                 "--cache-root",
                 str(cache_root),
+                "--targets",
+                "topk",
                 "--top-k",
                 "8",
                 "--batch-size",

@@ -82,23 +82,56 @@ def test_stage_params_are_the_sections_its_script_reads(name: str) -> None:
     assert declared == read, f"stage {name}: params {sorted(declared)} but the script reads {sorted(read)}"
 
 
-def test_params_yaml_sections_all_load() -> None:
-    from kdcache import config
+def _section_classes() -> dict[str, type]:
+    from kdcache.config.cache import CacheConfig
+    from kdcache.config.corpus import CorpusConfig
+    from kdcache.config.demo_teacher import DemoTeacherConfig
+    from kdcache.config.evaluate import EvaluateConfig
+    from kdcache.config.prepare import PrepareConfig
+    from kdcache.config.teacher import TeacherConfig
+    from kdcache.config.train import TrainConfig
 
-    params = config.load_params(ROOT / "params.yaml")
-    classes = {
-        "corpus": config.CorpusConfig,
-        "demo_teacher": config.DemoTeacherConfig,
-        "teacher": config.TeacherConfig,
-        "prepare": config.PrepareConfig,
-        "cache": config.CacheConfig,
-        "train": config.TrainConfig,
-        "train_baseline": config.TrainConfig,
-        "evaluate": config.EvaluateConfig,
+    return {
+        "corpus": CorpusConfig,
+        "demo_teacher": DemoTeacherConfig,
+        "teacher": TeacherConfig,
+        "prepare": PrepareConfig,
+        "cache": CacheConfig,
+        "train": TrainConfig,
+        "train_baseline": TrainConfig,
+        "evaluate": EvaluateConfig,
     }
+
+
+DEMO_SIZING = {"prepare.max_train_sequences", "prepare.max_val_sequences", "evaluate.max_sequences"}
+"""params.yaml keys that size the demo (library default: 0 = all); every other value is the library default."""
+
+
+def test_params_yaml_states_the_library_defaults() -> None:
+    """One place for defaults: params.yaml repeats the dataclass defaults (but for the demo's size caps)."""
+    import dataclasses
+
+    from kdcache.config.base import load_params, to_dict
+
+    params = load_params(ROOT / "params.yaml")
+    for section, cls in _section_classes().items():
+        defaults = to_dict(cls())
+        for key, value in params[section].items():
+            if f"{section}.{key}" in DEMO_SIZING or (section, key) == ("train_baseline", "loss"):
+                continue
+            if dataclasses.is_dataclass(getattr(cls(), key)):
+                value = {**defaults[key], **value}
+            assert value == defaults[key], f"params.yaml {section}.{key} = {value!r}, library default {defaults[key]!r}"
+
+
+def test_params_yaml_sections_all_load() -> None:
+    from kdcache.config.base import load_params, load_section
+
+    params = load_params(ROOT / "params.yaml")
+    classes = _section_classes()
     assert set(params) == set(classes) | {"paths"}
     for section, cls in classes.items():
-        config.load_section(cls, params[section], section=section)
+        load_section(cls, params[section], section=section)
     assert params["train_baseline"]["loss"] == "ce"
     assert {k: v for k, v in params["train_baseline"].items() if k != "loss"} == {
         k: v for k, v in params["train"].items() if k != "loss"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kdcache.config import EvaluateConfig
+from kdcache.config.evaluate import EvaluateConfig
 from kdcache.evaluate import EvaluateError, evaluate, expected_calibration_error, write_metrics
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.token_data import open_tokens, write_tokens

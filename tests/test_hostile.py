@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_crash import STUDENT, make_world  # tiny word-level teacher + tokens
+from conftest import STUDENT, make_world  # tiny word-level teacher + tokens
 
+from kdcache.cache.build import build_cache
 from kdcache.cache.format import (
     TAIL_EMPTY,
     Manifest,
@@ -30,9 +31,9 @@ from kdcache.cache.format import (
     to_planes,
 )
 from kdcache.cache.reader import CacheError, open_cache
-from kdcache.cache.writer import build_cache
 from kdcache.cli import main as kdcache
-from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import load_teacher
 from kdcache.token_data import open_tokens
 
@@ -51,7 +52,7 @@ def sealed(world: dict[str, Path]) -> Path:
     build_cache(
         load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
         open_tokens(world["tokens"], "train"),
-        CacheConfig(top_k=8, batch_size=2, rows_per_shard=4),
+        CacheConfig(targets="topk", top_k=8, batch_size=2, rows_per_shard=4),
         out_dir=out,
     )
     return out
@@ -301,6 +302,8 @@ def test_shards_that_are_fifos_or_symlinks_out_of_the_cache_are_refused_unopened
         str(world["tokens"]),
         "--out",
         str(cache),
+        "--targets",
+        "topk",
         "--top-k",
         "8",
         "--batch-size",

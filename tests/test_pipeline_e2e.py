@@ -129,3 +129,22 @@ def test_changing_cache_top_k_invalidates_the_cache_stage(repo: tuple[Path, dict
         assert _changed_stages(work, env) == {"cache"}  # train/evaluate follow through the cache output
     finally:
         (work / "params.yaml").write_text(original)
+
+
+def test_a_new_train_config_field_reruns_training_not_the_cache(repo: tuple[Path, dict[str, str]]) -> None:
+    """dvc.yaml deps are per module: a TrainConfig change invalidates train stages only."""
+    work, env = repo
+    module = work / "pipeline" / "config" / "train.py"
+    original = module.read_text()
+    try:
+        added = original.replace(
+            "    seed: int = 0\n",
+            '    seed: int = 0\n    new_knob: int = 0\n    """A field added by this test."""\n',
+            1,
+        )
+        assert added != original
+        module.write_text(added)
+        assert _changed_stages(work, env) == {"train", "train_baseline"}  # evaluate follows via their outputs
+    finally:
+        module.write_text(original)
+    assert _changed_stages(work, env) == set()

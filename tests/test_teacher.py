@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcache.config import TeacherConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import TeacherError, load_teacher, teacher_logits
 from kdcache.tokenizer import tokenizer_vocab_size
 

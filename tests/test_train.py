@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
 from kdcache.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
-from kdcache.config import ConfigError, StudentConfig, TrainConfig
+from kdcache.config.base import ConfigError
+from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
 from kdcache.student import StudentError, build_student, build_vocab_map, count_parameters
-from kdcache.train import Position, batch_stream, lr_factor, train
+from kdcache.train import Position, batch_stream, train
 
 VOCAB, SEQ = 48, 16
 TINY = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
@@ -301,14 +302,6 @@ def test_data_order_depends_only_on_seed_and_rolls_over_epochs(caches: dict) -> 
         assert seqs(Position(epoch=1, batch=1), 2) == run[3:]  # resuming mid-epoch continues the same order
 
 
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
-    factors = [lr_factor(s, cfg) for s in range(15)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert factors[4] == 1.0 and factors[9] == pytest.approx(0.55) and factors[14] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
-
-
 def test_state_flattening_round_trips_optimizer_and_rng_state_without_pickle() -> None:
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))
@@ -334,8 +327,10 @@ def test_built_student_ties_embeddings_and_takes_special_ids_from_the_tokenizer(
 
 
 def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Path) -> None:
-    from kdcache.cache.writer import build_cache
-    from kdcache.config import CacheConfig, EvaluateConfig, TeacherConfig
+    from kdcache.cache.build import build_cache
+    from kdcache.config.cache import CacheConfig
+    from kdcache.config.evaluate import EvaluateConfig
+    from kdcache.config.teacher import TeacherConfig
     from kdcache.evaluate import evaluate
     from kdcache.teacher import load_teacher
     from kdcache.token_data import open_tokens, write_tokens
@@ -363,7 +358,7 @@ def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Pat
     build_cache(
         load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu")),
         open_tokens(tmp_path / "tokens", "train"),
-        CacheConfig(top_k=8, batch_size=4, rows_per_shard=4),
+        CacheConfig(targets="topk", top_k=8, batch_size=4, rows_per_shard=4),
         out_dir=tmp_path / "cache",
     )
     summary = train(cfg_for(max_steps=2), cache_dir=tmp_path / "cache", out_dir=tmp_path / "student", progress=True)

@@ -141,6 +141,13 @@ def decode_log_mass(tail_codes: np.ndarray) -> np.ndarray:
     return np.where(tail_codes == TAIL_EMPTY, 0.0, -np.log1p(np.exp(logit)))  # logit <= 24: no overflow
 
 
+def decode_log_tail(tail_codes: np.ndarray) -> np.ndarray:
+    """Tail codes -> log p_tail = log sigmoid(logit), float64; -inf where there is no tail (``TAIL_EMPTY``)."""
+    logit = TAIL_LOGIT_MAX - tail_codes.astype(np.float64) / TAIL_SCALE
+    with np.errstate(divide="ignore"):
+        return np.where(tail_codes == TAIL_EMPTY, -np.inf, -np.logaddexp(0.0, -logit))
+
+
 def decode_topk_logprobs(codes: np.ndarray, tail_codes: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     """Padded value codes (..., k) + tail codes (...,) -> float32 log-probs (..., k), -inf where not ``keep``.
 

@@ -1,8 +1,7 @@
 """The cache contract: Parquet schema, row encoding/decoding and the manifest (format version 1).
 
-Writers and readers both import this module (the value codecs live in ``cache_codec``); nothing
-else knows the byte layout. The full
-specification, with a by-hand decoder and the measurements behind every choice, is
+Writers and readers both import this module (the value codecs live in ``codec``); nothing
+else knows the byte layout. The full specification, with a by-hand decoder and the measurements behind every choice, is
 ``cache/README.md``.
 
 One Parquet row per packed sequence; per-token arrays are little-endian binary blobs (one per row
@@ -26,7 +25,9 @@ order and ids are **gap coded**: the first id as is, then ``id[j] - id[j-1] - 1`
 
 Decoding top-k values: rel = log(u) / VALUE_GAMMA with u = 1 - code/255 (code 255: u = 0.25/255), then
 ``logprob = rel + log(1 - p_tail) - log(sum_position exp(rel))``: the decoded top-k mass is exactly
-``1 - p_tail``, so the loss's tail bucket keeps its stored precision even when p_tail ~ 1e-9.
+``1 - p_tail``. The tail itself is decoded from its code (``codec.decode_log_tail``): the reader
+hands it to the loss as ``topk_log_tail``, so the tail bucket keeps its stored precision even when
+p_tail ~ 1e-9 (recomputing ``1 - sum exp(logprob)`` in float32 would give 0 there).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ FORMAT_NAME = "kdcache"
 FORMAT_VERSION = "1.0"
 """major.minor: readers refuse another major; minors only add optional fields."""
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+"""The teacher's tokenizer, saved inside the cache so that a cache is self-contained."""
 SHARD_PATTERN = re.compile(r"\Ashard-[0-9]{5}\.parquet\Z")  # \Z, not $ (which accepts a trailing newline)
 VALUE_ENCODING = f"u8-pow{VALUE_GAMMA:.4f}-rel+u16-tail-logit/{int(TAIL_SCALE)}"
 """Recorded in the manifest; readers refuse any other value encoding."""

@@ -1,9 +1,9 @@
 """Stage two's loader: validate a cache on open, stage and memory-map its shards, serve batches.
 
 ``open_cache`` checks the manifest and every shard file (names, links, sizes; sha256 with
-``verify="full"``) before anything is read; shards are staged and mapped by ``cache_shards``
+``verify="full"``) before anything is read; shards are staged and mapped by ``staging``
 (staging dir: see there) and the next ones are staged in a background thread while batches are
-served. ``verify_cache`` (re-exported here) is what ``kdcache verify`` runs.
+served.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -21,20 +21,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from kdcache.cache.codec import decode_log_tail
 from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
-from kdcache.cache.staging import (
-    CacheError,
-    MappedShard,
-    check_shard_file,
-    default_staging_dir,
-    load_shard,
-    sha_error,
-    staged_columns,
-    verify_cache,
-)
+from kdcache.cache.shards import CacheError, check_shard_file, sha_error
+from kdcache.cache.staging import MappedShard, default_staging_dir, load_shard, staged_columns
 from kdcache.fingerprint import sha256_file
 
-__all__ = ["CacheError", "CacheReader", "open_cache", "verify_cache"]
+__all__ = ["CacheError", "CacheReader", "open_cache"]
 log = logging.getLogger(__name__)
 
 MAX_MAPPED = 16
@@ -179,6 +172,7 @@ class CacheReader:
         drop_last: bool = True,
         shuffle: bool = True,
         window: int = 4,
+        keys: Collection[str] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of each global batch of an epoch, from global batch ``start_batch`` on.
 
@@ -192,10 +186,13 @@ class CacheReader:
         possibly empty, so all ranks take the same number of steps.
 
         Yields CPU tensors: ``input_ids`` (B, T) int64, ``seq_index`` (B,) int64; with top-k
-        ``topk_ids`` (B, T, k) int64, ``topk_logprobs`` (B, T, k) float32 (0.0 where padded) and,
-        for adaptive caches only, ``topk_mask`` (B, T, k) bool; with samples ``sample_ids``
-        (B, T, S) int64 and ``sample_counts`` (B, T, S) float32, S = the batch's most unique
-        draws at a position, 0 = padding.
+        ``topk_ids`` (B, T, k) int64, ``topk_logprobs`` (B, T, k) float32, ``topk_log_tail`` (B, T)
+        float32 (the stored log tail mass, -inf when k = V) and ``topk_mask`` (B, T, k) bool; with
+        samples ``sample_ids`` (B, T, S) int64, ``sample_counts`` (B, T, S) float32, S = the
+        batch's most unique draws at a position, and ``sample_total`` (B, T) float32, the draws made. Padded entries (adaptive top-k, fewer unique draws)
+        hold id 0, log-prob -inf and count 0, as ``reader[i]`` does. ``keys`` limits which target
+        tensors are decoded (e.g. ``kdcache.losses.TARGET_KEYS[kind]``; ``input_ids`` and
+        ``seq_index`` always come); None decodes every kind the cache holds.
         """
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
@@ -210,12 +207,27 @@ class CacheReader:
         else:
             order, shard_seq = np.arange(len(self)), np.arange(len(self._files))
         self._capacity = max(MAX_MAPPED, window + self.prefetch + 1)
+        want = None if keys is None else frozenset(keys)
         return self._serve(
-            order, shard_seq, range(start_batch, total), batch_size=batch_size, rank=rank, world_size=world_size
+            order,
+            shard_seq,
+            range(start_batch, total),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            want=want,
         )  # arguments were checked above, not at the first next()
 
     def _serve(
-        self, order: np.ndarray, shard_seq: np.ndarray, steps: range, *, batch_size: int, rank: int, world_size: int
+        self,
+        order: np.ndarray,
+        shard_seq: np.ndarray,
+        steps: range,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        want: frozenset[str] | None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         rank_of = np.empty(len(shard_seq), np.int64)
         rank_of[shard_seq] = np.arange(len(shard_seq))  # position of each shard in the epoch's shard order
@@ -224,10 +236,11 @@ class CacheReader:
             rows = order[g * global_batch : (g + 1) * global_batch]
             reached = rank_of[np.searchsorted(self._offsets, rows, side="right") - 1].max()
             self._prefetch_from(int(reached) + 1, list(shard_seq))  # every rank stages what the global batch needs
-            yield self._assemble(np.array_split(rows, world_size)[rank])
+            yield self._assemble(np.array_split(rows, world_size)[rank], want)
 
-    def _assemble(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Vectorized gather of sequences ``idx`` (global positions) from their mapped shards."""
+    def _assemble(self, idx: np.ndarray, want: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+        """Vectorized gather of sequences ``idx`` (global positions) from their mapped shards; decodes the
+        top-k / sampled targets only if ``want`` (None = all) names one of their keys."""
         lay, B, T = self.layout, len(idx), self.layout.seq_len
         shard_of = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
         parts = [
@@ -239,23 +252,23 @@ class CacheReader:
         for shard, sel, local in parts:
             out["input_ids"][sel] = shard.fixed["input_ids"][local]
             out["seq_index"][sel] = shard.seq_index[local]
-        if lay.has_topk:
+        if lay.has_topk and (want is None or any(k.startswith("topk_") for k in want)):
             out["topk_ids"], codes, keep = _gather_ragged(
                 parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive, dtypes=staged_columns(lay)
             )
             tail = np.empty((B, T), np.uint16)
             for shard, sel, local in parts:
                 tail[sel] = shard.fixed["topk_tail"][local]
-            lp = decode_topk_logprobs(codes, tail, keep if lay.adaptive else None)  # (B, T, k) as reader[i]
-            out["topk_logprobs"] = np.where(keep, lp, np.float32(0.0)) if lay.adaptive else lp
-            if lay.adaptive:
-                out["topk_mask"] = keep
-        if lay.has_samples:
+            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, keep)  # (B, T, k), -inf padded, as reader[i]
+            out["topk_log_tail"] = decode_log_tail(tail).astype(np.float32)  # (B, T)
+            out["topk_mask"] = keep
+        if lay.has_samples and (want is None or any(k.startswith("sample_") for k in want)):
             width = max((int(p[0].fixed["sample_lengths"][p[2]].max(initial=0)) for p in parts), default=0)
             ids, counts, _ = _gather_ragged(
                 parts, "sample", (B, T, max(width, 1)), fixed=False, dtypes=staged_columns(lay)
             )
             out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
+            out["sample_total"] = np.full((B, T), lay.samples, np.float32)  # draws made per position
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- staging, mapping, prefetch

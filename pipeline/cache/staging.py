@@ -1,4 +1,4 @@
-"""One cache shard on disk: checked, read, staged to Arrow IPC, memory-mapped as numpy views, verified.
+"""Local staged copies of cache shards: decoded to Arrow IPC, memory-mapped as numpy views.
 
 Staging. Each Parquet shard is decoded once into an uncompressed Arrow IPC *file* named by the
 shard's sha256 (``<sha256>.arrow``) and memory-mapped; readers fancy-index the mapped bytes.
@@ -15,10 +15,8 @@ caught even when the reader was opened with ``verify="size"``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,22 +26,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from kdcache.cache.format import (
-    CacheFormatError,
-    Manifest,
-    ShardInfo,
-    StagedRows,
-    TargetLayout,
-    stage_rows,
-)
+from kdcache.cache.format import ShardInfo, StagedRows, TargetLayout
+from kdcache.cache.shards import CacheError, content_problems, decode_shard, malformed, read_shard
 
 log = logging.getLogger(__name__)
-
-
-class CacheError(CacheFormatError):
-    """A cache cannot be used: missing/damaged/hostile files or a tokenizer mismatch. Names the file and the fix."""
 
 
 def default_staging_dir() -> Path:
@@ -52,41 +39,6 @@ def default_staging_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "kdcache" / "staging"
-
-
-def check_shard_file(root: Path, info: ShardInfo) -> Path:
-    """The shard's path, after refusing a missing file, a link outside ``root``, a non-file or a wrong size."""
-    path = root / info.file
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            real = path.resolve()
-            if not real.is_relative_to(root.resolve()):
-                raise CacheError(
-                    f"{path}: symlink to {real}, outside the cache directory; refusing it — copy the "
-                    "file into the cache (with DVC: `dvc config cache.type copy` or hardlink/reflink)"
-                )
-            st = os.stat(path)
-    except FileNotFoundError as e:
-        raise CacheError(
-            f"{path}: shard listed in {root / 'manifest.json'} is missing; pull the cache again "
-            "(dvc pull) or rerun the cache stage (it resumes)"
-        ) from e
-    if not stat.S_ISREG(st.st_mode):
-        raise CacheError(f"{path}: not a regular file; remove it and pull the cache again")
-    if st.st_size != info.bytes:
-        raise CacheError(
-            f"{path}: {st.st_size} bytes but the manifest says {info.bytes}; the shard is truncated or "
-            "damaged — pull it again (dvc pull) or rerun the cache stage"
-        )
-    return path
-
-
-def sha_error(path: Path, digest: str, expected: str) -> CacheError:
-    return CacheError(
-        f"{path}: sha256 {digest} does not match the manifest's {expected}; the shard is corrupt — "
-        "pull it again (dvc pull) or rerun the cache stage"
-    )
 
 
 STAGED_DTYPES = {
@@ -115,42 +67,6 @@ def _staged_schema(layout: TargetLayout) -> pa.Schema:
         [pa.field("seq_index", pa.int64(), nullable=False)]
         + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)]
     )
-
-
-def read_shard(path: Path, info: ShardInfo, layout: TargetLayout) -> pa.Table:
-    """Read a shard once into memory, check its size and sha256, parse it (Parquet columns, as stored)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CacheError(
-            f"{path}: cannot read the shard ({e}); check the file, pull it again or rerun the cache stage"
-        ) from e
-    if len(data) != info.bytes:
-        raise CacheError(
-            f"{path}: {len(data)} bytes but the manifest says {info.bytes}; pull it again or rerun the cache stage"
-        )
-    if (digest := hashlib.sha256(data).hexdigest()) != info.sha256:
-        raise sha_error(path, digest, info.sha256)
-    try:
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)  # one core; page CRCs add nothing past sha256
-    except (pa.ArrowException, OSError) as e:
-        raise CacheError(f"{path}: not a readable Parquet file ({e}); pull it again or rerun the cache stage") from e
-    if table.schema != layout.schema():
-        raise CacheError(
-            f"{path}: columns {table.schema.names} ({table.schema.types}), the manifest's targets need "
-            f"{layout.columns()} (int64 seq_index, binary blobs); the shard belongs to another cache — rebuild it"
-        )
-    if table.num_rows != info.rows:
-        raise CacheError(f"{path}: {table.num_rows} rows but the manifest says {info.rows}; rebuild the shard")
-    return table
-
-
-def decode_shard(table: pa.Table, layout: TargetLayout, *, where: str) -> StagedRows:
-    """Parquet columns -> decoded flat arrays (ids absolute); malformed blobs raise ``CacheError``."""
-    try:
-        return stage_rows(layout, table, where=where)
-    except CacheFormatError as e:
-        raise CacheError(f"{e}; the shard does not follow the cache format — rebuild it (rerun the cache stage)") from e
 
 
 def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
@@ -185,7 +101,7 @@ def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: 
                 return target  # another process staged it while we waited
             t0 = time.perf_counter()
             staged = decode_shard(read_shard(path, info, layout), layout, where=str(path))
-            problems = _content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
+            problems = content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
             if problems:
                 raise CacheError(
                     f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again"
@@ -266,7 +182,7 @@ class MappedShard:
     @classmethod
     def from_table(cls, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> MappedShard:
         if table.schema != _staged_schema(layout) or table.num_rows != rows:
-            raise _malformed(
+            raise malformed(
                 where,
                 f"schema {table.schema} and {table.num_rows} rows, expected {_staged_schema(layout)} and {rows} rows",
             )
@@ -279,7 +195,7 @@ class MappedShard:
             flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtype, f"{where}:{name}")
             if name in widths:
                 if not np.all(np.diff(starts[name]) == widths[name]):
-                    raise _malformed(
+                    raise malformed(
                         where, f"column {name} has rows of the wrong length (expected {widths[name]} values)"
                     )
                 fixed[name] = flat[name].reshape(rows, widths[name])
@@ -290,7 +206,7 @@ class MappedShard:
                 if int(lens.max(initial=0)) > limit or not all(
                     np.array_equal(np.diff(starts[c]), per_row) for c in (f"{prefix}_ids", vals)
                 ):
-                    raise _malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
+                    raise malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
         seq_index = table.column("seq_index").to_numpy()
         return cls(seq_index, flat, starts, fixed, layout)
 
@@ -310,16 +226,10 @@ class MappedShard:
         return out
 
 
-def _malformed(where: str, what: str) -> CacheError:
-    return CacheError(
-        f"{where}: {what}; the shard does not follow the cache format — rebuild it (rerun the cache stage)"
-    )
-
-
 def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
     """A large_binary array -> (all values as ``dtype``, (rows + 1,) element offsets), zero copy."""
     if arr.null_count:
-        raise _malformed(where, "null values")
+        raise malformed(where, "null values")
     _, off_buf, data_buf = arr.buffers()
     offsets = (
         np.frombuffer(off_buf, np.int64)[arr.offset : arr.offset + len(arr) + 1] if off_buf else np.zeros(1, np.int64)
@@ -327,72 +237,5 @@ def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray
     rel = offsets - offsets[0]
     data = np.frombuffer(data_buf, np.uint8) if data_buf else np.zeros(0, np.uint8)
     if np.any(rel % dtype.itemsize) or np.any(np.diff(rel) < 0) or offsets[0] < 0 or offsets[-1] > data.size:
-        raise _malformed(where, f"blob offsets are inconsistent or not multiples of {dtype.itemsize} bytes")
+        raise malformed(where, f"blob offsets are inconsistent or not multiples of {dtype.itemsize} bytes")
     return data[offsets[0] : offsets[-1]].view(dtype), rel // dtype.itemsize
-
-
-def verify_cache(path: str | Path, *, progress: bool = False) -> list[str]:
-    """Every problem found in a cache, human-readable and naming its file; empty means OK.
-
-    Checks the manifest, each shard's size, sha256, Parquet structure and blob sizes, row and token
-    counts, that ``seq_index`` is increasing from the shard's ``first_seq`` and unique across shards,
-    ids < vocab_size and strictly ascending within a position (gap coding wraps on corrupt gaps),
-    lengths within [1, top_k] (adaptive) / [1, samples], and sample counts >= 1 summing to ``samples``.
-    Top-k values need no check: every code and tail code decodes to a finite, normalized distribution.
-    """
-    root = Path(path)
-    try:
-        meta = Manifest.load(root)
-    except CacheFormatError as e:
-        return [str(e)]
-    layout, problems, seen = meta.layout, [], []
-    shards = meta.shards
-    if progress:
-        from tqdm.auto import tqdm
-
-        shards = tqdm(shards, desc="verify", unit="shard")
-    for info in shards:
-        try:
-            file = check_shard_file(root, info)
-            staged = decode_shard(read_shard(file, info, layout), layout, where=str(file))
-        except CacheFormatError as e:
-            problems.append(str(e))
-            continue
-        problems += [f"{file}: {p}" for p in _content_problems(staged, layout, info, meta.corpus.get("num_sequences"))]
-        seen.append(staged.seq_index)
-    if seen and len(np.unique(all_seq := np.concatenate(seen))) != len(all_seq):
-        problems.append(f"{root / 'manifest.json'}: some seq_index values appear more than once")
-    return problems
-
-
-def _content_problems(staged: StagedRows, layout: TargetLayout, info: ShardInfo, num_sequences: Any) -> list[str]:
-    out, sq, rows, a = [], staged.seq_index, info.rows, staged.arrays
-    if rows and int(sq.min()) != info.first_seq:
-        out.append(f"smallest seq_index {int(sq.min())} != the manifest's first_seq {info.first_seq}")
-    if np.any(np.diff(sq) <= 0) or (rows and int(sq.min()) < 0):
-        out.append("seq_index values are not increasing and non-negative")
-    if rows and isinstance(num_sequences, int) and int(sq.max()) >= num_sequences:
-        out.append(f"seq_index {int(sq.max())} >= the corpus's {num_sequences} sequences")
-    if staged.input_ids.size and int(staged.input_ids.max()) >= layout.vocab_size:
-        out.append(f"input_ids: ids >= vocab_size {layout.vocab_size}")
-    for prefix in ("topk", "sample"):
-        if f"{prefix}_ids" not in a:
-            continue
-        ids, lens = a[f"{prefix}_ids"].astype(np.int64), a[f"{prefix}_lengths"]
-        same = np.repeat(np.arange(lens.size), lens.astype(np.int64))  # (n,) position of each entry
-        if ids.size and int(ids.max()) >= layout.vocab_size:
-            out.append(f"{prefix}_ids: ids >= vocab_size {layout.vocab_size}")
-        if np.any((np.diff(ids) <= 0) & (same[1:] == same[:-1])):
-            out.append(f"{prefix}_ids: not strictly ascending within a position")
-        if lens.size and int(lens.min()) < 1:
-            out.append(f"{prefix}_lengths: positions with no entry")
-    if layout.has_samples:
-        counts, lens = a["sample_counts"], a["sample_lengths"]
-        sums = np.bincount(np.repeat(np.arange(lens.size), lens.astype(np.int64)), weights=counts, minlength=lens.size)
-        if counts.size and int(counts.min()) < 1:
-            out.append("sample_counts: stored entries with zero draws")
-        if np.any(sums != layout.samples):
-            out.append(
-                f"sample_counts: {int(np.sum(sums != layout.samples))} positions do not sum to {layout.samples} draws"
-            )
-    return out

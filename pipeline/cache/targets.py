@@ -1,17 +1,22 @@
 """Teacher logits -> sparse soft targets, as pure tensor functions that run on the logits' device.
 
 Log-softmax is always fp32. Work is chunked over tokens: per chunk one (chunk, V) fp32 log-prob
-buffer, plus one (chunk, V) probability/CDF buffer while entropy and samples are computed; only
+buffer, plus one (chunk, V) probability buffer while entropy and samples are computed; only
 small (tokens, k) / (tokens, S) results leave the loop. Choose ``chunk_tokens`` with
-``chunk_tokens_for`` to bound that memory.
+``chunk_tokens_for`` to bound that memory. The logits themselves may be produced chunk by chunk
+too (``sparsify_rows``, fed by ``kdcache.teacher.head_logits`` from final hidden states), so the
+full (B, T, V) logits never exist; ``sparsify`` is the same loop over a tensor that does.
 
 Sampled targets are deterministic per ``(seed, seq_index, position)``: each sequence draws its
 uniforms from its own CPU generator, so results do not depend on batch composition or chunking.
+Sampling is by inverse CDF in float64 (uniforms and cumulative sums): in float32 the CDF's
+spacing near 1 (6e-8) exceeds most tail probabilities at V = 262k, which then land on the wrong ids.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,15 +32,30 @@ def chunk_tokens_for(vocab_size: int, *, budget_bytes: int = 256 << 20) -> int:
     return max(1, min(16384, budget_bytes // (4 * vocab_size)))
 
 
+CHUNK_BUDGET = {"cuda": 256 << 20, "cpu": 16 << 20}
+"""Bytes of one (chunk, V) fp32 buffer in the cache stage, by device type. GPUs want big kernels;
+CPUs were ~1.5x faster when a chunk's buffer fits in cache (measured at V=4096). A chunk holds
+about four such buffers at once (logits, log-probs, probabilities, top-k scratch)."""
+
+
+def cache_chunk_tokens(vocab_size: int, device_type: str) -> int:
+    """Positions per chunk in the cache stage on ``device_type`` (``CHUNK_BUDGET``; other devices as CUDA)."""
+    return chunk_tokens_for(vocab_size, budget_bytes=CHUNK_BUDGET.get(device_type, CHUNK_BUDGET["cuda"]))
+
+
 def sequence_seed(seed: int, seq_index: int) -> int:
     """A 63-bit generator seed for one sequence, stable across platforms and processes."""
     digest = hashlib.sha256(f"kdcache-samples:{int(seed)}:{int(seq_index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+DRAW_ROWS = 8
+"""Rows per float64 CDF while sampling: the (rows, V) float64 buffer stays small at any chunk size."""
+
+
 def sample_uniforms(seed: int, seq_indices: torch.Tensor | list[int], seq_len: int, samples: int) -> torch.Tensor:
-    """Uniforms in [0, 1) for each sequence, generated on the CPU: (B, T, S) float32."""
-    out = torch.empty((len(seq_indices), seq_len, samples), dtype=torch.float32)
+    """Uniforms in [0, 1) for each sequence, generated on the CPU: (B, T, S) float64 (53 random bits)."""
+    out = torch.empty((len(seq_indices), seq_len, samples), dtype=torch.float64)
     for b, index in enumerate(torch.as_tensor(seq_indices).tolist()):
         gen = torch.Generator().manual_seed(sequence_seed(seed, index))
         torch.rand((seq_len, samples), generator=gen, out=out[b])  # (T, S)
@@ -61,17 +81,48 @@ def sparsify(
     - ``entropy`` (B, T) float32 nats, ``topk_mass`` (B, T) float32 probability of the kept entries
     - ``nonfinite`` (B,) bool: the sequence's logits hold NaN or inf (its other values are meaningless)
     """
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     B, T, V_full = logits.shape
+    flat = logits.reshape(B * T, V_full)  # (N, V_full), a view of contiguous logits
+    return sparsify_rows(
+        lambda rows: flat[rows],
+        batch=B,
+        device=logits.device,
+        layout=layout,
+        seq_indices=seq_indices,
+        chunk_tokens=chunk_tokens,
+        seq_len=T,
+    )
+
+
+LogitRows = Callable[[slice], torch.Tensor]
+"""``rows -> (n, V_full)`` logits of flat positions ``rows`` (position b * T + t), V_full >= vocab_size."""
+
+
+def sparsify_rows(
+    logit_rows: LogitRows,
+    *,
+    batch: int,
+    device: torch.device,
+    layout: TargetLayout,
+    seq_indices: torch.Tensor,
+    chunk_tokens: int = 4096,
+    seq_len: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """``sparsify`` with logits produced on demand, ``chunk_tokens`` flat positions at a time.
+
+    ``logit_rows(slice(a, b))`` returns the (b - a, V_full) logits of positions a..b-1 of the
+    batch flattened to B * T rows; only one chunk of logits exists at a time. Same results as
+    ``sparsify`` on the stacked chunks, bit for bit.
+    """
+    T = layout.seq_len if seq_len is None else seq_len
     V = layout.vocab_size
-    if V_full < V:
-        raise ValueError(f"logits have {V_full} entries per token, fewer than the layout's vocab_size {V}")
-    if layout.seq_len != T or seq_indices.shape != (B,):
+    if layout.seq_len != T or seq_indices.shape != (batch,):
         raise ValueError(
-            f"logits {tuple(logits.shape)} / seq_indices {tuple(seq_indices.shape)} do not match "
-            f"seq_len {layout.seq_len}"
+            f"logits ({batch}, {T}, ...) / seq_indices {tuple(seq_indices.shape)} do not match seq_len {layout.seq_len}"
         )
-    device, N = logits.device, B * T
-    flat = logits.reshape(N, V_full)  # (N, V_full), a view of contiguous logits
+    N = batch * T
     k, S = layout.top_k, layout.samples
     out: dict[str, torch.Tensor] = {
         "entropy": torch.empty(N, dtype=torch.float32, device=device),
@@ -85,14 +136,22 @@ def sparsify(
         out["topk_log_tail"] = torch.empty(N, dtype=torch.float32, device=device)
     uniforms = None
     if layout.has_samples:
-        uniforms = sample_uniforms(layout.seed, seq_indices, T, S).view(N, S).to(device)  # (N, S)
+        uniforms = sample_uniforms(layout.seed, seq_indices, T, S).view(N, S).to(device)  # (N, S) float64
         out["sample_ids"] = torch.empty((N, S), dtype=torch.int32, device=device)
         out["sample_counts"] = torch.empty((N, S), dtype=torch.int32, device=device)
     for start in range(0, N, max(1, chunk_tokens)):
-        rows = slice(start, min(N, start + chunk_tokens))
-        _sparsify_chunk(flat[rows, :V], layout, out, rows, None if uniforms is None else uniforms[rows])
-    result = {key: value.view(B, T, *value.shape[1:]) for key, value in out.items() if key != "nonfinite"}
-    result["nonfinite"] = out["nonfinite"].view(B, T).any(dim=1)  # (B,)
+        rows = slice(start, min(N, start + max(1, chunk_tokens)))
+        chunk = logit_rows(rows)  # (n, V_full)
+        if chunk.ndim != 2 or chunk.shape[0] != rows.stop - rows.start or chunk.shape[1] < V:
+            raise ValueError(
+                f"logits have {chunk.shape[-1]} entries per token, fewer than the layout's vocab_size {V}"
+                if chunk.ndim == 2 and chunk.shape[1] < V
+                else f"logit chunk for rows {rows.start}..{rows.stop - 1} has shape {tuple(chunk.shape)}"
+            )
+        _sparsify_chunk(chunk[:, :V], layout, out, rows, None if uniforms is None else uniforms[rows])
+        del chunk
+    result = {key: value.view(batch, T, *value.shape[1:]) for key, value in out.items() if key != "nonfinite"}
+    result["nonfinite"] = out["nonfinite"].view(batch, T).any(dim=1)  # (B,)
     return result
 
 
@@ -122,7 +181,7 @@ def _sparsify_chunk(
         out["topk_mass"][rows] = 0.0
     del logprobs
     if uniforms is not None:
-        ids = _draw(probs.cumsum_(dim=-1), uniforms)  # (n, S)
+        ids = draw(probs, uniforms)  # (n, S)
         out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(ids)
 
 
@@ -148,11 +207,25 @@ def _top_entries(logprobs: torch.Tensor, layout: TargetLayout) -> tuple[torch.Te
     return ids.to(torch.int32), values, lengths.to(torch.int32), top_ids, mask_values
 
 
-def _draw(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: cdf (n, V) fp32 non-decreasing, uniforms (n, S) in [0, 1) -> ids (n, S) int64."""
-    targets = uniforms * cdf[:, -1:]  # (n, S) scaled by the total, so rounding of the CDF's end cannot overshoot
-    ids = torch.searchsorted(cdf, targets.contiguous(), right=True)  # first i with cdf[i] > u: skips p = 0
-    return ids.clamp_(max=cdf.shape[1] - 1)
+def cumulative(probs: torch.Tensor) -> torch.Tensor:
+    """The sampler's CDF of (n, V) probabilities: (n, V) float64 running sums (exact to ~1e-16 at any V)."""
+    return torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (n, V)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling in float64: probs (n, V) >= 0, uniforms (n, S) float64 in [0, 1) -> ids (n, S) int64.
+
+    Id i is drawn with probability (cdf[i] - cdf[i-1]) / cdf[V-1], the width of its CDF interval
+    (to within 2^-52 per id); an id of probability 0 is never drawn. The float64 CDF is built
+    ``DRAW_ROWS`` rows at a time, so it adds (DRAW_ROWS, V) float64 to the chunk's buffers.
+    """
+    ids = torch.empty(uniforms.shape, dtype=torch.int64, device=probs.device)  # (n, S)
+    for start in range(0, probs.shape[0], DRAW_ROWS):
+        rows = slice(start, start + DRAW_ROWS)
+        cdf = cumulative(probs[rows])  # (r, V) float64
+        targets = uniforms[rows].to(torch.float64) * cdf[:, -1:]  # (r, S) scaled by the total: cannot overshoot
+        ids[rows] = torch.searchsorted(cdf, targets.contiguous(), right=True)  # first i with cdf[i] > u: skips p = 0
+    return ids.clamp_(max=probs.shape[1] - 1)
 
 
 def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

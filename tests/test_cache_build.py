@@ -11,15 +11,17 @@ import pytest
 import torch
 
 import kdcache.cache.writer as cache_writer
+from kdcache.cache.build import CacheDirError, build_cache, default_cache_name, target_layout
 from kdcache.cache.format import VALUE_GAMMA, VALUE_LEVELS, Manifest, TargetLayout, decode_row
-from kdcache.cache.writer import CacheWriteError, build_cache, default_cache_name, read_shard_meta
-from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.cache.writer import CacheWriteError, read_shard_meta
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.token_data import open_tokens, write_tokens
 
 N, T, VOCAB = 10, 16, 300
-CFG = CacheConfig(top_k=8, batch_size=3, rows_per_shard=4, split="train")  # shards of 4, 4, 2 rows
+CFG = CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=4, split="train")  # shards of 4, 4, 2 rows
 RARE = 299  # a token id that appears in one sequence only (NaN injection)
 
 
@@ -219,6 +221,9 @@ def test_wrong_split_and_foreign_shards_are_refused(teacher, token_dir, tmp_path
     with pytest.raises(CacheWriteError, match="cache.split is 'val'"):
         build_cache(teacher, tokens, dataclasses.replace(CFG, split="val"), out_dir=tmp_path)
     build_cache(teacher, tokens, CFG, out_dir=tmp_path)
+    with pytest.raises(CacheDirError, match=r"different teacher, corpus or settings — targets.top_k 8 \(this run: 4\)"):
+        build_cache(teacher, tokens, dataclasses.replace(CFG, top_k=4), out_dir=tmp_path)  # the manifest says so
+    (tmp_path / "manifest.json").unlink()  # without it, each shard's footer says so
     with pytest.raises(CacheWriteError, match="another teacher, corpus or target settings"):
         build_cache(teacher, tokens, dataclasses.replace(CFG, top_k=4), out_dir=tmp_path)
     with pytest.raises(CacheWriteError, match="belongs to another cache"):
@@ -259,21 +264,23 @@ def _build_key(cache: Path) -> str:
 
 def test_default_cache_name_is_content_addressed(teacher, token_dir):
     tokens = open_tokens(token_dir, "train")
-    layout = cache_writer.target_layout(CFG, vocab_size=VOCAB, seq_len=T)
+    layout = target_layout(CFG, vocab_size=VOCAB, seq_len=T)
     name = default_cache_name(teacher.info, tokens, layout)
     assert name == f"{teacher.info['sha256'][:8]}-{tokens.fingerprint[:8]}-train-top8"
     assert name == default_cache_name(dict(teacher.info, path="/elsewhere"), tokens, layout)
-    other = cache_writer.target_layout(
+    other = target_layout(
         dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0), vocab_size=VOCAB, seq_len=T
     )
-    assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s32seed0-t2")
+    assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s16seed0-t2")
 
 
 RANK_SCRIPT = """
 import sys
 import torch.distributed as dist
 import kdcache.cache.writer as cw
-from kdcache.config import CacheConfig, TeacherConfig
+from kdcache.cache.build import build_cache
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import load_teacher
 from kdcache.token_data import open_tokens
 
@@ -285,8 +292,8 @@ if dist.get_rank() == int(fail_rank):
     cw.encode_table = broken
 teacher = load_teacher(TeacherConfig(path=teacher_dir, device="cpu"))
 try:
-    m = cw.build_cache(teacher, open_tokens(token_dir, "train"), CacheConfig(top_k=8, batch_size=3, rows_per_shard=4),
-                       out_dir=out)
+    cfg = CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=4)
+    m = build_cache(teacher, open_tokens(token_dir, "train"), cfg, out_dir=out)
     print("RESULT", dist.get_rank(), None if m is None else m.num_rows)
 except Exception as e:
     print("ERROR", dist.get_rank(), type(e).__name__, e)

@@ -1,0 +1,55 @@
+"""Section ``cache``: which teacher soft targets to store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kdcache.config.base import check
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Teacher soft targets to cache (section ``cache``)."""
+
+    targets: Literal["topk", "sampled", "both"] = "sampled"
+    """``sampled``: ids drawn from the teacher with counts (the default: closest to online KD per byte,
+    bench/RESULTS.md); ``topk``: top-k ids + log-probs and the exact tail mass; ``both``: a top-k head
+    plus samples."""
+    top_k: int = 32
+    """Top-k entries per token (the maximum when ``mass`` is set; at most 1,024)."""
+    mass: float = 0.0
+    """Adaptive top-k: keep entries until their cumulative probability reaches ``mass``
+    (e.g. 0.99), at most ``top_k``. 0 = fixed k."""
+    samples: int = 16
+    """Draws per token for sampled targets (at most 65,535)."""
+    temperature: float = 1.0
+    """Teacher temperature applied before log-softmax; recorded in the manifest."""
+    batch_size: int = 8
+    """Sequences per teacher forward. Part of the determinism contract: bf16/fp16 outputs
+    depend on batch shape, so a cache is byte-identical only for the same batch size and dtype."""
+    rows_per_shard: int = 512
+    """Sequences per Parquet shard."""
+    seed: int = 0
+    """Seed for sampled targets (per sequence index and position)."""
+    on_nan: Literal["fail", "skip"] = "fail"
+    """Non-finite teacher logits: ``fail`` stops naming the sequence; ``skip`` drops that sequence."""
+    split: Literal["train", "val"] = "train"
+    """Token split to score (one cache per split)."""
+
+    def __post_init__(self) -> None:
+        s = "cache"
+        check(
+            self.targets in ("topk", "sampled", "both"),
+            s,
+            "targets",
+            f"must be topk|sampled|both, got {self.targets!r}",
+        )
+        check(1 <= self.top_k <= 1024, s, "top_k", f"must be in [1, 1024], got {self.top_k}")
+        check(0.0 <= self.mass < 1.0, s, "mass", f"must be in [0, 1) (0 = fixed k), got {self.mass}")
+        check(1 <= self.samples <= 65535, s, "samples", f"must be in [1, 65535], got {self.samples}")
+        check(self.temperature > 0, s, "temperature", "must be > 0")
+        check(self.batch_size > 0, s, "batch_size", "must be > 0")
+        check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")
+        check(self.on_nan in ("fail", "skip"), s, "on_nan", "must be 'fail' or 'skip'")
+        check(self.split in ("train", "val"), s, "split", f"must be 'train' or 'val', got {self.split!r}")

@@ -1,0 +1,31 @@
+"""Section ``paths``: where each DVC stage reads and writes (templated into dvc.yaml as ``${paths.x}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdcache.config.base import check
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Stage inputs and outputs of the DVC pipeline (section ``paths``); the CLI takes them as flags."""
+
+    demo_teacher: str = "models/demo-teacher"
+    """The demo teacher's model directory (output of the demo_teacher stage)."""
+    tokens: str = "data/tokens"
+    """Packed token data (output of prepare)."""
+    cache: str = "cache/demo"
+    """The cache directory (DVC-tracked; share it with `dvc push`)."""
+    student: str = "models/student"
+    """The KD student (output of train)."""
+    baseline: str = "models/baseline"
+    """The CE-only baseline (output of train_baseline)."""
+    metrics: str = "metrics/eval.json"
+    """Evaluation metrics (DVC metrics file)."""
+    plots: str = "plots"
+    """Plot data directory (DVC plots)."""
+
+    def __post_init__(self) -> None:
+        for key, value in vars(self).items():
+            check(bool(value), "paths", key, "must be a non-empty path")

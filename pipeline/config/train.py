@@ -1,0 +1,90 @@
+"""Sections ``train`` and ``train_baseline``: the student and how it is trained."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kdcache.config.base import check
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Student architecture (section ``train.student``) when not loading a pretrained dir."""
+
+    path: str = ""
+    """Local pretrained student directory; empty = build from the sizes below (Llama)."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            check(getattr(self, key) > 0, "train.student", key, "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "train.student", "hidden_size", "must be divisible by num_heads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Student training (sections ``train`` and ``train_baseline``)."""
+
+    loss: Literal["auto", "topk_tail", "topk_renorm", "reverse_kl", "jsd", "skew_kl", "tv", "hard", "sampled", "ce"] = (
+        "auto"
+    )
+    """KD loss. auto: the loss matching the cache's targets (topk_tail for a top-k cache, sampled for a
+    sampled one). On top-k caches: topk_tail (forward KL on the top-k + tail partition, exact),
+    topk_renorm (KL renormalized on the top-k, biased), reverse_kl, jsd, skew_kl, tv (on the same
+    partition), hard (CE on the teacher's argmax). On sampled caches: sampled (unbiased MC
+    cross-entropy). ce: hard labels only (the baseline). Details: the kdcache.losses docstring."""
+    alpha: float = 0.5
+    """Weight of the KD term: loss = alpha*KD + (1 - alpha)*CE."""
+    temperature: float = 1.0
+    """KD temperature tau (KL-family terms scaled by tau^2). Tail losses and sampled/hard need it equal to
+    the cache's temperature (a v1 cache stores no log-normalizer to re-temper by); topk_renorm takes any."""
+    beta: float = 0.5
+    """Teacher weight of the mixture in jsd (in (0, 1)) and skew_kl (in [0, 1); DistiLLM uses 0.1)."""
+    max_steps: int = 150
+    """Optimizer steps; the learning-rate schedule ends here."""
+    batch_size: int = 16
+    """Sequences per micro-batch (per rank under torchrun)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of matrices (norms, biases and embeddings do not decay)."""
+    warmup_steps: int = 15
+    """Linear warmup steps, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    chunk_tokens: int = 0
+    """Tokens per chunk in the KD loss; 0 = auto: as many as keep its working set within 256 MiB at the
+    student's vocabulary size."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    log_every: int = 10
+    """Log a progress line every this many steps (every step goes to train_log.jsonl)."""
+    seed: int = 0
+    """Seeds the student's initialization and the data order."""
+    vocab_map: Literal["none", "exact"] = "none"
+    """Student tokenizer differs from the cache's: ``none`` refuses; ``exact`` maps identical token strings."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    def __post_init__(self) -> None:
+        s = "train"
+        kinds = typing.get_args(typing.get_type_hints(TrainConfig)["loss"])
+        check(self.loss in kinds, s, "loss", f"must be {'|'.join(kinds)}, got {self.loss!r}")
+        check(0.0 <= self.alpha <= 1.0, s, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.temperature > 0, s, "temperature", "must be > 0")
+        check(self.chunk_tokens >= 0, s, "chunk_tokens", "must be >= 0 (0 = auto)")
+        for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            check(getattr(self, key) > 0, s, key, "must be > 0")
+        check(self.lr > 0, s, "lr", "must be > 0")
+        check(self.warmup_steps >= 0, s, "warmup_steps", "must be >= 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
+        check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0 (0 = off)")
+        check(self.vocab_map in ("none", "exact"), s, "vocab_map", "must be 'none' or 'exact'")

@@ -1,0 +1,62 @@
+"""Shared fixtures and builders for the test suite.
+
+The suite runs on the CPU even on a GPU box (CUDA is hidden before torch is imported), so its
+fp32 references hold everywhere; GPU checks live in bench/ scripts, never in tests.
+
+Builders (import them: ``from conftest import make_world``): tiny random-weight Llama teachers
+saved as ordinary Hugging Face directories, word-level tokenizers whose ids are known, and
+packed token data made with them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: the suite is CPU-only
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from kdcache.fingerprint import tokenizer_fingerprint  # noqa: E402
+from kdcache.token_data import write_tokens  # noqa: E402
+
+STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+"""A tiny student (``train.student`` sizes) for tests that train."""
+
+
+def word_tokenizer(vocab_size: int, *, prefix: str = "w") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ``<eos>`` = 0, ``<pad>`` = 1, then ``{prefix}2`` ... ``{prefix}{vocab_size - 1}``."""
+    words = {"<eos>": 0, "<pad>": 1, **{f"{prefix}{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, *, max_positions: int = 64, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 1-layer, 32-wide random Llama (seeded), the tests' stand-in for a teacher."""
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, **{**sizes, **overrides})
+    )
+
+
+def make_world(root: Path, *, vocab_size: int = 48, n: int = 12, seq: int = 16, val: int = 2, seed: int = 0):
+    """A teacher dir (tiny Llama + word-level tokenizer) and packed tokens made with it: ``n`` train and
+    ``val`` val sequences of ``seq`` random word ids. Returns {"root", "teacher", "tokens"} paths."""
+    teacher, tokens = root / "teacher", root / "tokens"
+    tiny_llama(vocab_size, max_positions=seq, seed=seed).save_pretrained(teacher)
+    tok = word_tokenizer(vocab_size)
+    tok.save_pretrained(teacher)
+    ids = np.random.default_rng(seed).integers(2, vocab_size, size=(n + val, seq))
+    write_tokens(
+        tokens,
+        {"train": ids[:n], "val": ids[n:]},
+        vocab_size=vocab_size,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+    )
+    return {"root": root, "teacher": teacher, "tokens": tokens}
