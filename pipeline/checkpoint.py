@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from kdcache.distributed import all_gather_bytes, rank_world
 from kdcache.files import crash_point, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
@@ -102,23 +103,45 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and Python RNG states, checkpointable by :func:`flatten_state`."""
+    """RNG states, checkpointable by :func:`flatten_state`: torch's CPU and current-GPU generators of
+    every rank (gathered: a collective, so every rank calls it), numpy's and Python's of this rank."""
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
+        "torch": all_gather_bytes(torch.get_rng_state()),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = all_gather_bytes(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`'s states, rank r taking rank r's torch/CUDA generators.
+
+    On more ranks than were saved, rank r takes saved rank ``r % saved`` (logged); a checkpoint of
+    another GPU count restores without error. Older checkpoints (one torch state) restore as before.
+    """
+    rank, _ = rank_world()
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    torch.set_rng_state(_for_rank(state["torch"], rank, "torch"))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(_for_rank(state["cuda"], rank, "cuda"))
+
+
+def _for_rank(saved: Any, rank: int, what: str) -> torch.Tensor:
+    """This rank's state from a per-rank list (or the single state of an older checkpoint)."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if isinstance(saved[0], torch.Tensor) and saved[0].dim() == 1 and rank >= len(saved):
+        log.info(
+            "rank %d: the checkpoint holds %s RNG states of %d ranks; using rank %d's",
+            rank,
+            what,
+            len(saved),
+            rank % len(saved),
+        )
+    return saved[rank % len(saved)]
 
 
 def save_checkpoint(

@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     student = _student_config(args.student) if args.student else StudentConfig()
     cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
-    with process_group("auto"):
+    with process_group(device=args.device):
         train(
             cfg,
             cache_dir=args.cache,
@@ -158,12 +158,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kdcache.evaluate import evaluate, write_metrics
     from kdcache.token_data import open_tokens
 
-    models = dict(m.split("=", 1) for m in args.model)
+    pairs = [m.partition("=") for m in args.model]
+    models = {name: path for name, _, path in pairs}
+    if any(not (name and eq and path) for name, eq, path in pairs) or len(models) != len(pairs):
+        raise ConfigError(f"--model {' '.join(args.model)}: each must be NAME=DIR, with distinct names")
     metrics = evaluate(
         config_from_args(EvaluateConfig, args),
         tokens=open_tokens(args.tokens, "val"),
-        models={"teacher": args.teacher, **models},
-        device=args.device,
+        teacher=config_from_args(TeacherConfig, args, path=args.teacher),
+        models=models,
         progress=show_progress(),
     )
     write_metrics(metrics, metrics_path=args.metrics, plots_dir=args.plots)
@@ -310,13 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     add_config_flags(sp, TrainConfig)
 
-    sp = command("evaluate", cmd_evaluate, "Compare teacher and students on the val split.")
+    sp = command(
+        "evaluate",
+        cmd_evaluate,
+        "Compare teacher and students on the val split, in the teacher tokenizer's id space. The teacher is "
+        "loaded as the cache stage loads it (--device/--dtype); the other models go on the same device.",
+    )
     sp.add_argument("--tokens", required=True, metavar="DIR", help="token directory (its val split is used)")
     sp.add_argument("--teacher", required=True, metavar="DIR", help="teacher model directory")
-    sp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a model to compare (repeat)")
+    sp.add_argument(
+        "--model", action="append", default=[], metavar="NAME=DIR", help="a model to compare with it (repeat)"
+    )
     sp.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON path")
     sp.add_argument("--plots", default="plots", help="plot data directory")
-    sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
+    add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, EvaluateConfig)
 
     sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")

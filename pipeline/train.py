@@ -154,7 +154,7 @@ def train(
             tokens_per_s=(pos.tokens - session_tokens) / max(session_s, 1e-9),
             out=out,
         )
-    summary["vocab_map"] = mapping
+    summary["vocab_map"], summary["loss"] = mapping, asdict(spec)
     if rank == 0:
         save_final(model, student_tok, out=out, summary=summary)
     barrier()  # every rank returns once the final model is on disk
@@ -322,8 +322,8 @@ def _loop(
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if rank == 0 and (pos.step % cfg.checkpoint_every == 0 or pos.step == stop):
-                _checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos)
+            if pos.step % cfg.checkpoint_every == 0 or pos.step == stop:  # every rank: RNG states are gathered
+                _checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos, is_main=rank == 0)
     finally:
         stream.close()
         bar.close()
@@ -405,10 +405,19 @@ def _start(
 
 
 def _checkpoint(
-    out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, pos: Position
+    out: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    pos: Position,
+    is_main: bool,
 ) -> None:
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    save_checkpoint(out, step=pos.step, model=_unwrap(model), state=state, trainer=asdict(pos))
+    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
+    rng = rng_state()
+    if is_main:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        save_checkpoint(out, step=pos.step, model=_unwrap(model), state=state, trainer=asdict(pos))
 
 
 def _truncate_log(path: Path, step: int) -> None:

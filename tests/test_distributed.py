@@ -20,6 +20,7 @@ from conftest import STUDENT, make_world
 
 from kdcache.cli import main as kdcache
 from kdcache.config.train import StudentConfig, TrainConfig
+from kdcache.distributed import DistributedError, gather_file_digests, process_group, resolve_backend
 from kdcache.fingerprint import sha256_file
 from kdcache.train import train
 
@@ -185,3 +186,72 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
     assert np.allclose(_losses(ddp), full, rtol=0, atol=1e-6)
     assert json.loads((ddp / "training.json").read_text())["complete"]
+
+
+# ----------------------------------------------------------------------------- GPU-box logic, tested on the CPU
+
+
+def test_backend_follows_the_device_not_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU box
+    assert resolve_backend("auto", "cpu") == "gloo"  # CPU training on a GPU box syncs CPU tensors: gloo
+    assert resolve_backend("auto", "cuda") == resolve_backend("auto", "auto") == "nccl"
+    assert resolve_backend("gloo", "cuda") == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto", "auto") == "gloo"
+
+
+@pytest.fixture
+def fake_torchrun(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Rank 1 of 2 with LOCAL_RANK 5 on a box with one visible GPU; init_process_group only records the backend."""
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "5"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    backends: list[str] = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: backends.append(backend))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    return backends
+
+
+def test_a_cpu_run_under_torchrun_on_a_gpu_box_uses_gloo_and_ignores_the_gpu_count(fake_torchrun: list[str]) -> None:
+    with process_group(device="cpu") as (rank, world):
+        assert (rank, world) == (1, 2)
+    assert fake_torchrun == ["gloo"]
+    with pytest.raises(DistributedError, match="LOCAL_RANK=5 but only 1 GPU"), process_group(device="cuda"):
+        pass
+    one_gpu = "'cuda:0' under torchrun with 2 ranks would put every rank on one GPU"
+    with pytest.raises(DistributedError, match=one_gpu), process_group(device="cuda:0"):
+        pass
+
+
+def test_a_resume_deals_the_missing_shards_to_every_rank() -> None:
+    from kdcache.cache.build import _deal
+
+    done = [True, False, True, False, False, False, True, False]  # rank 1's shards were lost, say
+    dealt = [_deal(done, rank=r, world_size=2, dynamic=True) for r in range(2)]
+    assert dealt == [[1, 4, 7], [3, 5]]  # both ranks busy; every missing shard exactly once
+    assert [_deal(done, rank=r, world_size=2, dynamic=False) for r in range(2)] == [[4], [1, 3, 5, 7]]
+
+
+def test_rng_states_restore_per_rank_on_any_rank_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdcache import checkpoint
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    saved = {**checkpoint.rng_state(), "torch": states}  # as two ranks saved it
+    for rank, want in ((0, 0), (1, 1), (3, 1)):  # rank 3 of a bigger resumed job takes saved rank 3 % 2
+        monkeypatch.setattr(checkpoint, "rank_world", lambda rank=rank: (rank, 4))
+        checkpoint.set_rng_state(saved)
+        assert torch.equal(torch.get_rng_state(), states[want])
+    checkpoint.set_rng_state({**saved, "torch": states[0]})  # an older checkpoint: one state
+    assert torch.equal(torch.get_rng_state(), states[0])
+
+
+def test_file_digests_round_trip_without_a_process_group() -> None:
+    digest = sha256_file(Path(__file__))
+    assert gather_file_digests({2: (digest, 123)}, 4) == {2: (digest, 123)}

@@ -135,6 +135,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "both": write_tiny_cache(root / "both"),
         "topk": write_tiny_cache(root / "topk", kind="topk"),
         "adaptive": write_tiny_cache(root / "adaptive", kind="topk", mass=0.9),
+        "sampled": write_tiny_cache(root / "sampled", kind="sampled"),
     }
 
 
@@ -158,7 +159,8 @@ def losses(out: Path) -> list[float]:
 
 @pytest.mark.parametrize(
     ("loss", "cache"),
-    [("topk_tail", "both"), ("topk_renorm", "both"), ("sampled", "both"), ("ce", "both"), ("topk_tail", "adaptive")],
+    [(kind, "both") for kind in ("topk_tail", "topk_renorm", "reverse_kl", "jsd", "skew_kl", "tv", "hard", "sampled")]
+    + [("ce", "both"), ("topk_tail", "adaptive"), ("auto", "topk"), ("auto", "sampled")],
 )
 def test_each_loss_kind_trains_and_saves_a_loadable_student(
     loss: str, cache: str, caches: dict, tmp_path: Path
@@ -177,6 +179,8 @@ def test_each_loss_kind_trains_and_saves_a_loadable_student(
     saved = json.loads((out / "training.json").read_text())
     assert saved["cache"]["tokenizer_fingerprint"] == tokenizer_fingerprint(tiny_tokenizer())
     assert saved["config"]["loss"] == loss
+    if loss == "auto":
+        assert saved["loss"]["kind"] == {"topk": "topk_tail", "sampled": "sampled"}[cache]
 
 
 def test_loss_decreases_over_30_steps(caches: dict, tmp_path: Path) -> None:
@@ -280,8 +284,23 @@ def test_pretrained_student_with_the_caches_tokenizer_trains(caches: dict, tmp_p
 
 
 def test_loss_the_cache_cannot_feed_is_refused(caches: dict, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="needs sampled targets"):
+    with pytest.raises(ConfigError, match="needs sampled targets.*train.loss: auto \\(here: topk_tail\\)"):
         train(cfg_for(loss="sampled"), cache_dir=caches["topk"], out_dir=tmp_path / "s")
+    with pytest.raises(ConfigError, match="train.loss=hard needs top-k targets"):
+        train(cfg_for(loss="hard"), cache_dir=caches["sampled"], out_dir=tmp_path / "s")
+
+
+def test_a_temperature_the_cache_cannot_represent_is_refused_naming_the_fix(caches: dict, tmp_path: Path) -> None:
+    """A v1 cache stores no log-normalizer: the tail of the tempered teacher is unknown, so tau != 1 is refused
+    for tail losses and sampled, while topk_renorm (which needs no tail) trains."""
+    with pytest.raises(ValueError, match="needs topk_log_z.*train at temperature 1, use kind='topk_renorm'"):
+        train(cfg_for(loss="topk_tail", temperature=2.0, max_steps=1), cache_dir=caches["topk"], out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="supports only the cache's temperature 1.0, got 2.0"):
+        train(cfg_for(loss="sampled", temperature=2.0), cache_dir=caches["sampled"], out_dir=tmp_path / "b")
+    summary = train(
+        cfg_for(loss="topk_renorm", temperature=2.0, max_steps=1), cache_dir=caches["topk"], out_dir=tmp_path / "c"
+    )
+    assert summary["complete"]
 
 
 def test_data_order_depends_only_on_seed_and_rolls_over_epochs(caches: dict) -> None:
@@ -365,7 +384,8 @@ def test_trains_on_a_cache_built_by_the_cache_writer_and_evaluates(tmp_path: Pat
     metrics = evaluate(
         EvaluateConfig(),
         tokens=open_tokens(tmp_path / "tokens", "val"),
-        models={"teacher": teacher_dir, "student": tmp_path / "student"},
+        teacher=TeacherConfig(path=str(teacher_dir), device="cpu"),
+        models={"student": tmp_path / "student"},
         progress=True,
     )
     assert summary["complete"] and summary["cache"]["teacher_sha256"]
@@ -399,6 +419,7 @@ def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
         "input_ids": torch.tensor([[0, 5, 40]]),  # (1, 3)
         "topk_ids": torch.tensor([[[5, 40], [31, 2], [0, 1]]]),  # (1, 3, 2)
         "topk_logprobs": torch.log(torch.tensor([[[0.5, 0.3], [0.6, 0.2], [0.7, 0.1]]])),
+        "topk_log_tail": torch.log(torch.tensor([[0.2, 0.2, 0.2]])),
         "sample_ids": torch.tensor([[[5, 40], [2, 3], [0, 47]]]),
         "sample_counts": torch.tensor([[[3.0, 1.0], [2.0, 2.0], [1.0, 3.0]]]),
     }
@@ -407,6 +428,10 @@ def test_vocab_map_exact_maps_identical_strings_and_masks_the_rest() -> None:
     assert out["topk_mask"].tolist() == [[[True, False], [False, True], [True, True]]]
     assert out["topk_ids"][out["topk_mask"]].tolist() == [6, 3, 1, 2]
     assert out["sample_counts"].tolist() == [[[3.0, 0.0], [2.0, 2.0], [1.0, 0.0]]]
+    # unmapped entries' probability moves into the tail: 0.2 + 0.3, 0.2 + 0.6, 0.2 (nothing dropped)
+    assert torch.allclose(out["topk_log_tail"].exp(), torch.tensor([[0.5, 0.8, 0.2]]))
+    # the label of position 1 is w40, which the student lacks: no CE there (and none at the last position)
+    assert out["ce_mask"].tolist() == [[True, False, False]]
     with pytest.raises(StudentError, match="no token string besides special tokens shared"):
         build_vocab_map(tiny_tokenizer(), tiny_tokenizer(prefix="x"), cache_vocab_size=VOCAB, student_vocab_size=VOCAB)
 

@@ -33,7 +33,13 @@ from kdcache.cache.writer import (
 )
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
-from kdcache.distributed import any_rank_failed, group_rank_world, process_group
+from kdcache.distributed import (
+    agree_on_finished,
+    any_rank_failed,
+    gather_file_digests,
+    group_rank_world,
+    process_group,
+)
 from kdcache.fingerprint import sha256_json, tokenizer_fingerprint
 from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
 from kdcache.token_data import TokenSplit, open_tokens
@@ -101,7 +107,7 @@ def cache_corpus(
     on other ranks. The process group is gloo even on GPUs: its only collective is the final
     barrier, which may wait for hours.
     """
-    with process_group("gloo", timeout_s=CACHE_TIMEOUT_S) as (rank, world):
+    with process_group("gloo", device=teacher_cfg.device, timeout_s=CACHE_TIMEOUT_S) as (rank, world):
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(tokens_dir, cfg.split)
         build_cache(
             teacher,
@@ -198,6 +204,7 @@ def build_cache(
     if group and group != (rank, world_size):
         raise ValueError(f"rank/world_size {rank}/{world_size} disagree with the process group's {group[0]}/{group[1]}")
     out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
+    ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
     try:
         header = _manifest_header(teacher, tokens, cfg)
         check_cache_dir(out, header, content_named=out_dir is None)
@@ -206,8 +213,29 @@ def build_cache(
             {k: v for k, v in header.items() if k != "tokenizer"}
             | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]}
         )
-        ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
-        todo = _plan(out, num_shards=len(ranges), build_key=build_key, rank=rank, world_size=world_size)
+        done = _finished_shards(out, num_shards=len(ranges), build_key=build_key)
+    except Exception:
+        if group:
+            agree_on_finished(None, len(ranges))  # lets the other ranks through the collective, and stops them
+        raise
+    if group:  # every rank listed before any rank writes: all deal the same missing shards
+        done = agree_on_finished(done, len(ranges))
+        if done is None:
+            raise CacheWriteError(f"{out}: another rank failed before scoring (see its error); nothing was written")
+    todo = _deal(done, rank=rank, world_size=world_size, dynamic=bool(group))
+    log.info(
+        "cache %s: %d shards, %d already done, rank %d/%d scores %d",
+        out,
+        len(ranges),
+        sum(done),
+        rank,
+        world_size,
+        len(todo),
+    )
+    try:
+        finished = [i for i, d in enumerate(done) if d] if rank == 0 else []
+        for i in todo + finished:  # left by a killed run; nobody writes a finished shard's .tmp any more
+            (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
         if rank == 0:
             header["tokenizer"]["files"] = save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
         written = _score_shards(
@@ -229,6 +257,10 @@ def build_cache(
             f"{out}: another rank failed (see its error); no manifest written — fix the cause "
             "and rerun: finished shards are kept"
         )
+    if group:  # rank 0 seals with every rank's (sha256, size): no re-hashing of other ranks' shards
+        mine = {i: (w["sha256"], w["bytes"]) for i, w in written.items()}
+        digests = gather_file_digests(mine, len(ranges))
+        written = {i: {"sha256": d, "bytes": n} for i, (d, n) in digests.items()} | written
     if rank != 0:
         return None
     manifest = seal(out, header, build_key=build_key, num_shards=len(ranges), known=written)
@@ -272,8 +304,8 @@ def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> 
     }
 
 
-def _plan(out: Path, *, num_shards: int, build_key: str, rank: int, world_size: int) -> list[int]:
-    """This rank's shards still to score. Refuses shards of another cache; removes this rank's stale ``.tmp``."""
+def _finished_shards(out: Path, *, num_shards: int, build_key: str) -> list[bool]:
+    """Which shards exist, after refusing shards of another cache (footers only: cheap, before hours of work)."""
     _check_writable(out)
     existing = [p for p in sorted(out.glob("shard-*.parquet")) if SHARD_PATTERN.match(p.name)]
     for path in existing:
@@ -283,21 +315,17 @@ def _plan(out: Path, *, num_shards: int, build_key: str, rank: int, world_size: 
                 "cache; write to an empty out_dir (or delete the directory)"
             )
     for path in existing:
-        read_shard_meta(path, build_key)  # footer only: cheap, and fails before hours of scoring
-    mine = [i for i in range(num_shards) if i % world_size == rank]
-    for i in mine:
-        (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
-    todo = [i for i in mine if not (out / shard_name(i)).exists()]
-    log.info(
-        "cache %s: %d shards, rank %d/%d scores %d (%d already done)",
-        out,
-        num_shards,
-        rank,
-        world_size,
-        len(todo),
-        len(mine) - len(todo),
-    )
-    return todo
+        read_shard_meta(path, build_key)
+    return [(out / shard_name(i)).exists() for i in range(num_shards)]
+
+
+def _deal(done: list[bool], *, rank: int, world_size: int, dynamic: bool) -> list[int]:
+    """This rank's shards to score. In a process group (``dynamic``) the missing shards, agreed by all
+    ranks, are dealt round-robin, so a resume after a partial failure keeps every rank busy; without
+    one (ranks run one by one) the deal is fixed, shard i to rank i % world_size."""
+    if dynamic:
+        return [i for i in range(len(done)) if not done[i]][rank::world_size]
+    return [i for i in range(len(done)) if i % world_size == rank and not done[i]]
 
 
 def _check_writable(out: Path) -> None:

@@ -189,8 +189,9 @@ class CacheReader:
         ``topk_ids`` (B, T, k) int64, ``topk_logprobs`` (B, T, k) float32, ``topk_log_tail`` (B, T)
         float32 (the stored log tail mass, -inf when k = V) and ``topk_mask`` (B, T, k) bool; with
         samples ``sample_ids`` (B, T, S) int64, ``sample_counts`` (B, T, S) float32, S = the
-        batch's most unique draws at a position, and ``sample_total`` (B, T) float32, the draws made. Padded entries (adaptive top-k, fewer unique draws)
-        hold id 0, log-prob -inf and count 0, as ``reader[i]`` does. ``keys`` limits which target
+        batch's most unique draws at a position, and ``sample_total`` (B, T) float32, the draws made.
+        Padded entries (adaptive top-k, fewer unique draws) hold id 0, log-prob -inf and count 0, as
+        ``reader[i]`` does. ``keys`` limits which target
         tensors are decoded (e.g. ``kdcache.losses.TARGET_KEYS[kind]``; ``input_ids`` and
         ``seq_index`` always come); None decodes every kind the cache holds.
         """

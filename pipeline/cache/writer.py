@@ -131,12 +131,17 @@ class _Unchanged(Exception):
 def seal(
     out: Path, header: dict[str, Any], *, build_key: str, num_shards: int, known: dict[int, dict[str, Any]]
 ) -> Manifest | None:
-    """Write the manifest (atomically, last) if every shard exists; return it, else ``None``."""
+    """Write the manifest (atomically, last) if every shard exists; return it, else ``None``.
+
+    ``known``: shards whose size and sha256 are known (written here, or gathered from the other ranks);
+    the others are hashed from disk (a resumed run's earlier shards).
+    """
     shards, metas, missing = [], [], []
     for i in range(num_shards):
         path = out / shard_name(i)
-        if i in known:
-            meta, size, digest = known[i]["meta"], known[i]["bytes"], known[i]["sha256"]
+        if i in known:  # written by this process ({meta, bytes, sha256}) or gathered from its rank ({bytes, sha256})
+            meta = known[i]["meta"] if "meta" in known[i] else read_shard_meta(path, build_key)
+            size, digest = known[i]["bytes"], known[i]["sha256"]
         elif path.exists():
             meta, size, digest = read_shard_meta(path, build_key), path.stat().st_size, sha256_file(path)
         else:
