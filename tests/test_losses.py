@@ -792,3 +792,28 @@ def test_missing_or_misshaped_targets_raise_naming_the_argument():
         run(case, KDLossSpec(), topk_log_tail=case["topk_log_tail"].unsqueeze(-1))
     with pytest.raises(ValueError, match="ce_mask"):
         run(case, KDLossSpec(), ce_mask=torch.ones(B, T - 1, dtype=torch.bool))
+
+
+def test_a_cache_made_at_a_temperature_trains_at_that_temperature_without_tempering_twice() -> None:
+    """Targets stored at tau_c = 2 (log softmax(l / 2)), trained at tau = 2: KD = tau^2 * KL(p_2 || softmax(z / 2)),
+    and the sampled loss accepts that tau; tau = 1 on such a cache would need re-tempering by 1/2."""
+    torch.manual_seed(0)
+    B, T, V = 2, 5, 12
+    z, teacher = torch.randn(B, T, V, dtype=torch.float64), 3 * torch.randn(B, T, V, dtype=torch.float64)
+    stored = torch.log_softmax(teacher / 2.0, dim=-1)  # (B, T, V) what a cache at temperature 2 holds
+    ids = torch.arange(V).expand(B, T, V)  # k = V: no tail
+    spec = KDLossSpec(kind="topk_tail", alpha=1.0, temperature=2.0, targets_temperature=2.0)
+    out = kd_loss(z, input_ids=ids[..., 0], spec=spec, topk_ids=ids, topk_logprobs=stored)
+    want = 4.0 * dense_kl(stored, z / 2.0).mean()
+    assert torch.allclose(out.kd.double(), want, rtol=1e-6)
+    assert KDLossSpec(kind="sampled", temperature=2.0, targets_temperature=2.0).retemper == 1.0
+    with pytest.raises(ValueError, match="supports only the cache's temperature 2.0, got 1.0"):
+        KDLossSpec(kind="sampled", temperature=1.0, targets_temperature=2.0)
+    with pytest.raises(ValueError, match="needs topk_log_z"):
+        kd_loss(
+            z,
+            input_ids=ids[..., 0],
+            spec=KDLossSpec(kind="topk_tail", temperature=1.0, targets_temperature=2.0),
+            topk_ids=ids,
+            topk_logprobs=stored,
+        )
