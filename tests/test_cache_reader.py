@@ -367,25 +367,85 @@ def test_shards_are_staged_once_by_sha256_and_reused_on_reopen(caches, staging) 
     path = caches["sampled"][0]
     shas = {s.sha256 for s in Manifest.load(path).shards}
     first = [open_cache(path, staging_dir=staging)[i] for i in range(N)]
-    staged = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in staging.glob("*.arrow")}
-    assert set(staged) == {f"{s}.arrow" for s in shas}
+    staged = {p.name: p.stat().st_ino for p in staging.glob("*.arrow")}
+    assert {name.split("-")[0] for name in staged} == shas and all(len(n.split("-")[1]) == 16 + 6 for n in staged)
     reader = open_cache(path, staging_dir=staging)
     again = [reader[i] for i in range(N)]
     _epoch(reader, 4)
-    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in staging.glob("*.arrow")} == staged
+    assert {p.name: p.stat().st_ino for p in staging.glob("*.arrow")} == staged  # same files, never rewritten
     assert not list(staging.glob("*.tmp")) and not list(staging.glob(".*.tmp"))
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["sample_counts"], b["sample_counts"])
 
 
-def test_a_damaged_staged_file_is_replaced_not_trusted(caches, staging) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_staged_file_is_set_aside_and_restaged_not_trusted(caches, staging, damage) -> None:
+    from kdcache.cache import staging as staging_module
+
     path = caches["topk"][0]
     want = open_cache(path, staging_dir=staging)[0]
-    staged = staging / f"{Manifest.load(path).shards[0].sha256}.arrow"
-    staged.write_bytes(staged.read_bytes()[:-64])
+    (staged,) = staging.glob(f"{Manifest.load(path).shards[0].sha256}-*.arrow")
+    data = bytearray(staged.read_bytes())
+    if damage == "truncated":
+        data = data[:-64]
+    else:  # same size, same inode: bytes flipped in place after staging (ids past the vocabulary, say)
+        data[len(data) // 2] ^= 0xFF
+    with open(staged, "r+b") as f:
+        f.write(bytes(data))
+        f.truncate()
+    staging_module._verified.clear()  # a new process: it has hashed nothing yet
     got = open_cache(path, staging_dir=staging)[0]
     np.testing.assert_array_equal(got["topk_ids"], want["topk_ids"])
-    assert staged.stat().st_size > 64 and not list(staging.glob(".*.tmp"))
+    assert _xxh_matches_name(staged) and len(list(staging.glob("*.damaged-*"))) == 1
+    assert not list(staging.glob(".*.tmp"))
+
+
+def _xxh_matches_name(path) -> bool:
+    import xxhash
+
+    return xxhash.xxh3_64(path.read_bytes()).hexdigest() == path.name.split("-")[1].removesuffix(".arrow")
+
+
+def test_staging_is_bounded_by_evicting_the_least_recently_used_files(caches, staging) -> None:
+    path = caches["topk"][0]
+    reader = open_cache(path, staging_dir=staging, staging_max_bytes=1, prefetch=0)  # tiny bound: keep the newest
+    rows = [reader[i] for i in range(N)]
+    assert len(rows) == N and len(list(staging.glob("*.arrow"))) == 1
+    np.testing.assert_array_equal(reader[0]["topk_ids"], open_cache(path, staging_dir=staging / "fresh")[0]["topk_ids"])
+
+
+def test_temporary_files_of_killed_stagers_are_cleaned_when_a_reader_opens(caches, staging) -> None:
+    import os
+
+    staging.mkdir(parents=True, exist_ok=True)
+    dead = staging / f".{'a' * 64}.{2**22 + 12345}.deadbeef.tmp"  # no such pid
+    alive = staging / f".{'b' * 64}.{os.getpid()}.cafe.tmp"  # a stager still at work
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"y")
+    open_cache(caches["topk"][0], staging_dir=staging)
+    assert not dead.exists() and alive.exists()
+
+
+def test_a_filesystem_without_locks_is_refused_naming_the_fix(caches, staging, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(CacheError, match="does not support file locks.*set KDCACHE_STAGING_DIR"):
+        open_cache(caches["topk"][0], staging_dir=staging)[0]
+
+
+def test_default_staging_dir_is_node_local_scratch_unless_the_environment_says(monkeypatch, tmp_path) -> None:
+    import tempfile
+
+    from kdcache.cache.staging import default_staging_dir
+
+    monkeypatch.delenv("KDCACHE_STAGING_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    assert default_staging_dir().parent == tmp_path / "scratch"  # $TMPDIR, never ~/.cache (often NFS)
 
 
 def test_default_staging_dir_comes_from_the_environment(caches, tmp_path, monkeypatch) -> None:
@@ -403,7 +463,7 @@ def test_prefetch_stages_the_next_shards_in_the_background(caches, staging) -> N
     for future in list(reader._futures.values()):
         future.result(timeout=30)
     shas = [s.sha256 for s in reader.meta.shards]
-    assert {p.stem for p in staging.glob("*.arrow")} == set(shas[:3])
+    assert {p.name.split("-")[0] for p in staging.glob("*.arrow")} == set(shas[:3])
     reader.close()
 
 

@@ -23,8 +23,9 @@ import torch
 
 from kdcache.cache.codec import decode_log_tail
 from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
+from kdcache.cache.mapped import MappedShard, staged_columns
 from kdcache.cache.shards import CacheError, check_shard_file, sha_error
-from kdcache.cache.staging import MappedShard, default_staging_dir, load_shard, staged_columns
+from kdcache.cache.staging import clean_stale, default_max_bytes, default_staging_dir, load_shard
 from kdcache.fingerprint import sha256_file
 
 __all__ = ["CacheError", "CacheReader", "open_cache"]
@@ -41,14 +42,22 @@ def open_cache(
     verify: Literal["size", "full"] = "size",
     expect_tokenizer: str | None = None,
     prefetch: int = 2,
+    staging_max_bytes: int | None = None,
 ) -> CacheReader:
     """Validate a cache (manifest, shard names, files, sizes; sha256 too with ``verify="full"``) and open it.
 
+    ``staging_dir``: where staged copies go (default: node-local scratch, see ``kdcache.cache.staging``).
     ``expect_tokenizer``: the student's tokenizer fingerprint; a different one is refused.
     ``prefetch``: shards staged ahead in a background thread while batches are served.
+    ``staging_max_bytes``: bound on the staging dir (LRU eviction; default ``$KDCACHE_STAGING_MAX_GB``).
     """
     return CacheReader(
-        path, staging_dir=staging_dir, verify=verify, expect_tokenizer=expect_tokenizer, prefetch=prefetch
+        path,
+        staging_dir=staging_dir,
+        verify=verify,
+        expect_tokenizer=expect_tokenizer,
+        prefetch=prefetch,
+        staging_max_bytes=staging_max_bytes,
     )
 
 
@@ -63,13 +72,20 @@ class CacheReader:
         verify: Literal["size", "full"] = "size",
         expect_tokenizer: str | None = None,
         prefetch: int = 2,
+        staging_max_bytes: int | None = None,
     ) -> None:
         if verify not in ("size", "full"):
             raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.path = Path(path)
-        self._args = {"staging_dir": staging_dir, "expect_tokenizer": expect_tokenizer, "prefetch": prefetch}
+        self.staging_max_bytes = default_max_bytes() if staging_max_bytes is None else staging_max_bytes
+        self._args = {
+            "staging_dir": staging_dir,
+            "expect_tokenizer": expect_tokenizer,
+            "prefetch": prefetch,
+            "staging_max_bytes": self.staging_max_bytes,
+        }
         try:
             self.meta = Manifest.load(self.path)
         except CacheFormatError as e:
@@ -84,6 +100,7 @@ class CacheReader:
                 if (digest := sha256_file(f)) != s.sha256:
                     raise sha_error(f, digest, s.sha256)
         self.staging_dir = Path(staging_dir) if staging_dir is not None else default_staging_dir()
+        clean_stale(self.staging_dir)
         self.prefetch = prefetch
         self._offsets = np.cumsum([0] + [s.rows for s in self.meta.shards], dtype=np.int64)  # (S+1,)
         self._mapped: OrderedDict[int, MappedShard] = OrderedDict()
@@ -308,7 +325,9 @@ class CacheReader:
         return shard
 
     def _load(self, s: int) -> MappedShard:
-        return load_shard(self._files[s], self.meta.shards[s], self.layout, self.staging_dir)
+        return load_shard(
+            self._files[s], self.meta.shards[s], self.layout, self.staging_dir, max_bytes=self.staging_max_bytes
+        )
 
     def close(self) -> None:
         """Stop prefetching and drop mappings (arrays already handed out stay valid)."""

@@ -1,241 +1,225 @@
-"""Local staged copies of cache shards: decoded to Arrow IPC, memory-mapped as numpy views.
+"""Staged copies of cache shards on local disk: where they live, when they can be trusted, how many.
 
-Staging. Each Parquet shard is decoded once into an uncompressed Arrow IPC *file* named by the
-shard's sha256 (``<sha256>.arrow``) and memory-mapped; readers fancy-index the mapped bytes.
-Staged files are content-addressed, so caches may share a staging dir and a reopen reuses them.
-They live outside the cache directory on purpose — a ``.staging/`` inside ``cache/<name>/`` would
-change the DVC output's hash and be pushed with it — in, by priority: ``staging_dir=``,
-``$KDCACHE_STAGING_DIR``, ``$XDG_CACHE_HOME/kdcache/staging``, ``~/.cache/kdcache/staging``.
-Deleting that dir is safe whenever no reader is running. A staged file is written to a temporary
-name and ``os.replace``d, never rewritten in place (a process that has it mapped would die of
-SIGBUS); a per-shard ``flock`` lets one process stage while DataLoader workers or ranks on the
-same machine wait. Staging hashes the Parquet bytes against the manifest, so a corrupt shard is
-caught even when the reader was opened with ``verify="size"``.
+Each Parquet shard is decoded once into an uncompressed Arrow IPC file (``mapped``) and memory-mapped;
+readers fancy-index the mapped bytes. The design holds on a GPU box with shared storage:
+
+- **Where.** ``staging_dir=``, else ``$KDCACHE_STAGING_DIR``, else node-local scratch:
+  ``$TMPDIR`` (``tempfile.gettempdir()``) ``/kdcache-staging-<uid>``. Never inside the cache (a
+  ``.staging/`` in ``cache/<name>/`` would change the DVC output's hash), and by default never on a
+  home directory, which is usually NFS with a quota.
+- **Names.** ``<shard sha256>-<xxh3-64 of the staged bytes>.arrow``: the name says which shard it
+  is and what its bytes must hash to. Files are written under a private temporary name and
+  *created if absent* (``os.link``): a name that exists is never replaced or rewritten, so no
+  process that has it mapped (here or on another node) can die of SIGBUS/ESTALE.
+- **Trust.** A staged file is served only after its bytes hash (xxh3, several GB/s) to its name,
+  once per process; a damaged one is renamed aside (``.damaged-<pid>``, a warning) and staged
+  afresh. Staging itself hashes the Parquet bytes against the manifest's sha256 and checks the
+  decoded content, so a corrupt shard is caught even with ``verify="size"``.
+- **Concurrency.** A per-shard ``flock`` lets one process stage while DataLoader workers or ranks on
+  the same node wait; a filesystem without locks (some NFS/Lustre mounts) is refused with the fix.
+- **Bounded.** With ``max_bytes`` (``$KDCACHE_STAGING_MAX_GB``), staging evicts the least recently
+  used staged files until the directory fits (a process that has an evicted file mapped keeps it).
+  Temporary files of killed stagers (their pid is gone) are removed when a reader opens the dir.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import xxhash
 
-from kdcache.cache.format import ShardInfo, StagedRows, TargetLayout
-from kdcache.cache.shards import CacheError, content_problems, decode_shard, malformed, read_shard
+from kdcache.cache.format import ShardInfo, TargetLayout
+from kdcache.cache.mapped import MappedShard, map_staged, staged_table
+from kdcache.cache.shards import CacheError, content_problems, decode_shard, read_shard
 
 log = logging.getLogger(__name__)
+_HASH_CHUNK = 8 << 20
+_verified: set[tuple[str, int, int]] = set()
+"""(path, inode, size) of staged files this process has hashed: each is hashed once per process."""
 
 
 def default_staging_dir() -> Path:
     """Where staged shards go when ``staging_dir`` is not given (see the module docstring)."""
     if env := os.environ.get("KDCACHE_STAGING_DIR"):
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kdcache" / "staging"
+    return Path(tempfile.gettempdir()) / f"kdcache-staging-{os.getuid()}"
 
 
-STAGED_DTYPES = {
-    "topk_lengths": np.dtype("<u2"),
-    "topk_codes": np.dtype("u1"),
-    "topk_tail": np.dtype("<u2"),
-    "sample_lengths": np.dtype("<u2"),
-    "sample_counts": np.dtype("<u2"),
-}
-"""Staged (decoded, memory-mapped) element types; ids keep ``layout.id_dtype``."""
+def default_max_bytes() -> int | None:
+    """The staging bound from ``$KDCACHE_STAGING_MAX_GB`` (None: unbounded)."""
+    value = os.environ.get("KDCACHE_STAGING_MAX_GB")
+    if not value:
+        return None
+    try:
+        return int(float(value) * (1 << 30))
+    except ValueError as e:
+        raise CacheError(f"KDCACHE_STAGING_MAX_GB={value!r}: not a number of GiB (e.g. 50)") from e
 
 
-def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
-    """Blob columns of a staged shard and their element dtypes (fixed top-k stores no lengths)."""
-    names = ["input_ids"]
-    if layout.has_topk:
-        names += (["topk_lengths"] if layout.adaptive else []) + ["topk_ids", "topk_codes", "topk_tail"]
-    if layout.has_samples:
-        names += ["sample_lengths", "sample_ids", "sample_counts"]
-    return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names}
+def staging_size(staging_dir: Path) -> tuple[int, int]:
+    """(number of staged files, their total bytes) in ``staging_dir``."""
+    sizes = [p.stat().st_size for p in staging_dir.glob("*.arrow")] if staging_dir.is_dir() else []
+    return len(sizes), sum(sizes)
 
 
-def _staged_schema(layout: TargetLayout) -> pa.Schema:
-    """large_binary (64-bit offsets) blobs, so no shard hits Arrow's 2 GiB limit."""
-    return pa.schema(
-        [pa.field("seq_index", pa.int64(), nullable=False)]
-        + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)]
-    )
+def load_shard(
+    path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path, *, max_bytes: int | None = None
+) -> MappedShard:
+    """Map the shard's staged copy, staging it first if there is no trustworthy one."""
+    target = _trusted_copy(staging_dir, info) or stage_shard(path, info, layout, staging_dir, max_bytes=max_bytes)
+    with contextlib.suppress(OSError):
+        os.utime(target)  # recency for LRU eviction
+    try:
+        return MappedShard.from_table(map_staged(target), layout, rows=info.rows, where=str(target))
+    except (pa.ArrowException, OSError, ValueError) as e:  # hashes fine but unreadable: a staging bug, restage
+        _set_aside(target, f"unusable ({e})")
+        target = stage_shard(path, info, layout, staging_dir, max_bytes=max_bytes)
+        return MappedShard.from_table(map_staged(target), layout, rows=info.rows, where=str(target))
 
 
-def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
-    """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps)."""
-    R, T = staged.input_ids.shape
-    arrays = [pa.array(staged.seq_index, pa.int64())]
-    for name, dtype in staged_columns(layout).items():
-        flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name], dtype)
-        if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths"):
-            per_row = np.full(R, T, np.int64)
-        else:
-            lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
-            per_row = lens.reshape(R, T).sum(axis=1, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(per_row)]) * dtype.itemsize  # (R+1,) byte offsets
-        arrays.append(
-            pa.LargeBinaryArray.from_buffers(
-                pa.large_binary(),
-                R,
-                [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(flat.reshape(-1).view(np.uint8))],
-            )
-        )
-    return pa.Table.from_arrays(arrays, schema=_staged_schema(layout))
-
-
-def stage_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path, *, force: bool = False) -> Path:
-    """Decode a Parquet shard into ``<staging_dir>/<sha256>.arrow`` (one record batch) unless already there."""
-    target = staging_dir / f"{info.sha256}.arrow"
+def stage_shard(
+    path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path, *, max_bytes: int | None = None
+) -> Path:
+    """Decode a Parquet shard into ``<staging_dir>/<sha256>-<xxh3>.arrow`` unless a trusted copy exists."""
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
-        with _file_lock(staging_dir / f"{info.sha256}.lock"):
-            if target.exists() and not force:
-                return target  # another process staged it while we waited
+        with _file_lock(staging_dir / f".{info.sha256}.lock"):
+            if (ready := _trusted_copy(staging_dir, info)) is not None:
+                return ready  # another process staged it while we waited
             t0 = time.perf_counter()
-            staged = decode_shard(read_shard(path, info, layout), layout, where=str(path))
-            problems = content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
-            if problems:
-                raise CacheError(
-                    f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again"
-                )
-            table = staged_table(staged, layout)
-            MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
-            tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-            try:
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table)
-                os.replace(tmp, target)  # new inode: processes mapping an older file keep theirs
-            finally:
-                tmp.unlink(missing_ok=True)
+            target = _write_staged(path, info, layout, staging_dir)
+        log.debug("staged %s: %d tokens in %.3fs", path, info.tokens, time.perf_counter() - t0)
+        if max_bytes is not None:
+            evict(staging_dir, max_bytes=max_bytes, keep=target)
+        return target
     except OSError as e:
         raise CacheError(
             f"{staging_dir}: cannot stage {path} there ({e}); pass staging_dir= or set "
-            "KDCACHE_STAGING_DIR to a writable local directory with free space"
+            "KDCACHE_STAGING_DIR to a writable node-local directory with free space"
         ) from e
-    dt = time.perf_counter() - t0
-    log.debug("staged %s: %d tokens in %.3fs (%.0f tokens/s)", path, info.tokens, dt, info.tokens / max(dt, 1e-9))
-    return target
 
 
-@contextmanager
+def _write_staged(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path) -> Path:
+    staged = decode_shard(read_shard(path, info, layout), layout, where=str(path))
+    problems = content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
+    if problems:
+        raise CacheError(f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again")
+    table = staged_table(staged, layout)
+    MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
+    tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        target = staging_dir / f"{info.sha256}-{_xxh(tmp)}.arrow"
+        if target.exists():  # same bytes under the same name: damaged earlier (it failed its hash), set aside
+            _set_aside(target, "its bytes do not hash to its name")
+        os.link(tmp, target)  # create if absent: never replaces a name another process may have mapped
+        return target
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _trusted_copy(staging_dir: Path, info: ShardInfo) -> Path | None:
+    """A staged copy of ``info`` whose bytes hash to its name, else None (damaged ones are set aside)."""
+    for candidate in sorted(staging_dir.glob(f"{info.sha256}-*.arrow")):
+        try:
+            st = candidate.stat()
+            key = (str(candidate), st.st_ino, st.st_size)
+            if key in _verified or _xxh(candidate) == candidate.name[len(info.sha256) + 1 : -len(".arrow")]:
+                _verified.add(key)
+                return candidate
+        except FileNotFoundError:  # evicted meanwhile
+            continue
+        _set_aside(candidate, "its bytes do not hash to its name")
+    return None
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """Rename a damaged staged file out of the way (never rewrite it: another process may have it mapped)."""
+    aside = path.with_name(f"{path.name}.damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    log.warning("staged copy %s is damaged (%s); moved to %s and staging it afresh", path, why, aside.name)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, aside)
+
+
+def _xxh(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evict(staging_dir: Path, *, max_bytes: int, keep: Path | None = None) -> list[Path]:
+    """Delete least-recently-used staged files (and damaged ones) until the directory holds <= ``max_bytes``.
+
+    Deleting a mapped file is safe: the process that mapped it keeps its pages until it unmaps.
+    Returns the deleted paths.
+    """
+    gone = [p for p in staging_dir.glob("*.arrow.damaged-*")]
+    files = sorted(staging_dir.glob("*.arrow"), key=lambda p: p.stat().st_mtime_ns)  # oldest use first
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        if total <= max_bytes:
+            break
+        if p != keep:
+            total -= p.stat().st_size
+            gone.append(p)
+    for p in gone:
+        p.unlink(missing_ok=True)
+    if gone:
+        log.info("staging %s: evicted %d file(s) to stay within %.2f GiB", staging_dir, len(gone), max_bytes / 2**30)
+    return gone
+
+
+def clean_stale(staging_dir: Path) -> list[Path]:
+    """Remove temporary files left by killed stagers on this node (their pid no longer exists)."""
+    removed = []
+    for tmp in staging_dir.glob(".*.tmp") if staging_dir.is_dir() else []:
+        parts = tmp.name.split(".")
+        if len(parts) >= 4 and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     try:
         import fcntl
-    except ImportError:  # not POSIX: concurrent stagers each write their own tmp file; os.replace keeps it correct
+    except ImportError:  # not POSIX: concurrent stagers write private tmp files; create-if-absent keeps it correct
         yield
         return
     with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise CacheError(
+                    f"{path.parent}: this filesystem does not support file locks ({e.strerror}); stage on "
+                    "node-local disk: set KDCACHE_STAGING_DIR (or staging_dir=) to a local directory such as /tmp"
+                ) from e
+            raise
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def map_staged(path: Path) -> pa.Table:
-    """Memory-map an Arrow IPC file; the buffers keep the mapping alive after the file handle closes."""
-    with pa.memory_map(str(path), "r") as mm:
-        table = pa.ipc.open_file(mm).read_all()
-    return table.combine_chunks()  # a no-op (zero copy) for the single record batch that staging writes
-
-
-def load_shard(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path) -> MappedShard:
-    """Stage the shard unless a staged copy exists, and map it; a damaged staged copy is replaced."""
-    target = staging_dir / f"{info.sha256}.arrow"
-    if not target.exists():
-        stage_shard(path, info, layout, staging_dir)
-    try:
-        return MappedShard.from_table(map_staged(target), layout, rows=info.rows, where=str(target))
-    except (pa.ArrowException, OSError, ValueError) as e:
-        log.warning("restaging %s: staged file %s unusable (%s)", path, target, e)
-        stage_shard(path, info, layout, staging_dir, force=True)
-        return MappedShard.from_table(map_staged(target), layout, rows=info.rows, where=str(target))
-
-
-class MappedShard:
-    """One staged shard's columns as numpy views into the mapped file (no copies).
-
-    ``flat[c]``: every value of blob column c, (n,); ``starts[c]``: (rows + 1,) element offsets into it;
-    ``fixed[c]``: (rows, width) for fixed-width columns (input_ids, lengths, offsets, fixed top-k).
-    Columns are those of ``staged_columns``: ids absolute and ascending per position, top-k values as
-    uint8 codes plus a tail code per position (``cache_format.decode_topk_logprobs``).
-    """
-
-    def __init__(
-        self,
-        seq_index: np.ndarray,
-        flat: dict[str, np.ndarray],
-        starts: dict[str, np.ndarray],
-        fixed: dict[str, np.ndarray],
-        layout: TargetLayout,
-    ) -> None:
-        self.seq_index, self.flat, self.starts, self.fixed, self.layout = seq_index, flat, starts, fixed, layout
-
-    @classmethod
-    def from_table(cls, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> MappedShard:
-        if table.schema != _staged_schema(layout) or table.num_rows != rows:
-            raise malformed(
-                where,
-                f"schema {table.schema} and {table.num_rows} rows, expected {_staged_schema(layout)} and {rows} rows",
-            )
-        T = layout.seq_len
-        widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
-        if layout.has_topk and not layout.adaptive:
-            widths |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
-        flat, starts, fixed = {}, {}, {}
-        for name, dtype in staged_columns(layout).items():
-            flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtype, f"{where}:{name}")
-            if name in widths:
-                if not np.all(np.diff(starts[name]) == widths[name]):
-                    raise malformed(
-                        where, f"column {name} has rows of the wrong length (expected {widths[name]} values)"
-                    )
-                fixed[name] = flat[name].reshape(rows, widths[name])
-        for prefix, vals, limit in (("topk", "topk_codes", layout.top_k), ("sample", "sample_counts", layout.samples)):
-            if f"{prefix}_lengths" in fixed:
-                lens = fixed[f"{prefix}_lengths"]  # (rows, T)
-                per_row = lens.sum(axis=1, dtype=np.int64)
-                if int(lens.max(initial=0)) > limit or not all(
-                    np.array_equal(np.diff(starts[c]), per_row) for c in (f"{prefix}_ids", vals)
-                ):
-                    raise malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
-        seq_index = table.column("seq_index").to_numpy()
-        return cls(seq_index, flat, starts, fixed, layout)
-
-    def lengths(self, prefix: str, local: np.ndarray) -> np.ndarray:
-        """(len(local), T) entries per position of rows ``local`` ('topk' or 'sample')."""
-        if prefix == "topk" and not self.layout.adaptive:
-            return np.full((len(local), self.layout.seq_len), self.layout.top_k, np.int64)
-        return self.fixed[f"{prefix}_lengths"][local]
-
-    def row(self, j: int) -> dict[str, Any]:
-        """Row j: seq_index, input_ids and one array slice per staged column (``unpack_row`` input)."""
-        out: dict[str, Any] = {"seq_index": int(self.seq_index[j])}
-        for name, values in self.flat.items():
-            out[name] = values[self.starts[name][j] : self.starts[name][j + 1]]
-        if self.layout.has_topk and not self.layout.adaptive:
-            out["topk_lengths"] = self.lengths("topk", np.array([j]))[0]
-        return out
-
-
-def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """A large_binary array -> (all values as ``dtype``, (rows + 1,) element offsets), zero copy."""
-    if arr.null_count:
-        raise malformed(where, "null values")
-    _, off_buf, data_buf = arr.buffers()
-    offsets = (
-        np.frombuffer(off_buf, np.int64)[arr.offset : arr.offset + len(arr) + 1] if off_buf else np.zeros(1, np.int64)
-    )
-    rel = offsets - offsets[0]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf else np.zeros(0, np.uint8)
-    if np.any(rel % dtype.itemsize) or np.any(np.diff(rel) < 0) or offsets[0] < 0 or offsets[-1] > data.size:
-        raise malformed(where, f"blob offsets are inconsistent or not multiples of {dtype.itemsize} bytes")
-    return data[offsets[0] : offsets[-1]].view(dtype), rel // dtype.itemsize
