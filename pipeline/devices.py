@@ -40,3 +40,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def runtime_key(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> dict[str, str]:
+    """What changes a model's numerics besides its weights and inputs: library versions, device type and
+    name, dtype and attention kernel. Two runs agree bit for bit only where these agree (and the batch
+    shape does); a cache records them so that a resume on other hardware or software is refused."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) if model is not None else None
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": str(attn),
+        "deterministic": str(torch.are_deterministic_algorithms_enabled()),
+    }
+
+
+def use_deterministic_algorithms() -> None:
+    """Opt-in bitwise-reproducible kernels: deterministic cuBLAS workspaces, no cuDNN autotuning, and
+    torch's deterministic algorithms (an op without one raises instead of silently varying). Slower on
+    GPUs; on CPUs kdcache's results are already run-to-run identical for a fixed batch shape."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initializes
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False

@@ -224,7 +224,7 @@ def test_wrong_split_and_foreign_shards_are_refused(teacher, token_dir, tmp_path
     with pytest.raises(CacheDirError, match=r"different teacher, corpus or settings — targets.top_k 8 \(this run: 4\)"):
         build_cache(teacher, tokens, dataclasses.replace(CFG, top_k=4), out_dir=tmp_path)  # the manifest says so
     (tmp_path / "manifest.json").unlink()  # without it, each shard's footer says so
-    with pytest.raises(CacheWriteError, match="another teacher, corpus or target settings"):
+    with pytest.raises(CacheWriteError, match="another teacher, corpus, target settings or runtime"):
         build_cache(teacher, tokens, dataclasses.replace(CFG, top_k=4), out_dir=tmp_path)
     with pytest.raises(CacheWriteError, match="belongs to another cache"):
         build_cache(teacher, tokens, dataclasses.replace(CFG, rows_per_shard=8), out_dir=tmp_path)
@@ -354,3 +354,31 @@ def test_float16_overflow_to_inf_fails_naming_the_sequences(teacher, token_dir, 
     with pytest.raises(CacheWriteError, match=r"NaN/inf logits for sequence\(s\) \[0, 1, 2\].*float16 overflows"):
         build_cache(fp16, open_tokens(token_dir, "train"), CFG, out_dir=tmp_path)
     assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("shard-*"))
+
+
+def test_a_resume_with_other_software_or_hardware_is_refused_naming_the_difference(teacher, token_dir, tmp_path):
+    """The manifest records what changes the numerics (targets.runtime); a rerun elsewhere names what differs."""
+    tokens = open_tokens(token_dir, "train")
+    manifest = build_cache(teacher, tokens, CFG, out_dir=tmp_path)
+    runtime = manifest.targets["runtime"]
+    assert set(runtime) == {"torch", "transformers", "device", "dtype", "attn_implementation", "deterministic"}
+    assert runtime["device"] == "cpu" and runtime["dtype"] == "float32" and runtime["torch"] == torch.__version__
+    path = tmp_path / "manifest.json"
+    path.write_text(path.read_text().replace(f'"torch": "{torch.__version__}"', '"torch": "2.0.0"'))
+    with pytest.raises(CacheDirError, match=r"targets.runtime .*'torch': '2.0.0'.*\(this run: .*'torch': '"):
+        build_cache(teacher, tokens, CFG, out_dir=tmp_path)
+
+
+def test_deterministic_mode_gives_the_same_bytes_and_is_recorded(teacher, token_dir, tmp_path):
+    from kdcache.devices import use_deterministic_algorithms
+
+    tokens = open_tokens(token_dir, "train")
+    plain = build_cache(teacher, tokens, CFG, out_dir=tmp_path / "plain")
+    use_deterministic_algorithms()
+    try:
+        det = build_cache(teacher, tokens, CFG, out_dir=tmp_path / "det")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert det.targets["runtime"]["deterministic"] == "True" and plain.targets["runtime"]["deterministic"] == "False"
+    for a, b in zip(plain.shards, det.shards, strict=True):  # on the CPU: the same kernels, the same targets
+        assert pq.read_table(tmp_path / "plain" / a.file).equals(pq.read_table(tmp_path / "det" / b.file))

@@ -167,7 +167,10 @@ def test_rerun_with_other_settings_into_a_killed_runs_dir_is_refused_and_changes
     for flags in (["--top-k", "4"], ["--temperature", "2.0"], ["--batch-size", "3"]):
         assert kdcache(_cache_args(world, out, *flags)) == 1
         err = capsys.readouterr().err
-        assert f"{out / 'shard-00000.parquet'}: was written with another teacher, corpus or target settings" in err
+        assert (
+            f"{out / 'shard-00000.parquet'}: was written with another teacher, corpus, target settings or runtime"
+            in err
+        )
         assert digests(out) == before
     assert kdcache(_cache_args(world, out)) == 0  # the same settings resume
     capsys.readouterr()

@@ -24,8 +24,11 @@ import torch
 from kdcache.cache.format import MANIFEST_NAME, SHARD_PATTERN, Manifest, SequenceTargets, TargetLayout
 from kdcache.cache.targets import cache_chunk_tokens, sparsify_rows, to_sequence_targets
 from kdcache.cache.writer import (
+    CACHE_KIND,
     CacheWriteError,
     ShardWriter,
+    build_key_of,
+    is_cache_dir,
     read_shard_meta,
     save_tokenizer,
     seal,
@@ -33,6 +36,7 @@ from kdcache.cache.writer import (
 )
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
+from kdcache.devices import runtime_key, use_deterministic_algorithms
 from kdcache.distributed import (
     agree_on_finished,
     any_rank_failed,
@@ -40,7 +44,8 @@ from kdcache.distributed import (
     group_rank_world,
     process_group,
 )
-from kdcache.fingerprint import sha256_json, tokenizer_fingerprint
+from kdcache.files import hold_output_dir
+from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
 from kdcache.token_data import TokenSplit, open_tokens
 from kdcache.tokenizer import tokenizer_vocab_size
@@ -100,6 +105,7 @@ def cache_corpus(
     out_dir: str | Path | None = None,
     cache_root: str | Path = "cache",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path | None:
     """Load the teacher and the token split, then ``build_cache`` — under torchrun on every rank.
 
@@ -107,6 +113,8 @@ def cache_corpus(
     on other ranks. The process group is gloo even on GPUs: its only collective is the final
     barrier, which may wait for hours.
     """
+    if cfg.deterministic:
+        use_deterministic_algorithms()
     with process_group("gloo", device=teacher_cfg.device, timeout_s=CACHE_TIMEOUT_S) as (rank, world):
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(tokens_dir, cfg.split)
         build_cache(
@@ -118,6 +126,7 @@ def cache_corpus(
             rank=rank,
             world_size=world,
             progress=progress and rank == 0,
+            overwrite=overwrite,
         )
         return cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root) if rank == 0 else None
 
@@ -178,24 +187,67 @@ def build_cache(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Manifest | None:
     """Score this rank's missing shards into the cache directory; rank 0 then writes the manifest.
 
     The directory is ``out_dir``, or ``cache_root/<content-derived name>`` (``default_cache_name``)
-    when ``out_dir`` is None. A directory whose manifest was made by another teacher, corpus or
-    settings is refused (``CacheDirError``) before any work.
+    when ``out_dir`` is None. It must be new or a cache kdcache made (``kdcache.files``: a directory
+    holding anything else is refused — ``overwrite`` moves it aside — and so is an ``out_dir`` that
+    is or holds the teacher or the token data). A cache whose manifest was made by another teacher,
+    corpus or settings is refused (``CacheDirError``; ``overwrite`` moves it aside) before any work.
+    The job holds the directory's lock until it returns (under a process group rank 0 takes it for
+    all ranks): a second job writing the same directory is refused, naming the holder's pid.
 
     ``rank``/``world_size`` default to the initialized ``torch.distributed`` group (else 0/1). Under
     a process group every rank scores its shards, then all ranks meet in one collective (an
     all-reduce of a failure flag, which is also the barrier); rank 0 writes the manifest and
     returns it, other ranks return ``None``. If any rank failed, no rank writes a manifest: the
     failing rank re-raises its error, the others raise ``CacheWriteError``. Without a process group,
-    rank 0 returns ``None`` while shards of other ranks are missing (rerun it once they finish).
+    rank 0 returns ``None`` while shards of other ranks are missing (rerun it once they finish);
+    such ranks, each its own job, must run one after another (concurrent jobs: use torchrun).
 
     Raises ``CacheWriteError`` on mismatched inputs, foreign shards in ``out_dir``, non-finite
     teacher logits with ``on_nan: fail`` or a failed write (naming the file); a failed run leaves
     finished shards in place, no ``.tmp`` file and no new manifest.
     """
+    group = group_rank_world()
+    out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
+    header = _manifest_header(teacher, tokens, cfg)
+    with hold_output_dir(
+        out,
+        kind=CACHE_KIND,
+        inputs={"teacher": teacher.info["path"], "token data": tokens.path},
+        overwrite=overwrite,
+        legacy=is_cache_dir,
+        check=lambda path: check_cache_dir(path, header, content_named=out_dir is None),
+        leader=not group or group[0] == 0,
+        sync=any_rank_failed if group else None,
+    ):
+        return _build_cache(
+            teacher,
+            tokens,
+            cfg,
+            out_dir=out,
+            content_named=out_dir is None,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+        )
+
+
+def _build_cache(
+    teacher: Teacher,
+    tokens: TokenSplit,
+    cfg: CacheConfig,
+    *,
+    out_dir: Path,
+    content_named: bool,
+    rank: int | None,
+    world_size: int | None,
+    progress: bool,
+) -> Manifest | None:
+    """``build_cache`` in its claimed and locked directory ``out_dir``."""
     group = group_rank_world()
     rank = (group[0] if group else 0) if rank is None else rank
     world_size = (group[1] if group else 1) if world_size is None else world_size
@@ -203,16 +255,13 @@ def build_cache(
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     if group and group != (rank, world_size):
         raise ValueError(f"rank/world_size {rank}/{world_size} disagree with the process group's {group[0]}/{group[1]}")
-    out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
+    out = out_dir
     ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
     try:
         header = _manifest_header(teacher, tokens, cfg)
-        check_cache_dir(out, header, content_named=out_dir is None)
+        check_cache_dir(out, header, content_named=content_named)
         layout = TargetLayout.from_dict(header["targets"])
-        build_key = sha256_json(
-            {k: v for k, v in header.items() if k != "tokenizer"}
-            | {"teacher": teacher.info["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]}
-        )
+        build_key = build_key_of(header)
         done = _finished_shards(out, num_shards=len(ranges), build_key=build_key)
     except Exception:
         if group:
@@ -300,7 +349,12 @@ def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> 
             "num_tokens": len(tokens) * tokens.seq_len,
         },
         "targets": layout.to_dict()
-        | {"batch_size": cfg.batch_size, "rows_per_shard": cfg.rows_per_shard, "compute_dtype": teacher.info["dtype"]},
+        | {
+            "batch_size": cfg.batch_size,
+            "rows_per_shard": cfg.rows_per_shard,
+            "compute_dtype": teacher.info["dtype"],
+            "runtime": runtime_key(teacher.device, teacher.dtype, teacher.model),
+        },
     }
 
 

@@ -43,13 +43,16 @@ from kdcache.files import (
     crash_point,
     fsync_dir,
     fsync_file,
+    output_kind,
 )
-from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.fingerprint import sha256_file, sha256_json, tokenizer_fingerprint
 from kdcache.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 SHARD_META_KEY = b"kdcache.shard"
 """Parquet key-value metadata key holding a shard's JSON statistics and build key."""
+CACHE_KIND = "cache"
+"""The marker kind of a cache directory (``kdcache.files``)."""
 
 
 class CacheWriteError(ValueError):
@@ -72,6 +75,34 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def build_key_of(header: dict[str, Any]) -> str:
+    """The key every shard of a cache carries: a digest of the manifest's teacher sha256, tokenizer
+    fingerprint, corpus and targets sections — so a shard and a manifest that disagree on any of them
+    (vocab size, k, corpus, ...) are caught by comparing keys."""
+    return sha256_json(
+        {"corpus": header["corpus"], "targets": header["targets"]}
+        | {"teacher": header["teacher"]["sha256"], "tokenizer": header["tokenizer"]["fingerprint"]}
+    )
+
+
+def is_cache_dir(path: Path) -> bool:
+    """A cache directory written before output markers existed: a kdcache manifest or kdcache shards."""
+    try:
+        if json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8")).get("format") == "kdcache":
+            return True
+    except (OSError, ValueError, RecursionError, AttributeError):
+        pass
+    shards = [p for p in path.glob("shard-*.parquet") if p.is_file()]
+    return bool(shards) and all(_has_shard_meta(p) for p in shards)
+
+
+def _has_shard_meta(path: Path) -> bool:
+    try:
+        return SHARD_META_KEY in (pq.read_metadata(path).metadata or {})
+    except (OSError, ValueError):
+        return False
+
+
 def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
     """The statistics a shard carries in its Parquet metadata; refuse shards made with other settings."""
     try:
@@ -90,14 +121,24 @@ def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
         ) from e
     if meta.get("build_key") != build_key:
         raise CacheWriteError(
-            f"{path}: was written with another teacher, corpus or target settings — write to an "
-            "empty out_dir (or delete this directory) instead of mixing caches"
+            f"{path}: was written with another teacher, corpus, target settings or runtime (torch/transformers "
+            "version, device, dtype, attention kernel: a resume must run where the cache started) — rerun there, "
+            "or write to an empty out_dir (or delete this directory) instead of mixing caches"
         )
     return meta
 
 
 def save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, str]:
-    """Save the teacher's tokenizer to ``out/tokenizer/`` (replaced only if it changed); return file sha256s."""
+    """Save the teacher's tokenizer to ``out/tokenizer/`` (replaced only if it changed); return file sha256s.
+
+    ``out`` must be a cache directory kdcache made (its marker, ``kdcache.files``): a ``tokenizer/``
+    in anyone else's directory is never replaced.
+    """
+    if output_kind(out) != CACHE_KIND:
+        raise CacheWriteError(
+            f"{out}: not a cache directory kdcache made (no cache marker); refusing to replace its "
+            f"{TOKENIZER_DIR}/ — build caches with build_cache, which claims the directory first"
+        )
     final = out / TOKENIZER_DIR
     saved: dict[str, str] = {}
 

@@ -34,6 +34,10 @@ class CacheConfig:
     """Seed for sampled targets (per sequence index and position)."""
     on_nan: Literal["fail", "skip"] = "fail"
     """Non-finite teacher logits: ``fail`` stops naming the sequence; ``skip`` drops that sequence."""
+    deterministic: bool = False
+    """Run the teacher with deterministic kernels (torch.use_deterministic_algorithms, fixed cuBLAS
+    workspaces): bitwise-reproducible on the same GPU model and library versions, slower. Recorded in
+    the manifest (targets.runtime)."""
     split: Literal["train", "val"] = "train"
     """Token split to score (one cache per split)."""
 
