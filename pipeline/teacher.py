@@ -201,14 +201,16 @@ def output_head(model: Any, config: Any, *, where: str = "teacher") -> OutputHea
     if module is None:
         raise TeacherError(f"{where}: the model has no output embedding (LM head) — the teacher must be a causal LM")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    values = {name: getattr(text, name, None) for name in OUTPUT_TRANSFORMS}
-    multiply = 1.0
-    for name in ("logit_scale", "lm_head_multiplier"):
-        if values[name] is not None:
-            multiply *= float(values[name])
-    divide = float(values["logits_scaling"]) if values["logits_scaling"] is not None else 1.0
-    softcap = values["final_logit_softcapping"]
-    return OutputHead(module=module, multiply=multiply, divide=divide, softcap=float(softcap) if softcap else None)
+    kw: dict[str, Any] = {"multiply": 1.0, "divide": 1.0, "softcap": None}
+    for name, how in OUTPUT_TRANSFORMS.items():
+        value = getattr(text, name, None)
+        if value is None or (how == "softcap" and not value):
+            continue
+        if how == "softcap":
+            kw["softcap"] = float(value)
+        else:
+            kw[how] *= float(value)
+    return OutputHead(module=module, **kw)
 
 
 def _check_head(model: Any, head: OutputHead, *, where: str, vocab: int, device: torch.device) -> None:
@@ -252,8 +254,10 @@ def teacher_hidden(teacher: Teacher, input_ids: torch.Tensor) -> torch.Tensor:
 def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of (n, H) final hidden states: (n, V) float32, the LM head then its transform in fp32.
 
-    In fp32 this equals the model's own forward bit for bit (same ops, same order); in bf16 the
-    transform runs in fp32 where the model's forward would round to bf16 first.
+    The same ops in the same order as the model's own forward, so in fp32 each row equals it bit
+    for bit wherever the matmul gives a row the same result whatever the number of rows (here:
+    CPU BLAS with >= 16 rows; otherwise within fp32 rounding). In bf16 the transform runs in fp32
+    where the model's forward would round to bf16 first.
     """
     with torch.inference_mode():
         logits = head.module(hidden).float()  # (n, V) fp32; a fresh tensor from the matmul (or its fp32 copy)
@@ -267,7 +271,7 @@ def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def logit_rows(teacher: Teacher, hidden: torch.Tensor) -> Callable[[slice], torch.Tensor]:
-    """``rows -> (n, V) float32`` logits of flat positions ``rows`` of (B, T, H) hidden states, for ``sparsify_rows``."""
+    """``rows -> (n, V) fp32`` logits of flat positions ``rows`` of (B, T, H) hidden states, for ``sparsify_rows``."""
     head = teacher.head or output_head(teacher.model, teacher.model.config)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H) a view
     return lambda rows: head_logits(head, flat[rows])

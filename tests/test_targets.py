@@ -203,3 +203,42 @@ def test_rows_round_trip_through_the_cache_encoding():
 def test_chunk_tokens_for_bounds_the_fp32_buffer():
     assert chunk_tokens_for(151_936) * 151_936 * 4 <= 256 << 20
     assert chunk_tokens_for(10) == 16384 and chunk_tokens_for(10**9) == 1
+
+
+def _implied_float32_sampler(probs: torch.Tensor) -> torch.Tensor:
+    """The pre-fix sampler's exact id distribution: float32 uniforms are k / 2^24 (torch.rand), so enumerate them
+    all through its float32 CDF: (V,) probabilities, float64."""
+    grid = torch.arange(1 << 24, dtype=torch.float32) / (1 << 24)  # every float32 uniform torch.rand draws
+    cdf = probs.cumsum(dim=-1)  # (V,) float32, as the old sampler summed
+    ids = torch.searchsorted(cdf, grid * cdf[-1], right=True).clamp_(max=probs.numel() - 1)  # (2^24,)
+    return torch.bincount(ids, minlength=probs.numel()).double() / (1 << 24)
+
+
+def test_inverse_cdf_sampling_is_exact_to_1e_6_in_total_variation_at_262k_ids():
+    from kdcache.cache.targets import cumulative, draw
+
+    V = 262_144
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(1000, generator=gen)
+    assert torch.equal(u * (1 << 24), (u * (1 << 24)).round())  # float32 uniforms sit on a 2^-24 grid
+    for scale in (1.0, 3.0):  # a flat and a heavy-tailed teacher: tail ids far below the float32 CDF's spacing
+        logits = torch.randn(V, generator=gen) * scale  # (V,)
+        true = torch.softmax(logits.double(), dim=-1)  # (V,) the teacher's distribution
+        logprobs = logits - logits.logsumexp(-1)  # (V,) fp32, as sparsify computes them
+        probs = logprobs.exp()  # (V,) what the sampler is given
+        cdf = cumulative(probs[None])[0]  # (V,) float64
+        # float64 uniforms sit on a 2^-53 grid: each id's interval width is exact to ~2^-52, far below the bound
+        implied = torch.diff(cdf, prepend=cdf.new_zeros(1)) / cdf[-1]  # (V,)
+        tv_new = 0.5 * (implied - true).abs().sum().item()
+        tv_old = 0.5 * (_implied_float32_sampler(probs) - true).abs().sum().item()
+        assert tv_new <= 1e-6, tv_new
+        assert tv_old > 1e-6, tv_old  # the float32 sampler misplaces tail mass
+        uniforms = torch.rand((1, 4096), generator=gen, dtype=torch.float64)
+        expected = torch.searchsorted(cdf[None], uniforms * cdf[-1], right=True)  # the intervals above, drawn
+        assert torch.equal(draw(probs[None], uniforms), expected)
+
+
+def test_sample_uniforms_are_float64_with_53_random_bits():
+    u = sample_uniforms(0, [1, 2], 64, 16)  # (2, 64, 16)
+    assert u.dtype == torch.float64 and ((u >= 0) & (u < 1)).all()
+    assert not torch.equal(u * (1 << 24), (u * (1 << 24)).round())  # finer than float32's grid

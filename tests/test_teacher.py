@@ -165,3 +165,130 @@ def test_code_shipped_in_the_teacher_dir_never_runs_unless_trusted(teacher_dir, 
     shadow = _with_shipped_code(teacher_dir, tmp_path / "shadow", auto_map=auto_map)  # a llama that also ships code
     teacher = load_teacher(TeacherConfig(path=str(shadow), device="cpu"))
     assert type(teacher.model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
+# ----------------------------------------------------------------------------- chunked LM head
+
+
+def _tiny(model_type: str, **config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    sizes = {"n_embd": 32, "n_layer": 1, "n_head": 2} if model_type == "gpt2" else sizes
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=MODEL_VOCAB, initializer_range=0.5, **sizes, **config)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+HEADS = {
+    "llama_untied": ("llama", {}),
+    "gemma2_tied_softcap": ("gemma2", {"head_dim": 16, "num_key_value_heads": 1, "final_logit_softcapping": 3.0}),
+    "gpt2_tied": ("gpt2", {}),
+    "cohere_logit_scale": ("cohere", {"logit_scale": 0.25}),
+    "granite_logits_scaling": ("granite", {"logits_scaling": 3.0}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HEADS))
+def test_hidden_states_through_the_head_equal_the_models_own_logits(family):
+    from kdcache.teacher import Teacher, head_logits, logit_rows, output_head, teacher_hidden
+
+    model = _tiny(HEADS[family][0], **HEADS[family][1])
+    head = output_head(model, model.config)
+    teacher = Teacher(model, None, torch.device("cpu"), torch.float32, {"path": family}, head=head)
+    ids = torch.randint(0, MODEL_VOCAB, (2, 24))
+    hidden = teacher_hidden(teacher, ids)  # (B, T, H)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits  # (B, T, V)
+    assert torch.equal(head_logits(head, hidden.reshape(48, -1)), full.reshape(48, -1))  # bit for bit in fp32
+    rows = logit_rows(teacher, hidden)
+    torch.testing.assert_close(rows(slice(16, 40)), full.reshape(48, -1)[16:40], atol=1e-6, rtol=0)
+    if family == "gemma2_tied_softcap":
+        assert (
+            head.softcap == 3.0 and full.abs().max() < 3.0 and head.module.weight is model.get_input_embeddings().weight
+        )
+
+
+def test_an_output_transform_kdcache_does_not_know_is_refused(tmp_path, monkeypatch):
+    from kdcache import teacher as teacher_module
+
+    model = _tiny("gemma2", head_dim=16, num_key_value_heads=1, final_logit_softcapping=3.0)
+    model.save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))  # known: soft-capping
+    known = dict(teacher_module.OUTPUT_TRANSFORMS)
+    del known["final_logit_softcapping"]
+    monkeypatch.setattr(teacher_module, "OUTPUT_TRANSFORMS", known)
+    with pytest.raises(TeacherError, match=r"cannot reproduce from its final hidden states .* add that transform"):
+        load_teacher(TeacherConfig(path=str(tmp_path), device="cpu"))
+
+
+def test_the_cache_path_equals_materialized_logits_bit_for_bit_on_the_demo_size_model():
+    """Chunked head (what the cache stage runs) == the model's (B, T, V) logits then ``sparsify``, in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcache.cache.format import TargetLayout
+    from kdcache.cache.targets import cache_chunk_tokens, sparsify, sparsify_rows
+    from kdcache.teacher import Teacher, logit_rows, output_head, teacher_hidden
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=768,
+        max_position_embeddings=256,
+    )  # the demo teacher's shape (2 of its 4 layers)
+    model = LlamaForCausalLM(config).eval()
+    teacher = Teacher(
+        model, None, torch.device("cpu"), torch.float32, {"path": "demo"}, head=output_head(model, config)
+    )
+    B, T = 8, 256
+    ids, seqs = torch.randint(0, 4096, (B, T)), torch.arange(100, 100 + B)
+    layout = TargetLayout(kind="both", vocab_size=4096, seq_len=T, top_k=32, samples=16, seed=3)
+    chunk = cache_chunk_tokens(4096, "cpu")
+    whole = sparsify(teacher_logits(teacher, ids), layout=layout, seq_indices=seqs, chunk_tokens=chunk)
+    rows = logit_rows(teacher, teacher_hidden(teacher, ids))
+    chunked = sparsify_rows(rows, batch=B, device=teacher.device, layout=layout, seq_indices=seqs, chunk_tokens=chunk)
+    assert whole.keys() == chunked.keys()
+    for key in whole:
+        assert torch.equal(whole[key], chunked[key]), key
+
+
+def test_the_cache_stage_never_runs_the_full_forward_and_feeds_the_head_chunks(teacher_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    from kdcache.cache.build import build_cache
+    from kdcache.cache.reader import open_cache
+    from kdcache.config.cache import CacheConfig
+    from kdcache.fingerprint import tokenizer_fingerprint
+    from kdcache.token_data import open_tokens, write_tokens
+
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu"))
+    ids = np.random.default_rng(0).integers(0, 300, size=(6, 40), dtype=np.int32)
+    fingerprint = tokenizer_fingerprint(teacher.tokenizer)
+    write_tokens(tmp_path / "tokens", {"train": ids}, vocab_size=300, tokenizer_fingerprint=fingerprint)
+    seen: list[int] = []
+    teacher.head.module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+
+    def no_full_forward(*args, **kwargs):
+        raise AssertionError("the cache stage ran the model's full forward: (B, T, V) logits")
+
+    monkeypatch.setattr(teacher.model, "forward", no_full_forward)
+    monkeypatch.setattr("kdcache.cache.build.cache_chunk_tokens", lambda vocab, device_type: 32)
+    tokens = open_tokens(tmp_path / "tokens", "train")
+    build_cache(teacher, tokens, CacheConfig(targets="topk", top_k=4, batch_size=3), out_dir=tmp_path / "cache")
+    assert seen and max(seen) == 32 and sum(seen) == 6 * 40  # every position once, 32 at a time
+    assert len(open_cache(tmp_path / "cache", staging_dir=tmp_path / "staging")) == 6
+
+
+def test_bf16_teacher_head_matches_its_own_forward_within_bf16_rounding(teacher_dir):
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu", dtype="bfloat16"))
+    from kdcache.teacher import logit_rows, teacher_hidden
+
+    ids = torch.randint(0, 300, (2, 20))
+    chunk = logit_rows(teacher, teacher_hidden(teacher, ids))(slice(0, 40))  # (40, V) fp32
+    assert chunk.dtype == torch.float32
+    full = teacher_logits(teacher, ids).float().reshape(40, -1)
+    torch.testing.assert_close(chunk, full, atol=1e-2 * float(full.abs().max()), rtol=0)
