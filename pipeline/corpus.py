@@ -22,6 +22,7 @@ import codecs
 import contextlib
 import glob
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -384,6 +385,26 @@ def tokenize_and_pack(
     return rows
 
 
+BOS_REQUIRED = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+"""Model types trained with BOS at every document start, whose outputs degrade badly without it."""
+
+
+def check_bos_rule(tokenizer: Any, model_dir: str | Path) -> None:
+    """Refuse a tokenizer that adds no BOS when the model in ``model_dir`` (its config.json) requires one."""
+    config = Path(model_dir) / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # a tokenizer-only directory: nothing to compare with
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if model_type in BOS_REQUIRED and (bos is None or bos not in special_tokens_around(tokenizer)[0]):
+        raise CorpusError(
+            f"{config}: model_type {model_type!r} needs BOS at every document start, but the tokenizer in "
+            f"{model_dir} adds none — use the model's own tokenizer files (with add_bos_token: true in "
+            "tokenizer_config.json)"
+        )
+
+
 def prepare_tokens(
     corpus_cfg: CorpusConfig,
     prepare_cfg: PrepareConfig,
@@ -396,9 +417,10 @@ def prepare_tokens(
 
     Returns the token-data manifest written to ``out_dir`` (see ``kdcache.token_data``).
     """
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_bos_rule(tokenizer, tokenizer_dir)
     docs = read_documents(corpus_cfg, progress=progress)
     splits = split_documents(docs, val_fraction=corpus_cfg.val_fraction)
-    tokenizer = load_tokenizer(tokenizer_dir)
     caps = {"train": prepare_cfg.max_train_sequences, "val": prepare_cfg.max_val_sequences}
     packed = {
         name: tokenize_and_pack(

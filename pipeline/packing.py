@@ -39,9 +39,11 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids the tokenizer's own rules put before and after a text (``add_special_tokens=True``).
 
     E.g. ``([bos], [])`` for Llama-3 and Gemma, ``([], [])`` for GPT-2. Found by encoding a probe
-    with and without special tokens; a tokenizer that inserts them inside the text is refused.
+    with and without special tokens; the probe is decoded from ordinary (non-special) ids so that
+    it contains no special id itself (an unknown word could encode as one). A tokenizer that puts
+    special tokens inside the text is refused.
     """
-    probe = "kdcache probe text"
+    probe = _probe_text(tokenizer)
     plain = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
     full = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
     for i in range(len(full) - len(plain) + 1):
@@ -51,6 +53,23 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
         f"the tokenizer puts special tokens inside a text ({full} for {probe!r}, {plain} without them); "
         "prepare supports tokenizers that add them before or after a document only — use another tokenizer"
     )
+
+
+def _probe_text(tokenizer: Any) -> str:
+    """A short text made of ordinary tokens from the middle of the id space (falls back to plain words)."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    ordinary = []
+    for i in range(size // 3, min(size, size // 3 + 64)):
+        if i not in special and tokenizer.convert_ids_to_tokens(i) is not None:
+            ordinary.append(i)
+        if len(ordinary) == 3:
+            text = tokenizer.decode(ordinary, skip_special_tokens=True).strip()
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
+            if ids and not special.intersection(ids):
+                return text
+            break
+    return "kdcache probe text"
 
 
 def pad_id_for(tokenizer: Any) -> int:

@@ -345,9 +345,7 @@ def word_tokenizer(*, bos: bool = True, pad: bool = True, eos_suffix: bool = Fal
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + WORDS)}, unk_token="<eos>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     template = ("<bos> " if bos else "") + "$A" + (" <eos>" if eos_suffix else "")
-    backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("<bos>", 0), ("<eos>", 1)]
-    )
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 0), ("<eos>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>" if pad else None
     )
@@ -436,3 +434,23 @@ def test_unknown_packing_is_refused():
         load_section(PrepareConfig, {"packing": "rows"}, section="prepare")
     with pytest.raises(PackingError, match="prepare.packing must be one of"):
         row_packer("rows", seq_len=4, pad_id=0)
+
+
+def test_a_gemma_tokenizer_that_adds_no_bos_is_refused_before_anything_is_written(tmp_path):
+    write_txt_corpus(tmp_path / "c", n=6)
+    model_dir = tmp_path / "gemma"
+    word_tokenizer(bos=False).save_pretrained(model_dir)
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(CorpusError, match=r"config.json: model_type 'gemma2' needs BOS .* adds none"):
+        prepare_tokens(
+            cfg_for(tmp_path / "c" / "*.txt"),
+            PrepareConfig(seq_len=16),
+            tokenizer_dir=model_dir,
+            out_dir=tmp_path / "t",
+        )
+    assert not (tmp_path / "t").exists()
+    word_tokenizer(bos=True).save_pretrained(model_dir)
+    manifest = prepare_tokens(
+        cfg_for(tmp_path / "c" / "*.txt"), PrepareConfig(seq_len=16), tokenizer_dir=model_dir, out_dir=tmp_path / "t"
+    )
+    assert manifest["packing"]["prefix"] == [0]
