@@ -4,9 +4,11 @@ For every model: next-token cross-entropy (nats/token) and perplexity, KL(teache
 full-vocabulary distributions, top-1 agreement with the teacher, top-1 accuracy, expected
 calibration error of top-1 predictions (equal-width bins) with reliability-diagram data, forward
 throughput, parameter count and size on disk. All models see the same batches side by side, so
-the teacher's logits are computed once per batch. Metrics run in fp32 over chunks of positions.
+the teacher's logits are computed once per batch. Metrics run in fp32 over chunks of positions,
+in the teacher tokenizer's id space (padded logit rows dropped).
 
-Positions 0..T-2 of each sequence are scored (position t predicts token t+1).
+Positions 0..T-2 of each sequence are scored (position t predicts token t+1), except those whose
+next token is padding (``kdcache.packing``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from kdcache.config.evaluate import EvaluateConfig
-from kdcache.devices import resolve_device, resolve_dtype
+from kdcache.config.teacher import TeacherConfig
+from kdcache.devices import resolve_dtype
 from kdcache.files import atomic_write_text
-from kdcache.fingerprint import WEIGHT_SUFFIXES
+from kdcache.fingerprint import WEIGHT_SUFFIXES, tokenizer_fingerprint
 from kdcache.losses import dense_kl
+from kdcache.packing import packing_of, target_mask
+from kdcache.teacher import Teacher, load_teacher
 from kdcache.token_data import TokenSplit
+from kdcache.tokenizer import TOKENIZER_FILES, TokenizerError, load_tokenizer, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -114,48 +120,59 @@ def evaluate(
     cfg: EvaluateConfig,
     *,
     tokens: TokenSplit,
+    teacher: TeacherConfig,
     models: dict[str, str | Path],
-    teacher: str = "teacher",
-    device: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Metrics for each model in ``models`` (name -> local model dir) against ``models[teacher]``.
+    """Metrics for the teacher and each model in ``models`` (name -> local model dir) against the teacher.
 
-    Models are loaded in fp32 on CPU and bf16 on CUDA; metric math is fp32.
+    The teacher is loaded by ``kdcache.teacher.load_teacher`` (the cache stage's loader: its device,
+    dtype and checks); the other models go on the same device, in fp32 on CPU and bf16 on CUDA.
+    Everything is compared in the teacher tokenizer's id space: logits past it (padded embedding
+    rows, as Qwen2 and Phi-3 have) are dropped before any softmax. Token data made with another
+    tokenizer is refused, and so is a model whose own tokenizer differs. Positions whose next token
+    is padding (``prepare.packing: documents``) are not scored. Metric math is fp32.
     """
     from tqdm.auto import tqdm
 
-    if teacher not in models:
-        raise EvaluateError(f"teacher name {teacher!r} is not among the models {sorted(models)}; pass its directory")
-    dev = resolve_device(device)
-    loaded = {name: load_model(path, device=dev) for name, path in models.items()}
-    _check_vocab(loaded, models=models, teacher=teacher, tokens=tokens)
+    if "teacher" in models:
+        raise EvaluateError("models: the name 'teacher' is taken by the teacher (teacher.path); rename that model")
+    loaded_teacher = load_teacher(teacher)
+    dev, vocab = loaded_teacher.device, tokenizer_vocab_size(loaded_teacher.tokenizer)
+    fingerprint = tokenizer_fingerprint(loaded_teacher.tokenizer)
+    _check_tokens(tokens, loaded_teacher, vocab=vocab, fingerprint=fingerprint)
+    paths = {"teacher": Path(teacher.path), **{name: Path(p) for name, p in models.items()}}
+    loaded = {"teacher": loaded_teacher.model} | {name: load_model(path, device=dev) for name, path in models.items()}
+    _check_models(loaded, paths=paths, vocab=vocab, fingerprint=fingerprint)
     count = len(tokens) if cfg.max_sequences == 0 else min(cfg.max_sequences, len(tokens))
     if count == 0 or tokens.seq_len < 2:
         raise EvaluateError(
             f"token split {tokens.split!r} has no sequences of >= 2 tokens to evaluate; rerun prepare "
             "with a non-empty val split (corpus.val_fraction, prepare.max_val_sequences)"
         )
-    tallies = {name: Tally(bins=cfg.calibration_bins) for name in models}
-    order = [teacher] + [n for n in models if n != teacher]
+    packing = packing_of(tokens.manifest)
+    tallies = {name: Tally(bins=cfg.calibration_bins) for name in loaded}
     for start in tqdm(range(0, count, cfg.batch_size), desc="evaluate", unit="batch", disable=not progress):
         rows = np.asarray(tokens.ids[start : min(start + cfg.batch_size, count)], dtype=np.int64)
         ids = torch.from_numpy(rows).to(dev)  # (B, T)
+        scored = target_mask(ids, packing)  # (B, T-1) positions whose next token is real
         if start == 0:
-            for name in order:  # warm-up forward per model, not timed
-                _forward(loaded[name], ids, dev)
-        teacher_logits = _timed_forward(loaded[teacher], ids, dev, tallies[teacher])  # (B, T, V)
-        for name in order:
-            logits = teacher_logits if name == teacher else _timed_forward(loaded[name], ids, dev, tallies[name])
-            _score(tallies[name], logits, teacher_logits, ids, is_teacher=name == teacher)
+            for model in loaded.values():  # warm-up forward per model, not timed
+                _forward(model, ids, dev)
+        teacher_logits = _timed_forward(loaded["teacher"], ids, dev, tallies["teacher"])[..., :vocab]  # (B, T, V)
+        for name, model in loaded.items():
+            logits = teacher_logits if name == "teacher" else _timed_forward(model, ids, dev, tallies[name])
+            _score(tallies[name], logits[..., :vocab], teacher_logits, ids, scored, is_teacher=name == "teacher")
             del logits
-    results = {name: _finish(tallies[name], loaded[name], Path(models[name])) for name in order}
-    n_tokens = tallies[teacher].n
-    log.info("evaluated %d models on %d sequences (%d positions)", len(models), count, n_tokens)
+    results = {name: _finish(tallies[name], loaded[name], paths[name]) for name in loaded}
+    n_tokens = tallies["teacher"].n
+    log.info("evaluated %d models on %d sequences (%d positions)", len(loaded), count, n_tokens)
     return {
-        "teacher": teacher,
+        "teacher": "teacher",
         "split": tokens.split,
         "token_fingerprint": tokens.fingerprint,
+        "tokenizer_fingerprint": tokens.tokenizer_fingerprint,
+        "teacher_sha256": loaded_teacher.info["sha256"],
         "num_sequences": count,
         "num_tokens": n_tokens,
         "models": results,
@@ -175,21 +192,44 @@ def load_model(path: str | Path, *, device: torch.device) -> PreTrainedModel:
     return model.to(device).eval()
 
 
-def _check_vocab(
-    loaded: dict[str, PreTrainedModel], *, models: dict[str, str | Path], teacher: str, tokens: TokenSplit
-) -> None:
-    sizes = {name: m.get_output_embeddings().weight.shape[0] for name, m in loaded.items()}
-    for name, size in sizes.items():
-        if size != sizes[teacher]:
-            raise EvaluateError(
-                f"{models[name]}: {size} output logits but the teacher {models[teacher]} has "
-                f"{sizes[teacher]}; KL and agreement need the same vocabulary"
-            )
-    if tokens.vocab_size > sizes[teacher]:
+def _check_tokens(tokens: TokenSplit, teacher: Teacher, *, vocab: int, fingerprint: str) -> None:
+    """Refuse token data made with another tokenizer than the teacher's (fingerprints, not sizes)."""
+    theirs = fingerprint
+    if tokens.tokenizer_fingerprint != theirs:
         raise EvaluateError(
-            f"token split {tokens.split!r} has vocab_size {tokens.vocab_size} > the models' "
-            f"{sizes[teacher]} logits; the tokens were made with another tokenizer"
+            f"token split {tokens.split!r} was made with tokenizer {tokens.tokenizer_fingerprint[:12]}… but "
+            f"teacher {teacher.info['path']} has tokenizer {theirs[:12]}… — rerun prepare with this teacher's "
+            f"tokenizer (kdcache prepare --tokenizer {teacher.info['path']}), or evaluate with the teacher it "
+            "was made for"
         )
+    if tokens.vocab_size > vocab:
+        raise EvaluateError(
+            f"token split {tokens.split!r} declares vocab_size {tokens.vocab_size} > the teacher tokenizer's "
+            f"{vocab} ids — rerun prepare with this teacher's tokenizer"
+        )
+
+
+def _check_models(loaded: dict[str, PreTrainedModel], *, paths: dict[str, Path], vocab: int, fingerprint: str) -> None:
+    """Every model scores the teacher tokenizer's ``vocab`` ids (padded rows allowed) and speaks that tokenizer."""
+    for name, model in loaded.items():
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            raise EvaluateError(
+                f"{paths[name]}: {rows} output logits but the teacher tokenizer has {vocab} ids; KL and "
+                "agreement need every id — evaluate a model trained on a cache of this teacher"
+            )
+        if name == "teacher" or not any((paths[name] / f).is_file() for f in TOKENIZER_FILES):
+            continue
+        try:
+            theirs = tokenizer_fingerprint(load_tokenizer(paths[name]))
+        except TokenizerError as e:
+            raise EvaluateError(f"{paths[name]}: cannot load its tokenizer ({e})") from e
+        if theirs != fingerprint:
+            raise EvaluateError(
+                f"{paths[name]}: its tokenizer ({theirs[:12]}…) differs from the teacher's ({fingerprint[:12]}…); "
+                "evaluate compares next-token distributions in the teacher's ids — evaluate a student trained "
+                "with the teacher's tokenizer"
+            )
 
 
 @torch.inference_mode()
@@ -210,13 +250,20 @@ def _timed_forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device,
 
 @torch.inference_mode()
 def _score(
-    tally: Tally, logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, *, is_teacher: bool
+    tally: Tally,
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    ids: torch.Tensor,
+    scored: torch.Tensor,
+    *,
+    is_teacher: bool,
 ) -> None:
-    """Add one batch's positions 0..T-2 to ``tally``, in chunks of positions."""
+    """Add one batch's scored positions (``scored`` (B, T-1): t predicts t+1) to ``tally``, in chunks."""
     vocab = logits.shape[-1]
-    flat = logits[:, :-1].reshape(-1, vocab)  # (N, V), N = B*(T-1)
-    flat_teacher = teacher_logits[:, :-1].reshape(-1, vocab)  # (N, V)
-    labels = ids[:, 1:].reshape(-1)  # (N,)
+    keep = scored.reshape(-1)  # (B*(T-1),)
+    flat = logits[:, :-1].reshape(-1, vocab)[keep]  # (N, V)
+    flat_teacher = teacher_logits[:, :-1].reshape(-1, vocab)[keep]  # (N, V)
+    labels = ids[:, 1:].reshape(-1)[keep]  # (N,)
     for s in range(0, flat.shape[0], CHUNK_POSITIONS):
         rows = slice(s, s + CHUNK_POSITIONS)
         logq = F.log_softmax(flat[rows].float(), dim=-1)  # (c, V)

@@ -22,7 +22,8 @@ def main() -> None:
     metrics = evaluate(
         load_section(EvaluateConfig, params.get("evaluate"), section="evaluate"),
         tokens=open_tokens(paths.tokens, "val"),
-        models={"teacher": teacher.path, "student": paths.student, "baseline": paths.baseline},
+        teacher=teacher,
+        models={"student": paths.student, "baseline": paths.baseline},
         progress=show_progress(),
     )
     write_metrics(metrics, metrics_path=paths.metrics, plots_dir=paths.plots)

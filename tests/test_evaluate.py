@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.teacher import TeacherConfig
 from kdcache.evaluate import EvaluateError, evaluate, expected_calibration_error, write_metrics
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.token_data import open_tokens, write_tokens
@@ -31,10 +32,11 @@ def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def save_tiny_model(path: Path, *, seed: int, vocab: int = VOCAB, hidden: int = 32) -> Path:
+def save_tiny_model(path: Path, *, seed: int, vocab: int = VOCAB, hidden: int = 32, rows: int | None = None) -> Path:
+    """A tied Llama with ``rows`` output rows (default: one per tokenizer id) and a ``vocab``-id tokenizer."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=rows or vocab,
         hidden_size=hidden,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -73,7 +75,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_evaluate_returns_finite_metrics_for_every_model(setup: dict) -> None:
     cfg = EvaluateConfig(batch_size=4, calibration_bins=5)
-    m = evaluate(cfg, tokens=setup["tokens"], models={k: setup[k] for k in ("teacher", "student", "baseline")})
+    m = evaluate(cfg, tokens=setup["tokens"], teacher=teacher_cfg(setup), models=students(setup))
     assert m["num_sequences"] == 10 and m["num_tokens"] == 10 * (SEQ - 1)
     for name, r in m["models"].items():
         for key in ("ce", "ppl", "kl_to_teacher", "top1_agreement", "top1_accuracy", "ece", "tokens_per_s"):
@@ -88,7 +90,7 @@ def test_evaluate_returns_finite_metrics_for_every_model(setup: dict) -> None:
 def test_teacher_against_itself_has_zero_kl_and_full_agreement(setup: dict, tmp_path: Path) -> None:
     copy = shutil.copytree(setup["teacher"], tmp_path / "copy")
     m = evaluate(
-        EvaluateConfig(batch_size=3), tokens=setup["tokens"], models={"teacher": setup["teacher"], "copy": copy}
+        EvaluateConfig(batch_size=3), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"copy": copy}
     )
     for name in ("teacher", "copy"):
         assert abs(m["models"][name]["kl_to_teacher"]) < 1e-6
@@ -98,7 +100,7 @@ def test_teacher_against_itself_has_zero_kl_and_full_agreement(setup: dict, tmp_
 
 def test_cross_entropy_matches_a_direct_forward(setup: dict) -> None:
     m = evaluate(
-        EvaluateConfig(batch_size=4, max_sequences=6), tokens=setup["tokens"], models={"teacher": setup["teacher"]}
+        EvaluateConfig(batch_size=4, max_sequences=6), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={}
     )
     model = AutoModelForCausalLM.from_pretrained(setup["teacher"])
     ids = torch.from_numpy(np.asarray(setup["tokens"].ids[:6], dtype=np.int64))
@@ -124,7 +126,8 @@ def test_write_metrics_writes_flat_json_and_calibration_csv(setup: dict, tmp_pat
     m = evaluate(
         EvaluateConfig(batch_size=5, calibration_bins=4),
         tokens=setup["tokens"],
-        models={k: setup[k] for k in ("teacher", "student", "baseline")},
+        teacher=teacher_cfg(setup),
+        models=students(setup),
     )
     write_metrics(m, metrics_path=tmp_path / "metrics" / "eval.json", plots_dir=tmp_path / "plots")
     flat = json.loads((tmp_path / "metrics" / "eval.json").read_text())
@@ -141,12 +144,79 @@ def test_write_metrics_writes_flat_json_and_calibration_csv(setup: dict, tmp_pat
     assert sum(int(r["count"]) for r in rows if r["model"] == "student") == m["num_tokens"]
 
 
-def test_models_with_different_vocabularies_are_refused(setup: dict, tmp_path: Path) -> None:
-    other = save_tiny_model(tmp_path / "other", seed=3, vocab=VOCAB + 8)
-    with pytest.raises(EvaluateError, match="output logits"):
-        evaluate(EvaluateConfig(), tokens=setup["tokens"], models={"teacher": setup["teacher"], "other": other})
+def test_a_model_with_fewer_logits_than_the_teacher_tokenizer_is_refused(setup: dict, tmp_path: Path) -> None:
+    other = save_tiny_model(tmp_path / "other", seed=3, vocab=VOCAB - 8)
+    with pytest.raises(EvaluateError, match=rf"other: {VOCAB - 8} output logits but the teacher tokenizer has {VOCAB}"):
+        evaluate(EvaluateConfig(), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"other": other})
 
 
-def test_missing_teacher_name_is_refused(setup: dict) -> None:
-    with pytest.raises(EvaluateError, match="teacher name"):
-        evaluate(EvaluateConfig(), tokens=setup["tokens"], models={"student": setup["student"]})
+def test_a_model_with_another_tokenizer_is_refused(setup: dict, tmp_path: Path) -> None:
+    other = save_tiny_model(tmp_path / "other", seed=3, hidden=16)
+    renamed = Tokenizer(models.WordLevel({"<eos>": 0, "<pad>": 1, **{f"x{i}": i for i in range(2, VOCAB)}}, "<eos>"))
+    PreTrainedTokenizerFast(tokenizer_object=renamed, eos_token="<eos>", pad_token="<pad>").save_pretrained(other)
+    with pytest.raises(EvaluateError, match=r"other: its tokenizer \(\w+…\) differs from the teacher's"):
+        evaluate(EvaluateConfig(), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"other": other})
+
+
+def test_token_data_of_another_tokenizer_is_refused_naming_both_fingerprints(setup: dict, tmp_path: Path) -> None:
+    ids = np.asarray(setup["tokens"].ids)
+    write_tokens(tmp_path / "tokens", {"val": ids}, vocab_size=VOCAB, tokenizer_fingerprint="f" * 64)
+    theirs = tokenizer_fingerprint(tiny_tokenizer())[:12]
+    with pytest.raises(
+        EvaluateError, match=rf"made with tokenizer f{{12}}… but teacher .* has tokenizer {theirs}… — rerun prepare"
+    ):
+        evaluate(
+            EvaluateConfig(), tokens=open_tokens(tmp_path / "tokens", "val"), teacher=teacher_cfg(setup), models={}
+        )
+
+
+def test_padded_vocab_teacher_is_compared_in_the_tokenizers_id_space(setup: dict, tmp_path: Path) -> None:
+    """A Qwen2-style teacher with embedding rows past its tokenizer's ids: those logits are dropped."""
+    padded = save_tiny_model(tmp_path / "padded", seed=0, rows=VOCAB + 16)
+    model = AutoModelForCausalLM.from_pretrained(padded)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[VOCAB:] = 5.0  # padding rows that would dominate any softmax
+    model.save_pretrained(padded)
+    m = evaluate(
+        EvaluateConfig(batch_size=4),
+        tokens=setup["tokens"],
+        teacher=TeacherConfig(path=str(padded), device="cpu"),
+        models={"student": setup["student"]},
+    )
+    ids = torch.from_numpy(np.asarray(setup["tokens"].ids, dtype=np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[..., :VOCAB]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).item()
+    assert m["models"]["teacher"]["ce"] == pytest.approx(expected, abs=1e-5)
+    assert math.isfinite(m["models"]["student"]["kl_to_teacher"])
+
+
+def test_padding_positions_of_document_packing_are_not_scored(setup: dict, tmp_path: Path) -> None:
+    ids = np.maximum(np.asarray(setup["tokens"].ids), 2)  # no <eos>/<pad> in the text
+    ids[:, 10:] = 1  # <pad> after position 9: positions 0..8 predict real tokens
+    meta = {"packing": {"mode": "documents", "pad_id": 1, "eos_id": 0}}
+    fingerprint = tokenizer_fingerprint(tiny_tokenizer())
+    write_tokens(tmp_path / "tokens", {"val": ids}, vocab_size=VOCAB, tokenizer_fingerprint=fingerprint, meta=meta)
+    m = evaluate(
+        EvaluateConfig(), tokens=open_tokens(tmp_path / "tokens", "val"), teacher=teacher_cfg(setup), models={}
+    )
+    assert m["num_tokens"] == len(ids) * 9
+    model = AutoModelForCausalLM.from_pretrained(setup["teacher"])
+    t = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=t).logits
+    expected = F.cross_entropy(logits[:, :9].reshape(-1, VOCAB), t[:, 1:10].reshape(-1)).item()
+    assert m["models"]["teacher"]["ce"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_model_named_teacher_is_refused(setup: dict) -> None:
+    with pytest.raises(EvaluateError, match="the name 'teacher' is taken"):
+        evaluate(EvaluateConfig(), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"teacher": "x"})
+
+
+def teacher_cfg(setup: dict) -> TeacherConfig:
+    return TeacherConfig(path=str(setup["teacher"]), device="cpu")
+
+
+def students(setup: dict) -> dict[str, Path]:
+    return {"student": setup["student"], "baseline": setup["baseline"]}
