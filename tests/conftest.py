@@ -1,7 +1,8 @@
 """Shared fixtures and builders for the test suite.
 
 The suite runs on the CPU even on a GPU box (CUDA is hidden before torch is imported), so its
-fp32 references hold everywhere; GPU checks live in bench/ scripts, never in tests.
+fp32 references hold everywhere. On a GPU box, ``KDCACHE_TEST_GPU=1 python -m pytest tests/test_gpu.py``
+keeps CUDA visible for the GPU-only tests (bf16 tolerances); without a GPU they skip.
 
 Builders (import them: ``from conftest import make_world``): tiny random-weight Llama teachers
 saved as ordinary Hugging Face directories, word-level tokenizers whose ids are known, and
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: the suite is CPU-only
+if not os.environ.get("KDCACHE_TEST_GPU"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: the suite is CPU-only
 
 from pathlib import Path  # noqa: E402
 
