@@ -26,6 +26,30 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from kdcache.fingerprint import tokenizer_fingerprint  # noqa: E402
 from kdcache.token_data import write_tokens  # noqa: E402
 
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "value",
+    "import",
+    "class",
+    "for",
+    "in",
+    "range",
+    "if",
+    "else",
+    "None",
+    "print",
+    "data",
+    "items",
+    "key",
+    "lambda",
+    "yield",
+    "with",
+    "open",
+]
+"""Python-ish words for tiny synthetic corpora."""
+
 STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 """A tiny student (``train.student`` sizes) for tests that train."""
 
@@ -62,3 +86,20 @@ def make_world(root: Path, *, vocab_size: int = 48, n: int = 12, seq: int = 16, 
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
     )
     return {"root": root, "teacher": teacher, "tokens": tokens}
+
+
+def bpe_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``lines`` with one special token, ``<eos>``."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")

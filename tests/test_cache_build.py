@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import bpe_tokenizer
 
 import kdcache.cache.writer as cache_writer
 from kdcache.cache.build import CacheDirError, build_cache, default_cache_name, target_layout
@@ -23,23 +24,6 @@ from kdcache.token_data import open_tokens, write_tokens
 N, T, VOCAB = 10, 16, 300
 CFG = CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=4, split="train")  # shards of 4, 4, 2 rows
 RARE = 299  # a token id that appears in one sequence only (NaN injection)
-
-
-def _make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<eos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,7 @@ def teacher(tmp_path_factory) -> Teacher:
             max_position_embeddings=64,
         )
     ).save_pretrained(path)
-    _make_tokenizer().save_pretrained(path)
+    bpe_tokenizer(Path(__file__).read_text().splitlines() * 3, VOCAB).save_pretrained(path)
     return load_teacher(TeacherConfig(path=str(path), device="cpu"))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bpe_tokenizer
 
 from kdcache.cache.build import build_cache
 from kdcache.cache.format import Manifest, TargetLayout
@@ -27,23 +28,6 @@ CONFIGS = {
     "sampled": CacheConfig(targets="sampled", samples=16, batch_size=3, rows_per_shard=4),
     "both": CacheConfig(targets="both", top_k=4, samples=8, batch_size=3, rows_per_shard=4),
 }
-
-
-def _make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<eos>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(Path(__file__).read_text().splitlines() * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +49,7 @@ def teacher(tmp_path_factory) -> Teacher:
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)  # confident positions too: tails from ~1e-1 down to ~1e-9
     model.save_pretrained(path)
-    _make_tokenizer().save_pretrained(path)
+    bpe_tokenizer(Path(__file__).read_text().splitlines() * 3, VOCAB).save_pretrained(path)
     return load_teacher(TeacherConfig(path=str(path), device="cpu"))
 
 

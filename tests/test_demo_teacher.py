@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import WORDS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdcache.config.corpus import CorpusConfig
@@ -16,29 +17,6 @@ from kdcache.corpus import read_documents, split_documents
 from kdcache.demo_teacher import TRAINING_JSON, train_demo_teacher
 from kdcache.fingerprint import model_dir_fingerprint, tokenizer_fingerprint
 from kdcache.tokenizer import load_tokenizer, train_bpe_tokenizer
-
-WORDS = [
-    "def",
-    "return",
-    "self",
-    "value",
-    "import",
-    "class",
-    "for",
-    "in",
-    "range",
-    "if",
-    "else",
-    "None",
-    "print",
-    "data",
-    "items",
-    "key",
-    "lambda",
-    "yield",
-    "with",
-    "open",
-]
 
 
 def tiny_corpus(root, n: int = 30) -> CorpusConfig:
@@ -117,11 +95,12 @@ def test_tokenizer_is_trained_on_the_train_split_only(trained):
 def test_wall_clock_budget_stops_training_and_rerun_replaces_the_output(tmp_path):
     corpus = tiny_corpus(tmp_path / "corpus", n=10)
     out = tmp_path / "teacher"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    train_demo_teacher(corpus, tiny_teacher(max_steps=2), out_dir=out)
+    (out / "stale.txt").write_text("old")  # in a demo teacher directory kdcache made: replaced whole
     info = train_demo_teacher(corpus, tiny_teacher(max_steps=10_000, max_minutes=0.02), out_dir=out)
     assert info["stopped_by"] == "max_minutes" and 0 < info["steps"] < 10_000
     assert not (out / "stale.txt").exists() and (out / TRAINING_JSON).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "teacher"]  # no temporary sibling left
 
 
 def test_training_is_a_function_of_the_steps_not_the_clock(tmp_path, monkeypatch):

@@ -6,34 +6,12 @@ import json
 import random
 
 import pytest
+from conftest import WORDS
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.tokenizer import EOS_TOKEN, PAD_TOKEN, TokenizerError, load_tokenizer, train_bpe_tokenizer
-
-WORDS = [
-    "def",
-    "return",
-    "self",
-    "value",
-    "import",
-    "class",
-    "for",
-    "in",
-    "range",
-    "if",
-    "else",
-    "None",
-    "print",
-    "data",
-    "items",
-    "key",
-    "lambda",
-    "yield",
-    "with",
-    "open",
-]
 
 
 def tiny_texts(seed: int = 0, n: int = 40) -> list[str]:
