@@ -22,7 +22,6 @@ import codecs
 import contextlib
 import glob
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -44,7 +43,7 @@ from kdcache.config.base import to_dict
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.prepare import PrepareConfig
 from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.packing import packing_record, pad_id_for, row_packer, special_tokens_around
+from kdcache.packing import check_bos_rule, packing_record, pad_id_for, row_packer, special_tokens_around
 from kdcache.tokenizer import load_tokenizer, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
@@ -383,26 +382,6 @@ def tokenize_and_pack(
             f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; add text or lower seq_len"
         )
     return rows
-
-
-BOS_REQUIRED = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
-"""Model types trained with BOS at every document start, whose outputs degrade badly without it."""
-
-
-def check_bos_rule(tokenizer: Any, model_dir: str | Path) -> None:
-    """Refuse a tokenizer that adds no BOS when the model in ``model_dir`` (its config.json) requires one."""
-    config = Path(model_dir) / "config.json"
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # a tokenizer-only directory: nothing to compare with
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if model_type in BOS_REQUIRED and (bos is None or bos not in special_tokens_around(tokenizer)[0]):
-        raise CorpusError(
-            f"{config}: model_type {model_type!r} needs BOS at every document start, but the tokenizer in "
-            f"{model_dir} adds none — use the model's own tokenizer files (with add_bos_token: true in "
-            "tokenizer_config.json)"
-        )
 
 
 def prepare_tokens(

@@ -23,6 +23,8 @@ the document's own and counts as real.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,26 @@ def _probe_text(tokenizer: Any) -> str:
                 return text
             break
     return "kdcache probe text"
+
+
+BOS_REQUIRED = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+"""Model types trained with BOS at every document start, whose outputs degrade badly without it."""
+
+
+def check_bos_rule(tokenizer: Any, model_dir: str | Path) -> None:
+    """Refuse a tokenizer that adds no BOS when the model in ``model_dir`` (its config.json) requires one."""
+    config = Path(model_dir) / "config.json"
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # a tokenizer-only directory: nothing to compare with
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if model_type in BOS_REQUIRED and (bos is None or bos not in special_tokens_around(tokenizer)[0]):
+        raise PackingError(
+            f"{config}: model_type {model_type!r} needs BOS at every document start, but the tokenizer in "
+            f"{model_dir} adds none — use the model's own tokenizer files (with add_bos_token: true in "
+            "tokenizer_config.json)"
+        )
 
 
 def pad_id_for(tokenizer: Any) -> int:

@@ -437,11 +437,13 @@ def test_unknown_packing_is_refused():
 
 
 def test_a_gemma_tokenizer_that_adds_no_bos_is_refused_before_anything_is_written(tmp_path):
+    from kdcache.packing import PackingError
+
     write_txt_corpus(tmp_path / "c", n=6)
     model_dir = tmp_path / "gemma"
     word_tokenizer(bos=False).save_pretrained(model_dir)
     (model_dir / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
-    with pytest.raises(CorpusError, match=r"config.json: model_type 'gemma2' needs BOS .* adds none"):
+    with pytest.raises(PackingError, match=r"config.json: model_type 'gemma2' needs BOS .* adds none"):
         prepare_tokens(
             cfg_for(tmp_path / "c" / "*.txt"),
             PrepareConfig(seq_len=16),
