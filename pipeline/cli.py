@@ -28,6 +28,7 @@ from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.entry import run, setup_logging, show_progress
+from kdcache.interop.commands import add_interop_commands
 
 SECTIONS = {
     CorpusConfig: "corpus",
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the manifest (without the shard list) as JSON")
     sp = command("verify", cmd_verify, "Check every shard's size and sha256 (and contents) against the manifest.")
     sp.add_argument("cache", metavar="DIR")
+    add_interop_commands(sub)  # export, import (kdcache.interop owns them)
     return p
 
 
