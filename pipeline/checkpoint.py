@@ -35,7 +35,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kdcache.distributed import all_gather_bytes, rank_world
-from kdcache.files import crash_point, fsync_dir, fsync_file
+from kdcache.files import (
+    BOOKKEEPING,
+    MOVED_TAG,
+    InputFileError,
+    atomic_write_text,
+    crash_point,
+    fsync_dir,
+    fsync_file,
+    moved_aside_name,
+    read_json_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,8 @@ MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON = (
     "trainer.json",
 )
 FILES = (MODEL_FILE, STATE_FILE, STATE_JSON, TRAINER_JSON)
+RUN_JSON = "train_run.json"
+"""What a run's checkpoints depend on (settings, world size, cache identity), written when it starts."""
 
 
 class CheckpointError(ValueError):
@@ -236,3 +248,99 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[s
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- resuming a run, or moving it aside
+
+
+def record_run(out_dir: str | Path, identity: dict[str, Any]) -> None:
+    """Write what a fresh run's checkpoints depend on (``RUN_JSON``), for ``check_same_run`` on resume."""
+    atomic_write_text(Path(out_dir) / RUN_JSON, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def check_same_run(out_dir: str | Path, checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` when its run had other settings than ``identity``, naming each difference."""
+    path = Path(out_dir) / RUN_JSON
+    fresh = "rerun without --resume to start fresh (the previous run is moved aside, not deleted)"
+    if not path.exists():
+        log.warning("%s: no %s (written by an older kdcache): cannot check the run's settings", out_dir, RUN_JSON)
+        return
+    try:
+        recorded = read_json_file(path, what="the run record", fix=fresh)
+    except InputFileError as e:
+        raise CheckpointError(str(e)) from e
+    diffs = [
+        f"{key} {recorded_value!r} (this run: {value!r})"
+        for key, value, recorded_value in _differences(identity, recorded if isinstance(recorded, dict) else {})
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{checkpoint}: written by a run with other settings — {'; '.join(diffs)}; resume with the "
+            f"run's settings, or {fresh}"
+        )
+
+
+def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(new) | set(old)):
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def check_position(checkpoint: Path, trainer: dict[str, Any], *, max_steps: int, batches_per_epoch: int) -> None:
+    """Refuse a checkpoint whose loop position is missing, malformed or outside this run's range."""
+    where = checkpoint / TRAINER_JSON
+
+    def count(key: str) -> int:
+        value = trainer.get(key) if isinstance(trainer, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{where}: '{key}' must be a non-negative integer, got {value!r}; {_DAMAGED}")
+        return value
+
+    step, batch = count("step"), count("batch")
+    count("epoch"), count("tokens")
+    if not isinstance(trainer.get("elapsed"), (int, float)):
+        raise CheckpointError(f"{where}: 'elapsed' must be a number; {_DAMAGED}")
+    if f"step-{step:06d}" != checkpoint.name:
+        raise CheckpointError(f"{where}: step {step} but the directory is {checkpoint.name}; {_DAMAGED}")
+    if not 0 < step <= max_steps:
+        raise CheckpointError(
+            f"{where}: step {step} is outside this run's [1, train.max_steps={max_steps}]; resume with the run's "
+            "max_steps, or rerun without --resume to start fresh (the previous run is moved aside)"
+        )
+    if batch >= batches_per_epoch:
+        raise CheckpointError(
+            f"{where}: next batch {batch} is outside an epoch of {batches_per_epoch} batches (another batch size, "
+            f"world size or cache?); {_DAMAGED}"
+        )
+
+
+_DAMAGED = "delete this checkpoint dir to resume from the previous one, or rerun without --resume"
+
+
+def move_previous_run(out_dir: str | Path, reason: str) -> Path | None:
+    """Move everything a previous run left in ``out_dir`` (checkpoints, log, model, notes) into
+    ``run.moved-<UTC time>-<reason>/`` inside it — never delete; earlier moved-aside runs stay put."""
+    out = Path(out_dir)
+    entries = [p for p in sorted(out.iterdir()) if p.name not in BOOKKEEPING and MOVED_TAG not in p.name]
+    if not entries:
+        return None
+    dest = moved_aside_name(out / "run", reason)
+    dest.mkdir()
+    for path in entries:
+        os.replace(path, dest / path.name)
+    fsync_dir(out)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    log.warning(
+        "%s: moved the previous run (%d entries, %.1f MiB) to %s (%s); delete it once you no longer need it",
+        out,
+        len(entries),
+        size / 2**20,
+        dest,
+        reason,
+    )
+    return dest

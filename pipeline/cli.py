@@ -27,7 +27,8 @@ from kdcache.config.evaluate import EvaluateConfig
 from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig
-from kdcache.entry import run, setup_logging, show_progress
+from kdcache.entry import claim_evaluate_outputs, run, setup_logging, show_progress
+from kdcache.files import hold_output_dir
 from kdcache.interop.commands import add_interop_commands
 
 SECTIONS = {
@@ -107,20 +108,19 @@ def cmd_demo_teacher(args: argparse.Namespace) -> None:
         config_from_args(DemoTeacherConfig, args),
         out_dir=args.out,
         progress=show_progress(),
+        overwrite=args.overwrite,
     )
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from kdcache.corpus import prepare_tokens
+    from kdcache.token_data import OUTPUT_KIND, is_token_dir
 
     corpus = config_from_args(CorpusConfig, args, **({"paths": args.corpus} if args.corpus else {}))
-    prepare_tokens(
-        corpus,
-        config_from_args(PrepareConfig, args),
-        tokenizer_dir=args.tokenizer,
-        out_dir=args.out,
-        progress=show_progress(),
-    )
+    prepare = config_from_args(PrepareConfig, args)
+    inputs = {"tokenizer": args.tokenizer, "corpus": corpus.paths}
+    with hold_output_dir(args.out, kind=OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite, legacy=is_token_dir):
+        prepare_tokens(corpus, prepare, tokenizer_dir=args.tokenizer, out_dir=args.out, progress=show_progress())
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -133,6 +133,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         out_dir=args.out,
         cache_root=args.cache_root,
         progress=show_progress(),
+        overwrite=args.overwrite,
     )
     if out is not None:
         print(out)
@@ -152,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             resume=args.resume,
             device=args.device,
             progress=show_progress(),
+            overwrite=args.overwrite,
         )
 
 
@@ -163,6 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     models = {name: path for name, _, path in pairs}
     if any(not (name and eq and path) for name, eq, path in pairs) or len(models) != len(pairs):
         raise ConfigError(f"--model {' '.join(args.model)}: each must be NAME=DIR, with distinct names")
+    inputs = {"--tokens": args.tokens, "--teacher": args.teacher, **{f"--model {k}": v for k, v in models.items()}}
+    claim_evaluate_outputs(metrics=args.metrics, plots=args.plots, inputs=inputs, overwrite=args.overwrite)
     metrics = evaluate(
         config_from_args(EvaluateConfig, args),
         tokens=open_tokens(args.tokens, "val"),
@@ -199,9 +203,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if problems:
         raise ValueError(
             f"{args.cache}: {len(problems)} problem(s) found; do not train on this cache — "
-            "rebuild the listed shards (rerun the cache stage) or pull the cache again"
+            "fix or rebuild the listed files (rerun the cache stage) or pull the cache again"
         )
-    print(f"OK {args.cache}: every shard matches the manifest")
+    print(f"OK {args.cache}: the manifest's counts add up; every shard and tokenizer file matches it; nothing unlisted")
 
 
 SHOWN_ABOVE = frozenset({"num_rows", "num_tokens", "total_bytes", "bytes_per_token"})
@@ -248,6 +252,12 @@ def _student_config(spec: str) -> StudentConfig:
 
 # ----------------------------------------------------------------------------- parser
 
+OVERWRITE_HELP = (
+    "when the output exists and is not this command's output (someone else's files, another command's "
+    "output, an incompatible cache), move it aside to <name>.moved-<UTC time>-overwritten and write a "
+    "fresh one; kdcache never deletes what it did not make. Without it such an output is refused"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -266,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("demo-teacher", cmd_demo_teacher, "Train the small demo tokenizer + teacher on a corpus.")
     sp.add_argument("--out", required=True, help="output model directory")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, CorpusConfig)
     add_config_flags(sp, DemoTeacherConfig, rename={"seq_len": "teacher-seq-len"})
 
@@ -278,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--tokenizer", required=True, metavar="DIR", help="directory with the teacher's tokenizer")
     sp.add_argument("--out", required=True, metavar="DIR", help="output token directory")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, CorpusConfig, skip=("paths",))
     add_config_flags(sp, PrepareConfig)
 
@@ -298,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs and settings always give the same name",
     )
     sp.add_argument("--cache-root", default="cache", metavar="DIR", help="parent of the default --out (default: cache)")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, CacheConfig)
 
@@ -310,7 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained student directory, or a .json/.yaml "
         "file of StudentConfig sizes (default: a 2-layer, 128-wide Llama)",
     )
-    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (refused if its run had other settings); without it, "
+        "a previous run in --out is moved aside to run.moved-<UTC time>-started-without-resume/",
+    )
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     add_config_flags(sp, TrainConfig)
 
@@ -327,13 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON path")
     sp.add_argument("--plots", default="plots", help="plot data directory")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, EvaluateConfig)
 
     sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")
     sp.add_argument("cache", metavar="DIR")
     sp.add_argument("--json", action="store_true", help="print the manifest (without the shard list) as JSON")
-    sp = command("verify", cmd_verify, "Check every shard's size and sha256 (and contents) against the manifest.")
+    sp = command(
+        "verify",
+        cmd_verify,
+        "Check the whole cache: the manifest's counts, every shard's size, sha256, footer and contents, the "
+        "tokenizer files' sha256, and that no unlisted file sits in it.",
+    )
     sp.add_argument("cache", metavar="DIR")
     add_interop_commands(sub)  # export, import (kdcache.interop owns them)
     return p

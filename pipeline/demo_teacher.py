@@ -28,13 +28,15 @@ from kdcache.config.base import to_dict
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.corpus import read_documents, split_documents, tokenize_and_pack
-from kdcache.files import atomic_dir
+from kdcache.files import atomic_dir, hold_output_dir, mark_output_dir
 from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
 TRAINING_JSON = "training.json"
+OUTPUT_KIND = "demo-teacher"
+"""The marker kind of a demo teacher directory (``kdcache.files``)."""
 GRAD_CLIP = 1.0
 VAL_SEQUENCES = 64
 """Val sequences scored after training (a quick held-out loss for ``training.json``)."""
@@ -139,20 +141,51 @@ def mean_loss(model: LlamaForCausalLM, ids: np.ndarray, *, batch_size: int) -> f
 
 
 def _save_atomic(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any], out: Path) -> None:
-    """Write everything to ``<out>.incomplete``, then swap it in; a crash leaves ``out`` untouched."""
+    """Write everything to a temporary sibling, then swap it in; a crash leaves ``out`` untouched.
+
+    ``out`` is a demo teacher directory kdcache made (``train_demo_teacher`` claimed it): the
+    previous demo teacher in it is replaced whole."""
     with atomic_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        mark_output_dir(tmp, OUTPUT_KIND)
+
+
+def is_legacy_demo_teacher(path: Path) -> bool:
+    """A demo teacher directory written before output markers existed (its ``training.json`` says so)."""
+    try:
+        info = json.loads((path / TRAINING_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and {"stopped_by", "corpus", "config"} <= set(info)
 
 
 def train_demo_teacher(
-    corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out_dir: str | Path, progress: bool = False
+    corpus_cfg: CorpusConfig,
+    cfg: DemoTeacherConfig,
+    *,
+    out_dir: str | Path,
+    progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Read and split the corpus, train tokenizer + Llama on the train split, save to ``out_dir``.
 
+    ``out_dir`` must be new or a demo teacher kdcache made (``kdcache.files.claim_output_dir``; with
+    ``overwrite`` anything else there is moved aside), and is locked against a concurrent run.
     Returns the ``training.json`` dict (steps, final train loss, val loss, tokens seen, elapsed, config).
     """
+    with hold_output_dir(
+        out_dir,
+        kind=OUTPUT_KIND,
+        inputs={"corpus": corpus_cfg.paths},
+        overwrite=overwrite,
+        legacy=is_legacy_demo_teacher,
+    ):
+        return _train_and_save(corpus_cfg, cfg, out=Path(out_dir), progress=progress)
+
+
+def _train_and_save(corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out: Path, progress: bool) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
@@ -189,6 +222,6 @@ def train_demo_teacher(
         "corpus": to_dict(corpus_cfg),
         "losses": [round(x, 4) for x in stats["losses"]],
     }
-    _save_atomic(model, tokenizer, info, Path(out_dir))
-    log.info("demo teacher saved to %s (val loss %s)", out_dir, f"{val_loss:.3f}" if val_loss is not None else "n/a")
+    _save_atomic(model, tokenizer, info, out)
+    log.info("demo teacher saved to %s (val loss %s)", out, f"{val_loss:.3f}" if val_loss is not None else "n/a")
     return info

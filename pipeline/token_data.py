@@ -14,12 +14,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdcache.files import atomic_write, atomic_write_text
+from kdcache.files import (
+    InputFileError,
+    atomic_write,
+    atomic_write_text,
+    check_regular_file,
+    claim_output_dir,
+    read_json_file,
+)
 from kdcache.fingerprint import array_fingerprint
 
 TOKENS_FORMAT = "kdcache-tokens"
 TOKENS_VERSION = 1
 MANIFEST = "manifest.json"
+OUTPUT_KIND = "tokens"
+"""The marker kind of a token directory (``kdcache.files``)."""
 
 
 class TokenDataError(ValueError):
@@ -37,6 +46,7 @@ class TokenSplit:
     vocab_size: int
     tokenizer_fingerprint: str
     manifest: dict[str, Any]
+    path: Path | None = None  # the token directory
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -53,9 +63,10 @@ def write_tokens(
     """Write each (N, T) id array as ``<split>.arrow`` and the manifest last; returns the manifest.
 
     Files are written to temporary names and renamed, so a crash never leaves a file that looks complete.
+    ``out_dir`` must be new or token data kdcache wrote (``kdcache.files.claim_output_dir``): another
+    directory is refused before anything is written. Locking it is the caller's job (``kdcache prepare``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, kind=OUTPUT_KIND, legacy=is_token_dir)
     entries = {}
     for split, ids in splits.items():
         ids = np.ascontiguousarray(ids, dtype=np.int32)  # (N, T)
@@ -93,20 +104,52 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def read_token_manifest(token_dir: str | Path) -> dict[str, Any]:
-    path = Path(token_dir) / MANIFEST
+def is_token_dir(path: Path) -> bool:
+    """A token directory written before output markers existed (its manifest says so)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise TokenDataError(f"{path}: not found — run the prepare stage (`kdcache prepare ...`) first") from e
-    except json.JSONDecodeError as e:
-        raise TokenDataError(f"{path}: not valid JSON ({e}) — rerun prepare") from e
+        return read_token_manifest(path)["format"] == TOKENS_FORMAT
+    except (TokenDataError, OSError):
+        return False
+
+
+def read_token_manifest(token_dir: str | Path) -> dict[str, Any]:
+    """The token manifest, with its fields checked (a malformed one is refused naming the field)."""
+    path = Path(token_dir) / MANIFEST
+    if not path.exists():
+        raise TokenDataError(f"{path}: not found — run the prepare stage (`kdcache prepare ...`) first")
+    try:
+        manifest = read_json_file(path, what="the token manifest", fix="rerun prepare")
+    except InputFileError as e:
+        raise TokenDataError(str(e)) from e
+    if not isinstance(manifest, dict):
+        raise TokenDataError(f"{path}: must be a JSON object — rerun prepare")
     if manifest.get("format") != TOKENS_FORMAT or manifest.get("format_version") != TOKENS_VERSION:
         raise TokenDataError(
             f"{path}: not kdcache token data v{TOKENS_VERSION} "
             f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
         )
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise TokenDataError(f"{path}: {what} — the manifest is damaged; rerun prepare")
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    need(count(manifest.get("seq_len")) and manifest["seq_len"] >= 2, "seq_len must be an integer >= 2")
+    need(count(manifest.get("vocab_size")) and manifest["vocab_size"] >= 1, "vocab_size must be a positive integer")
+    need(isinstance(manifest.get("tokenizer_fingerprint"), str), "tokenizer_fingerprint must be a string")
+    splits = manifest.get("splits")
+    need(isinstance(splits, dict), "splits must be an object")
+    for name, entry in splits.items():
+        need(isinstance(entry, dict), f"splits.{name} must be an object")
+        need(isinstance(entry.get("file"), str), f"splits.{name}.file must be a string")
+        need(count(entry.get("num_sequences")), f"splits.{name}.num_sequences must be a non-negative integer")
+        need(isinstance(entry.get("fingerprint"), str), f"splits.{name}.fingerprint must be a string")
 
 
 def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
@@ -120,13 +163,16 @@ def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
         raise TokenDataError(
             f"{Path(token_dir) / MANIFEST}: split {split!r} names file {entry['file']!r}; expected {split}.arrow"
         )
-    try:
-        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    except (FileNotFoundError, pa.ArrowInvalid) as e:
-        raise TokenDataError(f"{path}: cannot read token file ({e}) — rerun prepare") from e
     T = manifest["seq_len"]
-    column = table.column("input_ids").combine_chunks()
-    ids = column.values.to_numpy(zero_copy_only=True).reshape(-1, T) if len(column) else np.zeros((0, T), np.int32)
+    try:
+        check_regular_file(path, fix="rerun prepare")
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        column = table.column("input_ids").combine_chunks()
+        if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != T:
+            raise TokenDataError(f"input_ids is {column.type}, expected fixed_size_list<int32>[{T}]")
+        ids = column.values.to_numpy(zero_copy_only=True).reshape(-1, T) if len(column) else np.zeros((0, T), np.int32)
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        raise TokenDataError(f"{path}: cannot read token file ({e}) — rerun prepare") from e
     if ids.shape[0] != entry["num_sequences"]:
         raise TokenDataError(
             f"{path}: holds {ids.shape[0]} sequences, manifest says {entry['num_sequences']} — rerun prepare"
@@ -139,6 +185,7 @@ def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
         vocab_size=manifest["vocab_size"],
         tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
         manifest=manifest,
+        path=Path(token_dir),
     )
 
 

@@ -10,6 +10,8 @@ from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.corpus import prepare_tokens
 from kdcache.entry import run, setup_logging, show_progress
+from kdcache.files import hold_output_dir
+from kdcache.token_data import OUTPUT_KIND, is_token_dir
 
 
 def main() -> None:
@@ -18,13 +20,12 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
-    prepare_tokens(
-        load_section(CorpusConfig, params.get("corpus"), section="corpus"),
-        load_section(PrepareConfig, params.get("prepare"), section="prepare"),
-        tokenizer_dir=teacher.path,
-        out_dir=load_section(PathsConfig, params.get("paths"), section="paths").tokens,
-        progress=show_progress(),
-    )
+    corpus = load_section(CorpusConfig, params.get("corpus"), section="corpus")
+    prepare = load_section(PrepareConfig, params.get("prepare"), section="prepare")
+    out = load_section(PathsConfig, params.get("paths"), section="paths").tokens
+    inputs = {"teacher.path": teacher.path, "corpus.paths": corpus.paths}
+    with hold_output_dir(out, kind=OUTPUT_KIND, inputs=inputs, legacy=is_token_dir):
+        prepare_tokens(corpus, prepare, tokenizer_dir=teacher.path, out_dir=out, progress=show_progress())
 
 
 if __name__ == "__main__":

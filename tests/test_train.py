@@ -20,6 +20,7 @@ from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLay
 from kdcache.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
 from kdcache.config.base import ConfigError
 from kdcache.config.train import StudentConfig, TrainConfig
+from kdcache.files import BOOKKEEPING
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
 from kdcache.student import StudentError, build_student, build_vocab_map, count_parameters
 from kdcache.train import Position, batch_stream, train
@@ -234,19 +235,22 @@ def test_checkpoints_hold_only_safetensors_and_json_and_keep_the_last_two(caches
     train(cfg_for(max_steps=7, checkpoint_every=2), cache_dir=caches["both"], out_dir=out)
     ckpts = list_checkpoints(out)
     assert [p.name for p in ckpts] == ["step-000006", "step-000007"]
-    files = [p for p in out.rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name not in BOOKKEEPING]  # + the empty lock file
     assert all(p.suffix in (".safetensors", ".json", ".jsonl") for p in files), files
     for p in files:
         assert b"\x80\x04\x95" not in p.read_bytes()[:64]  # no pickle protocol-4 header anywhere
-    assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*"))
+    assert sorted(p.name for p in out.glob(".*")) == sorted(BOOKKEEPING)  # kdcache's marker and lock only
+    assert not list((out / "checkpoints").glob(".*"))
 
 
-def test_fresh_run_replaces_a_previous_runs_checkpoints_and_log(caches: dict, tmp_path: Path) -> None:
+def test_fresh_run_moves_a_previous_runs_checkpoints_and_log_aside(caches: dict, tmp_path: Path) -> None:
     out = tmp_path / "s"
     train(cfg_for(max_steps=4), cache_dir=caches["both"], out_dir=out)
     train(cfg_for(max_steps=2), cache_dir=caches["both"], out_dir=out)
     assert [p.name for p in list_checkpoints(out)] == ["step-000002"]
     assert len(losses(out)) == 2
+    (moved,) = out.glob("run.moved-*-started-without-resume")  # never deleted
+    assert [p.name for p in list_checkpoints(moved)] == ["step-000002", "step-000004"] and len(losses(moved)) == 4
 
 
 def test_student_with_another_tokenizer_is_refused(caches: dict, tmp_path: Path) -> None:
