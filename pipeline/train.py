@@ -40,9 +40,13 @@ from kdcache import __version__
 from kdcache.cache.format import TOKENIZER_DIR
 from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.checkpoint import (
-    CHECKPOINTS,
+    check_position,
+    check_same_run,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    move_previous_run,
+    record_run,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -50,8 +54,8 @@ from kdcache.checkpoint import (
 from kdcache.config.base import ConfigError, to_dict
 from kdcache.config.train import TrainConfig
 from kdcache.devices import resolve_device
-from kdcache.distributed import barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
-from kdcache.files import atomic_write_text, fsync_dir, fsync_file
+from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
+from kdcache.files import atomic_write_text, fsync_dir, fsync_file, hold_output_dir
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.losses import REQUIRED_KEYS, TARGET_KEYS, KDLossSpec, default_loss, kd_loss
 from kdcache.optim import lr_scheduler, make_optimizer
@@ -69,6 +73,8 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "training.json"
+OUTPUT_KIND = "student"
+"""The marker kind of a student directory (``kdcache.files``)."""
 MAPPING_SAMPLE = 256
 """Cache sequences read at start to measure how much teacher mass a vocabulary mapping keeps."""
 
@@ -97,16 +103,73 @@ def train(
     device: str = "auto",
     progress: bool = False,
     max_steps: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a student on the cache at ``cache_dir``; write checkpoints, a log and the final model.
 
-    ``resume`` continues from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
+    ``out_dir`` must be new or a student directory kdcache made (``kdcache.files``: anything else is
+    refused — ``overwrite`` moves it aside — and so is the cache or the pretrained student itself);
+    the job holds its lock until it returns (rank 0 for all ranks under torchrun).
+    ``resume`` continues from the newest checkpoint in ``out_dir`` (a fresh start if there is none),
+    refusing one whose run had other settings or whose step is out of range; without ``resume`` a
+    previous run there is moved aside to ``run.moved-<UTC time>-started-without-resume/``, never deleted.
     ``max_steps`` stops early at that step (the LR schedule still spans ``cfg.max_steps``), as if
     interrupted; the model is saved but ``training.json`` records ``complete: false``.
     Returns the summary written to ``training.json``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = rank_world()
+    with hold_output_dir(
+        out_dir,
+        kind=OUTPUT_KIND,
+        inputs={"cache": cache_dir, "pretrained student": cfg.student.path},
+        overwrite=overwrite,
+        legacy=is_student_dir,
+        leader=rank == 0,
+        sync=any_rank_failed if world > 1 else None,
+    ):
+        return _train(
+            cfg,
+            cache_dir=cache_dir,
+            out=Path(out_dir),
+            resume=resume,
+            device=device,
+            progress=progress,
+            max_steps=max_steps,
+        )
+
+
+def is_student_dir(path: Path) -> bool:
+    """A student directory written before output markers existed: a train log or kdcache checkpoints."""
+    return (path / LOG_NAME).is_file() or bool(list_checkpoints(path))
+
+
+def run_identity(cfg: TrainConfig, reader: CacheReader, world: int) -> dict[str, Any]:
+    """What a run's checkpoints depend on: the settings (but logging/checkpoint cadence and loss chunking,
+    which change no number), the world size (the data order) and the cache."""
+    m = reader.meta
+    return {
+        "train": {k: v for k, v in to_dict(cfg).items() if k not in ("log_every", "checkpoint_every", "chunk_tokens")},
+        "world_size": world,
+        "cache": {
+            "teacher_sha256": m.teacher.get("sha256"),
+            "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
+            "corpus_fingerprint": m.corpus.get("fingerprint"),
+            "targets": m.targets,
+        },
+    }
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    cache_dir: str | Path,
+    out: Path,
+    resume: bool,
+    device: str,
+    progress: bool,
+    max_steps: int | None,
+) -> dict[str, Any]:
+    """``train`` in its claimed and locked output directory."""
     rank, world = rank_world()
     dev = resolve_device(device)
     reader, student_tok, vmap, mapping = _open_inputs(cfg, cache_dir)
@@ -118,7 +181,17 @@ def train(
     scheduler = lr_scheduler(
         optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
     )
-    pos = _start(out, resume=resume, model=model, optimizer=optimizer, scheduler=scheduler, is_main=rank == 0)
+    pos = _start(
+        out,
+        resume=resume,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        is_main=rank == 0,
+        identity=run_identity(cfg, reader, world),
+        max_steps=cfg.max_steps,
+        batches_per_epoch=reader.num_batches(cfg.batch_size, world),
+    )
     check_same_on_all_ranks(pos.step, what=f"the checkpoint step to resume from in {out}")
     stop = cfg.max_steps if max_steps is None else min(max_steps, cfg.max_steps)
     wrapped = _maybe_ddp(model, dev, world)
@@ -379,26 +452,36 @@ def _step(
 
 
 def _start(
-    out: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, is_main: bool
+    out: Path,
+    *,
+    resume: bool,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    is_main: bool,
+    identity: dict[str, Any],
+    max_steps: int,
+    batches_per_epoch: int,
 ) -> Position:
-    """Restore the newest checkpoint (resume) or clear a previous run's state; drop a stale finish marker."""
+    """Restore the newest checkpoint (resume: only one of a run with the same ``identity`` and a step in
+    range), or start fresh, moving a previous run aside (never deleting it); drop a stale finish marker."""
     ckpt = latest_checkpoint(out) if resume else None
-    if is_main:
-        (out / SUMMARY_NAME).unlink(missing_ok=True)
     if ckpt is None:
         if resume:
             log.info("%s: no checkpoint to resume from; starting at step 0", out)
-        if is_main and ((out / CHECKPOINTS).exists() or (out / LOG_NAME).exists()):
-            log.warning("%s: removing a previous run's checkpoints and log (pass resume=True to continue it)", out)
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-            (out / LOG_NAME).unlink(missing_ok=True)
+        if is_main:
+            move_previous_run(out, "nothing-to-resume" if resume else "started-without-resume")
+            record_run(out, identity)
         return Position()
+    check_same_run(out, ckpt, identity)
     state, trainer = load_checkpoint(ckpt, model=model)
+    check_position(ckpt, trainer, max_steps=max_steps, batches_per_epoch=batches_per_epoch)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     pos = Position(**{k: trainer[k] for k in asdict(Position())})
     if is_main:
+        (out / SUMMARY_NAME).unlink(missing_ok=True)
         _truncate_log(out / LOG_NAME, pos.step)
     log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, pos.step, pos.epoch, pos.batch)
     return pos
