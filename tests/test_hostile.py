@@ -157,7 +157,7 @@ def test_verify_finds_ids_beyond_the_vocabulary_in_a_crafted_shard_with_a_valid_
         ("shards.0.tokens", 1 << 62, "shards[0].tokens must be a non-negative integer"),
         ("targets.top_k", 10**9, "targets.top_k must be in [1, 1024]"),
         ("targets.top_k", 8.0, "targets.top_k must be an integer"),
-        ("targets.samples", -1, None),  # ignored for a top-k cache: zeroed by the layout
+        ("targets.samples", -1, None),  # ignored by a top-k layout, but the shards' build key catches the edit
         ("targets.vocab_size", 1 << 40, "bad vocab_size"),
         ("stats", [], "field 'stats' must be an object"),
         ("shards", {"file": "shard-00000.parquet"}, "field 'shards' must be a list"),
@@ -174,9 +174,149 @@ def test_verify_refuses_malformed_manifest_fields_naming_the_manifest(cache, cap
     edit_manifest(cache, edit)
     code, bad, _ = verify(cache, capsys)
     if message is None:
-        assert code == 0
+        assert code == 1 and len(bad) == 3 and all("footer's build key differs from the manifest's" in b for b in bad)
         return
     assert code == 1 and len(bad) == 1 and f"{cache / 'manifest.json'}: " in bad[0] and message in bad[0], bad
+
+
+def _drop_last_shard(d: dict) -> None:
+    d["shards"] = d["shards"][:-1]
+    d["stats"] |= {"num_rows": 8, "num_tokens": 128}  # stats made to agree with the shorter list
+
+
+def _replace_tokenizer_json(cache: Path, make) -> None:
+    path = cache / "tokenizer" / "tokenizer.json"
+    path.unlink()
+    make(path)
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        (
+            "no shards, stats claim rows",
+            lambda c: edit_manifest(c, lambda d: d.update(shards=[])),
+            "manifest.json: stats.num_rows is 12 but the shards listed hold 0",
+        ),
+        (
+            "a shard dropped from the list",
+            lambda c: edit_manifest(c, _drop_last_shard),
+            "manifest.json: corpus.num_sequences is 12 but the shards hold 8 (+ 0 skipped)",
+        ),
+        (
+            "stats inflated",
+            lambda c: edit_manifest(c, lambda d: d["stats"].update(num_tokens=10**6)),
+            "manifest.json: stats.num_tokens is 1000000 but the shards listed hold 192",
+        ),
+        (
+            "vocab_size edited in both places",
+            lambda c: edit_manifest(
+                c, lambda d: (d["targets"].update(vocab_size=64), d["tokenizer"].update(vocab_size=64))
+            ),
+            "shard-00000.parquet: its footer's build key differs from the manifest's",
+        ),
+        (
+            "tokenizer.json edited",
+            lambda c: (c / "tokenizer" / "tokenizer.json").write_text('{"model": {}}'),
+            "tokenizer/tokenizer.json: sha256 ",
+        ),
+        (
+            "tokenizer.json a symlink out of the cache",
+            lambda c: _replace_tokenizer_json(c, lambda p: p.symlink_to(c.parent / "elsewhere.json")),
+            "tokenizer/tokenizer.json: symlink to ",
+        ),
+        (
+            "tokenizer.json a FIFO",
+            lambda c: _replace_tokenizer_json(c, os.mkfifo),
+            "tokenizer/tokenizer.json: not a regular file",
+        ),
+        (
+            "an unlisted tokenizer file",
+            lambda c: (c / "tokenizer" / "added_tokens.json").write_text('{"w2": 47}'),
+            "tokenizer/added_tokens.json: not listed in manifest.json (tokenizer.files) — a tokenizer would load it",
+        ),
+        (
+            "an unlisted shard",
+            lambda c: shutil.copy(c / "shard-00000.parquet", c / "shard-00007.parquet"),
+            "shard-00007.parquet: not listed in manifest.json — not part of the cache",
+        ),
+        (
+            "tokenizer files not recorded",
+            lambda c: edit_manifest(c, lambda d: d["tokenizer"].pop("files")),
+            "manifest.json: tokenizer.files (the sha256 of each tokenizer file) is missing",
+        ),
+    ],
+)
+def test_verify_checks_the_whole_cache_not_only_the_shards_the_manifest_lists(cache, capsys, case, edit, message):
+    (cache.parent / "elsewhere.json").write_text("{}")
+    edit(cache)
+    code, bad, err = returns_without_opening(lambda: verify(cache, capsys), cache / "tokenizer" / "tokenizer.json")
+    assert code == 1 and any(message in line for line in bad), bad
+    assert "do not train on this cache" in err
+
+
+def _copy_teacher(world: dict[str, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(world["teacher"], tmp_path / "teacher"))
+
+
+def _truncate_weights(t: Path) -> None:
+    w = t / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def _resize_config(t: Path) -> None:
+    config = json.loads((t / "config.json").read_text())
+    (t / "config.json").write_text(json.dumps(config | {"hidden_size": 64}))
+
+
+@pytest.mark.parametrize(
+    "case,edit,named",
+    [
+        ("truncated model.safetensors", _truncate_weights, "model.safetensors: cannot load it (SafetensorError: "),
+        ("config sizes that do not match the weights", _resize_config, "model.safetensors: cannot load it ("),
+        (
+            "malformed tokenizer.json",
+            lambda t: (t / "tokenizer.json").write_text('{"model": {"type": "WordLevel"}}'),
+            "tokenizer.json: cannot load it (KeyError: ",
+        ),
+        (
+            "deeply nested tokenizer.json",
+            lambda t: (t / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000),
+            "tokenizer.json: cannot load it (RecursionError: ",
+        ),
+    ],
+)
+def test_a_malformed_teacher_is_one_line_naming_the_file_and_a_traceback_only_on_request(
+    world, tmp_path, capsys, monkeypatch, case, edit, named
+):
+    teacher = _copy_teacher(world, tmp_path)
+    edit(teacher)
+    args = ["cache", "--teacher", str(teacher), "--tokens", str(world["tokens"]), "--out", str(tmp_path / "c")]
+    assert kdcache([*args, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("kdcache: error: "))
+    assert line.startswith(f"kdcache: error: {teacher / named.split(':')[0]}: ") and named in line
+    assert "Traceback" not in err and "replace it with an intact copy" in line
+    monkeypatch.setenv("KDCACHE_TRACEBACK", "1")
+    with pytest.raises(Exception):  # noqa: B017 — whatever the loader raised, with its traceback
+        kdcache([*args, "--device", "cpu"])
+
+
+def test_deeply_nested_manifests_are_one_line_errors_naming_the_file(world, cache, tmp_path, capsys):
+    (cache / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    tokens = Path(shutil.copytree(world["tokens"], tmp_path / "tokens"))
+    (tokens / "manifest.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    for args, named in (
+        (["inspect", str(cache)], f"{cache / 'manifest.json'}: not valid JSON (RecursionError: "),
+        (["train", "--cache", str(cache), "--out", str(tmp_path / "s")], f"{cache / 'manifest.json'}: not valid JSON"),
+        (
+            ["cache", "--teacher", str(world["teacher"]), "--tokens", str(tokens), "--out", str(tmp_path / "c")],
+            f"{tokens / 'manifest.json'}: cannot load the token manifest (RecursionError: ",
+        ),
+    ):
+        assert kdcache([*args, "--device", "cpu"] if args[0] != "inspect" else args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and named in err, err[-2000:]
 
 
 def test_nan_and_inf_cannot_be_stored_every_code_decodes_to_a_finite_normalized_distribution():

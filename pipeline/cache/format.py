@@ -435,9 +435,9 @@ class Manifest:
             raise CacheFormatError(f"{path}: manifest is {len(raw)} bytes, refusing (> 64 MiB)")
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise CacheFormatError(
-                f"{path}: not valid JSON ({e}); the file is damaged — pull or rebuild the cache"
+                f"{path}: not valid JSON ({type(e).__name__}: {e}); the file is damaged — pull or rebuild the cache"
             ) from e
         return _parse_manifest(data, str(path))
 
