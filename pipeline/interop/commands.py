@@ -1,8 +1,8 @@
-"""The ``kdcache export`` and ``kdcache import`` subcommands (``kdcache.cli.build_parser`` adds them)."""
+"""The ``kdcache export`` and ``kdcache import`` subcommands: ``kdcache.cli.build_parser`` passes its
+subparsers to ``add_interop_commands`` (argparse itself stays in cli.py)."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from kdcache.interop import EXPORT_FORMATS, IMPORT_FORMATS
@@ -13,13 +13,13 @@ OVERWRITE_HELP = (
 )
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: Any) -> None:
     from kdcache.interop.export import export_cache
 
     print(export_cache(args.cache, to=args.to, out=args.out, overwrite=args.overwrite))
 
 
-def cmd_import(args: argparse.Namespace) -> None:
+def cmd_import(args: Any) -> None:
     from kdcache.interop.ingest import import_cache
 
     out = import_cache(
