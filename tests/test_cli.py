@@ -166,3 +166,43 @@ def test_inspect_shows_what_a_receiving_team_needs(made, tmp_path, capsys) -> No
     data = json.loads(capsys.readouterr().out)
     assert data["tokenizer"]["fingerprint"] == m.tokenizer["fingerprint"] and data["total_bytes"] == size
     assert data["format_version"] == FORMAT_VERSION and "shards" not in data
+
+
+# ----------------------------------------------------------------------------- params files
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path, capsys) -> None:
+    spec = tmp_path / "student.yaml"
+    spec.write_text("hidden_size: 16\nnum_layers: 1\nhidden_size: 32\n")
+    assert main(["train", "--cache", str(tmp_path), "--out", str(tmp_path / "s"), "--student", str(spec)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"kdcache: error: {spec}: not valid YAML: key 'hidden_size' appears twice in one mapping (lines 1 and 3); "
+        "YAML would keep only the last — remove one"
+    )
+
+
+def test_params_sections_twice_are_refused_and_a_missing_section_is_named(tmp_path) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    text = (root / "params.yaml").read_text()
+    (tmp_path / "twice.yaml").write_text(text + "\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump({k: v for k, v in params.items() if k != "evaluate"}))
+    stage = [sys.executable, str(root / "stages" / "check_params.py"), "--out", str(tmp_path / "ok")]
+    twice = subprocess.run([*stage, "--params", str(tmp_path / "twice.yaml")], capture_output=True, text=True)
+    assert twice.returncode == 1 and "Traceback" not in twice.stderr
+    assert f"{tmp_path / 'twice.yaml'}: not valid YAML: key 'train' appears twice in one mapping" in twice.stderr
+    missing = subprocess.run([*stage, "--params", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 0 and (tmp_path / "ok").read_text() == "every section of params.yaml is valid\n"
+    assert "params: no 'evaluate' section — using the library defaults for all of it" in missing.stderr
+
+
+def test_every_writing_command_offers_overwrite_and_train_says_what_happens_without_resume(capsys) -> None:
+    for command in ("demo-teacher", "prepare", "cache", "train", "evaluate"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--overwrite" in out and "never deletes what it did not make" in out, command
+        if command == "train":
+            assert "is moved aside to run.moved-<UTC time>-started-without-resume/" in out

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -28,8 +31,13 @@ def load_section(cls: type[T], values: dict[str, Any] | None, *, section: str) -
     >>> from kdcache.config.cache import CacheConfig
     >>> load_section(CacheConfig, {"top_k": 16}, section="cache").top_k
     16
+
+    ``values`` None means the section is missing from params.yaml: the defaults apply, and a warning
+    says so (a typo in a section name would otherwise train with defaults silently).
     """
-    values = {} if values is None else values
+    if values is None:
+        log.warning("params: no '%s' section — using the library defaults for all of it", section)
+        values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: must be a mapping, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -81,19 +89,46 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
-    """Read ``params.yaml`` (a mapping of sections)."""
+    """Read ``params.yaml`` (a mapping of sections); a key given twice in one mapping is refused, naming
+    both lines (YAML parsers keep the last silently). Merge keys (``<<: *train``) may be overridden."""
     import yaml
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader()) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: not found — run from the repository root or pass --params") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: nested too deeply to be a params file") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _strict_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key repeated within one mapping."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key '{key}' appears twice in one mapping (lines {seen[key].start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); YAML would keep only the last — remove one",
+                    )
+                seen[key] = key_node
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
