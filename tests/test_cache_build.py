@@ -108,6 +108,7 @@ def test_manifest_describes_the_cache_and_shard_hashes_match(teacher, token_dir,
         "seq_len": T,
         "num_sequences": N,
         "num_tokens": N * T,
+        "packing": {"mode": "stream"},  # token data written without a packing record
     }
     assert manifest.targets["kind"] == "topk" and manifest.targets["top_k"] == 8
     assert manifest.targets["batch_size"] == 3 and manifest.targets["compute_dtype"] == "float32"

@@ -46,6 +46,7 @@ from kdcache.distributed import (
 )
 from kdcache.files import hold_output_dir
 from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.packing import packing_of
 from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
 from kdcache.token_data import TokenSplit, open_tokens
 from kdcache.tokenizer import tokenizer_vocab_size
@@ -347,6 +348,7 @@ def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> 
             "seq_len": tokens.seq_len,
             "num_sequences": len(tokens),
             "num_tokens": len(tokens) * tokens.seq_len,
+            "packing": packing_of(tokens.manifest),
         },
         "targets": layout.to_dict()
         | {
