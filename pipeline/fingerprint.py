@@ -6,8 +6,10 @@ teacher, tokenizer or token data compute the same strings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,26 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of a tokenizer's normalized vocabulary, merges and special tokens.
 
     Two tokenizers with the same ``vocab_size`` but different token strings get different
-    fingerprints (checking the size alone is a known trap).
+    fingerprints (checking the size alone is a known trap). Remembered per tokenizer object, size
+    and special tokens (~2 s at a 262k vocabulary; a pipeline run asks about ten times).
     """
+    try:
+        known = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        known = None
+    shape = (len(tokenizer), tuple(getattr(tokenizer, "all_special_tokens", ())))
+    if known is not None and known[0] == shape:
+        return known[1]
+    digest = _tokenizer_digest(tokenizer)
+    with contextlib.suppress(TypeError):
+        _TOKENIZER_FINGERPRINTS[tokenizer] = (shape, digest)
+    return digest
+
+
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     merges: list[Any] = []
     backend = getattr(tokenizer, "backend_tokenizer", None)
