@@ -25,20 +25,65 @@ Temperature: student logits / tau; the teacher is tempered exactly, which for th
 cache's full-vocabulary log-normalizer (``topk_log_z``, see :func:`tempered_topk_targets`);
 ``topk_renorm`` needs none (it cancels); ``sampled`` and ``hard`` take tau = 1 only.
 
-Memory: the (B, T, V) logits are flattened to (N, V) and processed a chunk of rows at a time
-(``KDLossSpec.rows_per_chunk``); a custom autograd function recomputes each chunk in backward
-(activation checkpointing) and writes its gradient into one preallocated buffer.  The only
-full-size float tensor created besides the logits is that gradient, which backward needs anyway.
+Memory and time: the (B, T, V) logits are flattened to (N, V) and processed a chunk of rows at a
+time (``KDLossSpec.rows_per_chunk``) by ``kdcache.fused_loss``: one softmax pass per chunk gives the
+KD and CE values and their gradient (computed in forward, scaled in backward), written straight
+into one (N, V) gradient buffer -- the only full-size float tensor created besides the logits.
+:func:`kd_loss_from_hidden` goes further: it takes the student's final hidden states and its LM
+head and computes each chunk's logits itself, so no (N, V) tensor exists at all.  Neither syncs
+with the host (counts stay on the device), except the ``sample_total`` check on CPU tensors.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+
+from kdcache.divergences import (
+    COARSE_KINDS,
+    IGNORE_INDEX,
+    LOG_P_FLOOR,
+    LOG_Q_TAIL_FLOOR,
+    coarse_divergence,
+    coarse_student_logprobs,
+    compute_dtype,
+    dense_kl,
+    hard_ce,
+    no_log_z_message,
+    sampled_ce,
+    tempered_topk_targets,
+    topk_renorm_kl,
+)
+from kdcache.fused_loss import ChunkedHeadLoss, ChunkedLogitsLoss
+from kdcache.lm_head import LMHead
+
+__all__ = [
+    "DEFAULT_LOSS",
+    "IGNORE_INDEX",
+    "KINDS",
+    "LOG_P_FLOOR",
+    "LOG_Q_TAIL_FLOOR",
+    "REQUIRED_KEYS",
+    "TAIL_KINDS",
+    "TARGET_KEYS",
+    "TAU_SQUARED_KINDS",
+    "WORKING_BUFFERS",
+    "KDLossSpec",
+    "LMHead",
+    "LossOutput",
+    "coarse_divergence",
+    "coarse_student_logprobs",
+    "default_loss",
+    "dense_kl",
+    "hard_ce",
+    "kd_loss",
+    "kd_loss_from_hidden",
+    "sampled_ce",
+    "tempered_topk_targets",
+    "topk_renorm_kl",
+]
 
 TARGET_KEYS: dict[str, tuple[str, ...]] = {
     "topk_tail": ("topk_ids", "topk_logprobs", "topk_mask", "topk_log_tail", "topk_log_z"),
@@ -61,16 +106,11 @@ TAU_SQUARED_KINDS = ("topk_tail", "topk_renorm", "reverse_kl", "jsd", "skew_kl")
 """Kinds whose KD term is scaled by tau**2 (Hinton et al. 2015: their logit gradients shrink as
 1/tau**2).  ``tv`` is not (its gradient is sign-based); ``sampled``/``hard`` run at tau = 1."""
 DEFAULT_LOSS = {"topk": "topk_tail", "both": "topk_tail", "sampled": "sampled"}
-IGNORE_INDEX = -100
-LOG_Q_TAIL_FLOOR = -1e4
-"""log q_tail is clamped here: a student with (numerically) no mass outside K gets a large,
-finite tail penalty instead of inf (q_tail = e^-10000 is far below any fp32 probability)."""
-LOG_P_FLOOR = math.log(torch.finfo(torch.float32).tiny)
-"""``reverse_kl`` clamps teacher log-probs here (-87.3, the smallest normal fp32): a bucket the
-teacher gives 0 (a tail lost to fp32 rounding) costs q*(log q + 87.3) instead of inf."""
-WORKING_BUFFERS = 7
-"""(chunk, V+1) fp32 buffers alive at once while a chunk's gradient is recomputed: measured 5 (ce,
-sampled, hard, topk_renorm) to 6.75 (coarse kinds at tau != 1 with bf16 logits) by tests/test_losses.py."""
+assert set(TAIL_KINDS) == set(COARSE_KINDS)
+WORKING_BUFFERS = 3
+"""(chunk, V+1) fp32 buffers a chunk may allocate besides the one gradient (``kdcache.fused_loss.workspaces``):
+a logits copy (low-precision logits; the head's logits), the tempered softmax (coarse kinds at tau != 1)
+and a soft-cap derivative (fused head); measured by tests/test_losses.py and tests/test_fused_head.py."""
 
 
 def default_loss(cache_targets: str) -> str:
@@ -149,141 +189,30 @@ class KDLossSpec:
 
 @dataclass(frozen=True)
 class LossOutput:
-    """Result of :func:`kd_loss`.  ``loss == alpha*kd + (1-alpha)*ce`` (``loss == ce`` for kind ce)."""
+    """Result of :func:`kd_loss`.  ``loss == alpha*kd + (1-alpha)*ce`` (``loss == ce`` for kind ce).
+
+    The counts stay on the loss's device (reading ``n_tokens`` / ``n_ce_tokens`` waits for it)."""
 
     loss: Tensor
-    """Scalar training loss, differentiable w.r.t. the logits."""
+    """Scalar training loss, differentiable w.r.t. the logits (or the hidden states and the head)."""
     kd: Tensor
     """Detached scalar: s(tau) * mean KD over counted positions (0 for kind ``ce``)."""
     ce: Tensor
     """Detached scalar: mean hard-label CE over the positions counted in CE (see ``ce_mask``)."""
-    n_tokens: int
-    """Positions counted in the KD mean (for kind ``ce``: in the CE mean)."""
-    n_ce_tokens: int = 0
-    """Positions counted in the CE mean."""
+    kd_count: Tensor
+    """Integer scalar: positions counted in the KD mean (for kind ``ce``: in the CE mean)."""
+    ce_count: Tensor
+    """Integer scalar: positions counted in the CE mean."""
 
+    @property
+    def n_tokens(self) -> int:
+        """Positions counted in the KD mean (for kind ``ce``: in the CE mean)."""
+        return int(self.kd_count)
 
-def dense_kl(teacher_logprobs: Tensor, student_logits: Tensor) -> Tensor:
-    """Per-position KL(p_teacher || q_student) with full-vocabulary distributions, (..., V) -> (...).
-
-    ``teacher_logprobs`` are normalized log-probs (-inf allowed); ``student_logits`` are raw.
-    Computed in fp32 (or fp64 if an input is fp64).  Materializes (..., V) temporaries, so callers
-    with long sequences should pass chunks of positions.
-    """
-    dtype = _compute_dtype(teacher_logprobs, student_logits)
-    logp = teacher_logprobs.to(dtype)  # (..., V)
-    logq = torch.log_softmax(student_logits.to(dtype), dim=-1)  # (..., V)
-    terms = torch.where(logp > -torch.inf, logp.exp() * (logp - logq), 0.0)  # (..., V); 0*log0 = 0
-    return terms.sum(-1)
-
-
-def tempered_topk_targets(
-    topk_logprobs: Tensor,
-    topk_mask: Tensor,
-    *,
-    temperature: float,
-    vocab_size: int,
-    log_tail: Tensor | None = None,
-    log_z: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Teacher log-probs on K and on the tail bucket at ``temperature``: (n, k) -inf padded, (n,).
-
-    At tau = 1 the tail is ``log_tail`` (the cache's exact tail log-mass) or, without it,
-    log(1 - sum_K p) in fp64 (a tail below fp32 rounding of the log-probs, ~1e-7, is lost).  At
-    tau != 1, ``log_z`` (n,) = logsumexp_v(log p_v / tau) over the full vocabulary is required;
-    then p_i = exp(log p_i / tau - log_z) on K and the tail is 1 - sum_K p_i (both exact).
-    The tail is -inf (empty) where K holds all ``vocab_size`` ids.  1 - sum_K resolves a tail
-    only to ~1e-16 absolute (fp64; ~1e-7 with an fp32 ``log_z``): at tau < 1 a tiny tempered tail
-    is known to that precision, which ``reverse_kl`` (q_tail * log p_tail) feels.
-    """
-    dtype = _compute_dtype(topk_logprobs)
-    logp = topk_logprobs.to(dtype)  # (n, k)
-    if temperature != 1.0:
-        if log_z is None:
-            raise ValueError(_no_log_z_message("tempered_topk_targets", temperature))
-        logp, log_tail = logp / temperature - log_z.to(dtype).unsqueeze(-1), None  # (n, k)
-    logp = logp.masked_fill(~topk_mask, -torch.inf)  # (n, k)
-    if log_tail is None:
-        p_tail = (1.0 - logp.double().exp().sum(-1)).clamp_min(0.0)  # (n,) fp64: a tail ~1e-12 survives 1 - mass
-        log_tail = p_tail.log()
-    log_tail = log_tail.to(dtype).masked_fill(topk_mask.sum(-1) >= vocab_size, -torch.inf)  # (n,)
-    return logp, log_tail
-
-
-def coarse_student_logprobs(logits: Tensor, topk_ids: Tensor, topk_mask: Tensor) -> Tensor:
-    """Student log-probs on K + tail, (n, V) logits (already / tau) -> (n, k+1).
-
-    Padded entries hold finfo.min (probability 0, no gradient).  log q_tail is a logsumexp over
-    the non-K logits (never log(1 - sum q)), clamped at ``LOG_Q_TAIL_FLOOR``.
-    """
-    n, vocab = logits.shape
-    fill = torch.finfo(logits.dtype).min
-    lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
-    logq_k = logits.gather(1, topk_ids.masked_fill(~topk_mask, 0)) - lse  # (n, k)
-    in_k = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device)  # (n, V+1); column V = padding
-    in_k.scatter_(1, topk_ids.masked_fill(~topk_mask, vocab), True)
-    log_q_tail = logits.masked_fill(in_k[:, :vocab], fill).logsumexp(-1, keepdim=True) - lse  # (n, 1)
-    return torch.cat([logq_k.masked_fill(~topk_mask, fill), log_q_tail.clamp_min(LOG_Q_TAIL_FLOOR)], dim=-1)
-
-
-def coarse_divergence(logp: Tensor, logq: Tensor, *, kind: str, beta: float = 0.5) -> Tensor:
-    """Per-position divergence ``kind`` between coarse distributions, (n, k+1) log p, log q -> (n,).
-
-    ``logp`` may hold -inf (empty buckets); ``logq`` must be finite (as from
-    :func:`coarse_student_logprobs`).  ``kind`` is one of ``TAIL_KINDS``.
-    """
-    p, q = logp.exp(), logq.exp()  # (n, k+1)
-    if kind == "topk_tail":
-        return (_xlogx(p, logp) - p * logq).sum(-1)
-    if kind == "reverse_kl":
-        return torch.where(q > 0, q * (logq - logp.clamp_min(LOG_P_FLOOR)), 0.0).sum(-1)
-    if kind == "tv":
-        return 0.5 * (p - q).abs().sum(-1)
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    log_m = torch.logaddexp(logp + log_beta, logq + math.log1p(-beta))  # (n, k+1) log(beta*p + (1-beta)*q)
-    kl_p_m = (_xlogx(p, logp) - p * log_m).sum(-1)  # (n,) KL(p || m)
-    if kind == "skew_kl":
-        return kl_p_m
-    if kind == "jsd":
-        kl_q_m = torch.where(q > 0, q * (logq - log_m), 0.0).sum(-1)  # (n,) KL(q || m)
-        return beta * kl_p_m + (1.0 - beta) * kl_q_m
-    raise ValueError(f"coarse_divergence: kind must be one of {'|'.join(TAIL_KINDS)}, got {kind!r}")
-
-
-def topk_renorm_kl(logits: Tensor, topk_ids: Tensor, *, teacher_logp: Tensor, topk_mask: Tensor) -> Tensor:
-    """Per-position KL between teacher and student both renormalized over K, (n, V) -> (n,).
-
-    ``logits`` are the student's (already / tau; log-probs work too), ``teacher_logp`` (n, k)
-    any log-weights on K (normalization cancels), so tempering them by 1/tau is exact.
-    """
-    logq_k = logits.gather(1, topk_ids.masked_fill(~topk_mask, 0))  # (n, k)
-    logq_k = logq_k - _masked_logsumexp(logq_k, topk_mask).unsqueeze(-1)  # (n, k) renormalized on K
-    logp_k = teacher_logp.masked_fill(~topk_mask, -torch.inf)  # (n, k)
-    logp_k = logp_k - _masked_logsumexp(logp_k, topk_mask).unsqueeze(-1)  # (n, k); -inf padded
-    p = logp_k.exp()  # (n, k)
-    return (_xlogx(p, logp_k) - p * logq_k.masked_fill(~topk_mask, 0.0)).sum(-1)
-
-
-def hard_ce(logits: Tensor, topk_ids: Tensor, *, topk_logprobs: Tensor, topk_mask: Tensor) -> Tensor:
-    """Per-position CE on the teacher's argmax id (the unmasked entry with the largest log-prob), (n,)."""
-    best = topk_logprobs.masked_fill(~topk_mask, -torch.inf).argmax(-1, keepdim=True)  # (n, 1)
-    ids = topk_ids.masked_fill(~topk_mask, 0).gather(1, best)  # (n, 1)
-    return logits.logsumexp(-1) - logits.gather(1, ids).squeeze(-1)
-
-
-def sampled_ce(logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, sample_total: Tensor | None = None) -> Tensor:
-    """Per-position Monte-Carlo cross-entropy -sum_j (c_j / S) log q_{s_j}, (n, V) -> (n,).
-
-    S is ``sample_total`` (n,), the draws made at cache time; without it, sum_j c_j.  Unbiased
-    for H(p_teacher, q) when the ids were drawn from p_teacher -- with S, also when some draws
-    were dropped (unmapped ids): renormalizing over the kept draws would bias it.  Entries with
-    count <= 0 are padding; a position with no draws gives 0.
-    """
-    counts = sample_counts.to(logits.dtype).clamp_min(0.0)  # (n, S)
-    total = counts.sum(-1) if sample_total is None else sample_total.to(logits.dtype)  # (n,)
-    weights = counts / total.clamp_min(torch.finfo(counts.dtype).tiny).unsqueeze(-1)  # (n, S)
-    logq_s = logits.gather(1, sample_ids.masked_fill(counts <= 0, 0)) - logits.logsumexp(-1, keepdim=True)  # (n, S)
-    return -(weights * logq_s).sum(-1)
+    @property
+    def n_ce_tokens(self) -> int:
+        """Positions counted in the CE mean."""
+        return int(self.ce_count)
 
 
 def kd_loss(
@@ -326,118 +255,115 @@ def kd_loss(
         sample_counts=sample_counts,
         sample_total=sample_total,
     )
-    _check_inputs(logits, input_ids=input_ids, spec=spec, loss_mask=loss_mask, ce_mask=ce_mask, **targets)
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"kd_loss: logits must be a float (B, T, V) tensor, got {tuple(logits.shape)} {logits.dtype}")
+    masks = dict(loss_mask=loss_mask, ce_mask=ce_mask)
+    _check_inputs(tuple(logits.shape[:2]), input_ids=input_ids, spec=spec, **masks, **targets)
     batch, seq, vocab = logits.shape
-    targets = _target_tensors(spec.kind, targets)  # name -> (N, ...)
+    labels, kd_rows, targets, weights, counts = _prepare(
+        spec, targets, input_ids=input_ids, loss_mask=loss_mask, ce_mask=ce_mask, device=logits.device
+    )
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
     flat = logits.reshape(batch * seq, vocab)  # (N, V); a view for contiguous logits
+    loss, kd_sum, ce_sum = ChunkedLogitsLoss.apply(
+        flat, weights.to(compute_dtype(flat)), labels, kd_rows, spec, want_grad, tuple(targets), *targets.values()
+    )
+    return _output(spec, loss, kd_sum, ce_sum, weights, counts)
+
+
+def kd_loss_from_hidden(
+    hidden: Tensor,
+    head: LMHead,
+    *,
+    input_ids: Tensor,
+    spec: KDLossSpec,
+    loss_mask: Tensor | None = None,
+    ce_mask: Tensor | None = None,
+    **targets: Tensor | None,
+) -> LossOutput:
+    """:func:`kd_loss` of the logits ``head`` computes from the student's final hidden states ``hidden``
+    (B, T, H), without materializing them: each chunk of token rows gets its logits, loss and
+    gradient in one pass (``kdcache.fused_loss.ChunkedHeadLoss``).  The gradient reaches ``hidden``,
+    ``head.weight`` (for a tied head: the input embedding, added to its other gradient) and
+    ``head.bias``.  Targets as for :func:`kd_loss`; ids lie in [0, V), V = ``head.weight.shape[0]``.
+    """
+    unknown = set(targets) - {name for keys in TARGET_KEYS.values() for name in keys}
+    if unknown:
+        raise TypeError(f"kd_loss_from_hidden: unknown target arguments {sorted(unknown)}; see TARGET_KEYS")
+    if hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError(f"kd_loss_from_hidden: hidden must be a float (B, T, H) tensor, got {tuple(hidden.shape)}")
+    weight, bias = head.weight, head.bias
+    bad_bias = bias is not None and bias.shape != weight.shape[:1]
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or bad_bias:
+        raise ValueError(
+            f"kd_loss_from_hidden: head weight {tuple(weight.shape)} (and bias) do not fit hidden states of width "
+            f"{hidden.shape[-1]}; pass the student's output layer: weight (V, H), bias (V,) or None"
+        )
+    given = {name: targets.get(name) for name in _TARGET_NAMES}
+    masks = dict(loss_mask=loss_mask, ce_mask=ce_mask)
+    _check_inputs(tuple(hidden.shape[:2]), input_ids=input_ids, spec=spec, **masks, **given)
+    batch, seq, width = hidden.shape
+    labels, kd_rows, flat_targets, weights, counts = _prepare(
+        spec, given, input_ids=input_ids, loss_mask=loss_mask, ce_mask=ce_mask, device=hidden.device
+    )
+    params = (hidden, weight) if bias is None else (hidden, weight, bias)
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    loss, kd_sum, ce_sum = ChunkedHeadLoss.apply(
+        hidden.reshape(batch * seq, width),
+        weight,
+        bias,
+        weights.to(compute_dtype(hidden, weight)),
+        labels,
+        kd_rows,
+        spec,
+        head.softcap,
+        want_grad,
+        tuple(flat_targets),
+        *flat_targets.values(),
+    )
+    return _output(spec, loss, kd_sum, ce_sum, weights, counts)
+
+
+_TARGET_NAMES = tuple(dict.fromkeys(name for keys in TARGET_KEYS.values() for name in keys))
+
+
+def _prepare(
+    spec: KDLossSpec,
+    given: dict[str, Tensor | None],
+    *,
+    input_ids: Tensor,
+    loss_mask: Tensor | None,
+    ce_mask: Tensor | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """(labels (N,), KD rows (N,) bool, targets name -> (N, ...), (w_kd, w_ce) fp64, (n_kd, n_ce) int64);
+    loss = w_kd * sum KD + w_ce * sum CE.  All on ``device``, no host sync."""
+    batch, seq = input_ids.shape
+    targets = _target_tensors(spec.kind, given)  # name -> (N, ...)
     labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); last has no label
     if ce_mask is not None:
         labels = labels.masked_fill(~ce_mask.to(device=labels.device, dtype=torch.bool), IGNORE_INDEX)
-    labels = labels.reshape(-1).to(logits.device)  # (N,)
-    kd_rows = _kd_rows(spec.kind, targets, loss_mask=loss_mask, n=batch * seq, device=logits.device)  # (N,) bool
-    kd_sum, ce_sum = _ChunkedSums.apply(flat, labels, kd_rows, spec, tuple(targets), *targets.values())
-    n_ce = int((labels != IGNORE_INDEX).sum())
-    ce = ce_sum / max(n_ce, 1)
-    if spec.kind == "ce":
-        return LossOutput(loss=ce, kd=torch.zeros_like(ce).detach(), ce=ce.detach(), n_tokens=n_ce, n_ce_tokens=n_ce)
-    n_kd = int(kd_rows.sum())
-    kd = kd_sum * (spec.temperature**2 if spec.kind in TAU_SQUARED_KINDS else 1.0) / max(n_kd, 1)
-    loss = spec.alpha * kd + (1.0 - spec.alpha) * ce
-    return LossOutput(loss=loss, kd=kd.detach(), ce=ce.detach(), n_tokens=n_kd, n_ce_tokens=n_ce)
+    labels = labels.reshape(-1).to(device)  # (N,)
+    kd_rows = _kd_rows(spec.kind, targets, loss_mask=loss_mask, n=batch * seq, device=device)  # (N,) bool
+    n_ce = (labels != IGNORE_INDEX).sum()
+    n_kd = n_ce if spec.kind == "ce" else kd_rows.sum()
+    counts = torch.stack([n_kd, n_ce])  # (2,) int64
+    scale = spec.temperature**2 if spec.kind in TAU_SQUARED_KINDS else 1.0
+    alpha = 0.0 if spec.kind == "ce" else spec.alpha
+    means = 1.0 / counts.clamp_min(1).to(torch.float64)  # (2,)
+    weights = torch.stack([alpha * scale * means[0], (1.0 - alpha) * means[1]])  # (2,)
+    return labels, kd_rows, targets, weights, counts
 
 
-class _ChunkedSums(torch.autograd.Function):
-    """(sum_t KD_t, sum_t CE_t) over all N rows, computed ``spec.rows_per_chunk`` rows at a time.
-
-    Hand-rolled activation checkpointing: forward keeps no (chunk, V) intermediates; backward
-    recomputes each chunk and writes its gradient straight into one preallocated (N, V) buffer.
-    ``torch.utils.checkpoint`` over split chunks gives the same values, but its backward holds every
-    chunk's gradient and then their concatenation: two logits-sized tensors instead of one.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        flat: Tensor,
-        labels: Tensor,
-        kd_rows: Tensor,
-        spec: KDLossSpec,
-        names: tuple[str, ...],
-        *targets: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        ctx.spec, ctx.names = spec, names
-        ctx.save_for_backward(flat, labels, kd_rows, *targets)
-        kd_sum = ce_sum = flat.new_zeros((), dtype=_compute_dtype(flat))
-        for z, lab, kd_r, *chunk in _chunks(_rows_per_chunk(spec, flat), flat, labels, kd_rows, *targets):
-            kd_tok, ce_tok = _chunk_terms(z, lab, kd_r, dict(zip(names, chunk, strict=True)), spec=spec)  # (c,), (c,)
-            kd_sum = kd_sum + kd_tok.sum()
-            ce_sum = ce_sum + ce_tok.sum()
-        return kd_sum, ce_sum
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_kd: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:
-        flat, *rest = ctx.saved_tensors
-        grad = torch.empty_like(flat)  # (N, V): the one logits-sized tensor, in the logits' dtype
-        for grad_chunk, z, lab, kd_r, *chunk in _chunks(_rows_per_chunk(ctx.spec, flat), grad, flat, *rest):
-            with torch.enable_grad():
-                z = z.detach().requires_grad_()  # (c, V) leaf for the recomputation
-                chunk_targets = dict(zip(ctx.names, chunk, strict=True))
-                kd_tok, ce_tok = _chunk_terms(z, lab, kd_r, chunk_targets, spec=ctx.spec)  # (c,), (c,)
-                total = grad_kd * kd_tok.sum() + grad_ce * ce_tok.sum()
-                (grad_z,) = torch.autograd.grad(total, z)  # (c, V)
-            grad_chunk.copy_(grad_z)
-        return grad, *([None] * (len(ctx.needs_input_grad) - 1))
-
-
-def _rows_per_chunk(spec: KDLossSpec, flat: Tensor) -> int:
-    return spec.rows_per_chunk(flat.shape[-1], torch.finfo(_compute_dtype(flat)).bits // 8)
-
-
-def _chunks(size: int, *tensors: Tensor) -> zip:
-    """Row chunks of equal-length tensors: yields tuples of (c, ...) views."""
-    return zip(*(t.split(size) for t in tensors), strict=True)
-
-
-def _chunk_terms(
-    logits: Tensor, labels: Tensor, kd_rows: Tensor, targets: dict[str, Tensor], *, spec: KDLossSpec
-) -> tuple[Tensor, Tensor]:
-    """Per-position (KD before s(tau), CE) for one chunk of c rows; no (c, V) log-softmax buffer."""
-    z = logits.to(_compute_dtype(logits))  # (c, V) fp32 working copy (a no-op for fp32 logits)
-    lse = z.logsumexp(-1)  # (c,)
-    picked = z.gather(1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (c,)
-    ce_tok = torch.where(labels != IGNORE_INDEX, lse - picked, 0.0)  # (c,)
-    if spec.kind == "ce":
-        return torch.zeros_like(ce_tok), ce_tok
-    kd_tok = _kd_terms(z, targets, kd_rows, spec=spec)  # (c,)
-    return torch.where(kd_rows, kd_tok, 0.0), ce_tok
-
-
-def _kd_terms(z: Tensor, t: dict[str, Tensor], kd_rows: Tensor, *, spec: KDLossSpec) -> Tensor:
-    """Per-position KD term of one chunk, (c, V) fp32 student logits -> (c,); excluded rows are
-    sanitized first so NaN targets there reach neither the value nor the gradient."""
-    rows = kd_rows.unsqueeze(-1)  # (c, 1)
-    if spec.kind == "sampled":
-        total = t.get("sample_total")
-        total = None if total is None else torch.where(kd_rows, total.to(z.dtype), 1.0)  # (c,)
-        return sampled_ce(z, t["sample_ids"], t["sample_counts"].to(z.dtype).masked_fill(~rows, 0.0), total)
-    ids, mask = t["topk_ids"], t["topk_mask"] & rows  # (c, k), (c, k)
-    logprobs = t["topk_logprobs"].to(z.dtype).masked_fill(~mask, -torch.inf)  # (c, k)
-    if spec.kind == "hard":
-        return hard_ce(z, ids, topk_logprobs=logprobs, topk_mask=mask)
-    tau, retemper = spec.temperature, spec.retemper  # student at tau; cached teacher re-tempered by retemper
-    zt = z / tau if tau != 1.0 else z  # (c, V) tempered student
-    if spec.kind == "topk_renorm":
-        return topk_renorm_kl(zt, ids, teacher_logp=logprobs / retemper, topk_mask=mask)
-    log_tail, log_z = t.get("topk_log_tail"), t.get("topk_log_z")
-    log_tail = None if log_tail is None else torch.where(kd_rows, log_tail.to(z.dtype), -torch.inf)  # (c,)
-    log_z = None if log_z is None else torch.where(kd_rows, log_z.to(z.dtype), 0.0)  # (c,)
-    vocab = z.shape[-1]
-    logp, logp_tail = tempered_topk_targets(
-        logprobs, mask, temperature=retemper, vocab_size=vocab, log_tail=log_tail, log_z=log_z
-    )  # (c, k), (c,)
-    logp = torch.cat([logp, logp_tail.unsqueeze(-1)], dim=-1)  # (c, k+1)
-    return coarse_divergence(logp, coarse_student_logprobs(zt, ids, mask), kind=spec.kind, beta=spec.beta)
+def _output(
+    spec: KDLossSpec, loss: Tensor, kd_sum: Tensor, ce_sum: Tensor, weights: Tensor, counts: Tensor
+) -> LossOutput:
+    """The means from the sums: kd = s(tau) * sum / n_kd, ce = sum / n_ce."""
+    means = 1.0 / counts.clamp_min(1).to(kd_sum.dtype)  # (2,)
+    scale = spec.temperature**2 if spec.kind in TAU_SQUARED_KINDS else 1.0
+    kd = torch.zeros_like(kd_sum) if spec.kind == "ce" else kd_sum * scale * means[0]
+    ce = (ce_sum * means[1]).detach()
+    return LossOutput(loss=loss, kd=kd.detach(), ce=ce, kd_count=counts[0], ce_count=counts[1])
 
 
 def _kd_rows(kind: str, targets: dict[str, Tensor], *, loss_mask: Tensor | None, n: int, device) -> Tensor:
@@ -449,7 +375,7 @@ def _kd_rows(kind: str, targets: dict[str, Tensor], *, loss_mask: Tensor | None,
         total = targets["sample_total"]  # (N,)
         rows = rows & (total > 0)  # positions where draws were made (possibly all dropped since)
         kept = targets["sample_counts"].clamp_min(0).sum(-1)  # (N,)
-        if bool((rows & (kept > total)).any()):
+        if total.device.type == "cpu" and bool((rows & (kept > total)).any()):  # elsewhere: the reader checks
             raise ValueError(
                 "kd_loss: sample_counts sum to more than sample_total at some position; "
                 "sample_total must be the number of draws made at cache time (cache.samples)"
@@ -471,16 +397,13 @@ def _target_tensors(kind: str, given: dict[str, Tensor | None]) -> dict[str, Ten
     return {name: t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]) for name, t in out.items()}  # (N, ...)
 
 
-def _check_inputs(logits: Tensor, *, spec: KDLossSpec, **kw: Tensor | None) -> None:
-    """Refuse missing or mis-shaped inputs with a message naming the argument."""
-    if logits.dim() != 3 or not logits.is_floating_point():
-        raise ValueError(f"kd_loss: logits must be a float (B, T, V) tensor, got {tuple(logits.shape)} {logits.dtype}")
-    bt = tuple(logits.shape[:2])
+def _check_inputs(bt: tuple[int, ...], *, spec: KDLossSpec, **kw: Tensor | None) -> None:
+    """Refuse missing or mis-shaped inputs with a message naming the argument; ``bt`` = (B, T)."""
     for name in TARGET_KEYS[spec.kind]:
         if name in REQUIRED_KEYS and kw[name] is None:
             raise ValueError(f"kd_loss: kind={spec.kind!r} needs {name}; pass the cache's {name} for this batch")
     if spec.kind in TAIL_KINDS and spec.retemper != 1.0 and kw["topk_log_z"] is None:
-        raise ValueError(_no_log_z_message(f"kd_loss: kind={spec.kind!r}", spec.temperature))
+        raise ValueError(no_log_z_message(f"kd_loss: kind={spec.kind!r}", spec.temperature))
     per_position = ("input_ids", "loss_mask", "ce_mask", "topk_log_tail", "topk_log_z", "sample_total")
     for name, t in kw.items():
         if t is not None and (tuple(t.shape[:2]) != bt or (name in per_position and t.dim() != 2)):
@@ -494,30 +417,5 @@ def _check_inputs(logits: Tensor, *, spec: KDLossSpec, **kw: Tensor | None) -> N
         t = kw[name]
         if t is not None and (t.is_floating_point() or t.is_complex()):
             raise ValueError(f"kd_loss: {name} must be an integer tensor, got {t.dtype}")
-    if logits.shape[1] < 2 and spec.kind == "ce":
+    if bt[1] < 2 and spec.kind == "ce":
         raise ValueError("kd_loss: kind='ce' needs T >= 2 (position t predicts input_ids[:, t+1])")
-
-
-def _no_log_z_message(where: str, temperature: float) -> str:
-    return (
-        f"{where} at temperature {temperature} needs topk_log_z, the teacher's log-normalizer "
-        f"logsumexp_v(log p_v / {temperature}) over the full vocabulary, and the cache has no log-normalizer "
-        "at that temperature (the tail of the tempered teacher cannot be known without it); train at "
-        "temperature 1, use kind='topk_renorm' (needs no tail), or rebuild the cache with that temperature stored"
-    )
-
-
-def _masked_logsumexp(x: Tensor, mask: Tensor) -> Tensor:
-    """logsumexp over the last dim of the True entries; finite (very negative) for all-False rows,
-    so neither the value nor the gradient is NaN."""
-    return x.masked_fill(~mask, torch.finfo(x.dtype).min).logsumexp(-1)
-
-
-def _xlogx(p: Tensor, logp: Tensor) -> Tensor:
-    """p * log p with 0 * log 0 = 0, given p and its log (which may be -inf)."""
-    return torch.where(p > 0, p * logp, 0.0)
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp32, or fp64 when any input is fp64 (used by the float64 test references)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
