@@ -21,6 +21,7 @@ Output directory::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from transformers import AutoTokenizer
 
 from kdcache import __version__
 from kdcache.cache.format import TOKENIZER_DIR
+from kdcache.cache.prefetch import Prefetcher, pin_batch
 from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.checkpoint import (
     check_position,
@@ -57,7 +59,8 @@ from kdcache.devices import resolve_device
 from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
 from kdcache.files import atomic_write_text, fsync_dir, fsync_file, hold_output_dir
 from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.losses import REQUIRED_KEYS, TARGET_KEYS, KDLossSpec, default_loss, kd_loss
+from kdcache.lm_head import LMHead, final_hidden_states, fused_head
+from kdcache.losses import REQUIRED_KEYS, TARGET_KEYS, KDLossSpec, default_loss, kd_loss, kd_loss_from_hidden
 from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.student import (
     VocabMap,
@@ -356,46 +359,54 @@ def _loop(
     vmap: VocabMap | None,
     progress: bool,
 ) -> None:
+    """Steps until ``stop``. Batches come from a ``Prefetcher`` thread (vocabulary mapping and pinning done
+    there); step statistics stay on the device and are read -- one host sync, one collective -- when a
+    log line, a checkpoint or the last step is due, then written one JSON line per step."""
     from tqdm.auto import tqdm
 
-    stream = batch_stream(
-        reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=TARGET_KEYS[spec.kind]
+    head, why = fused_head(model)
+    if head is None:
+        log.info("student head not fused (%s): the loss computes its full (B, T, V) logits", why)
+    stream = Prefetcher(
+        batch_stream(
+            reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=TARGET_KEYS[spec.kind]
+        ),
+        depth=PREFETCH_BATCHES,
+        transform=functools.partial(_prepare_batch, vmap=vmap, pin=dev.type == "cuda"),
     )
     bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)
     log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
+    pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # steps whose numbers are still on the device
     try:
         while pos.step < stop:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            stats = _step(cfg, model=model, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev, vmap=vmap)
+            stats = _step(cfg, model=model, head=head, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev)
             scheduler.step()
             dt = time.perf_counter() - t0
-            tokens = stats.pop("tokens") * world
+            tokens = stats["tokens"] * world
             pos.step, pos.tokens, pos.elapsed = pos.step + 1, pos.tokens + tokens, pos.elapsed + dt
-            record = {
-                "step": pos.step,
-                **stats,
-                "lr": lr,
-                "tokens_per_s": tokens / max(dt, 1e-9),
-                "elapsed": pos.elapsed,
-                "epoch": pos.epoch,
-            }
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if pos.step % cfg.log_every == 0:
-                log.info(
-                    "step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s",
-                    pos.step,
-                    record["loss"],
-                    record["kd"],
-                    record["ce"],
-                    lr,
-                    record["tokens_per_s"],
-                )
+            record = {"step": pos.step, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9), "elapsed": pos.elapsed}
+            record |= {"epoch": pos.epoch, "data_wait_s": stats["data_wait_s"]}
+            pending.append((record, stats["values"]))
+            checkpoint = pos.step % cfg.checkpoint_every == 0 or pos.step == stop
+            if pos.step % cfg.log_every == 0 or checkpoint:
+                last = _write_log(pending, log_file)
+                pending.clear()
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+                if pos.step % cfg.log_every == 0:
+                    log.info(
+                        "step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s, waited %.3f s for data",
+                        pos.step,
+                        last["loss"],
+                        last["kd"],
+                        last["ce"],
+                        lr,
+                        last["tokens_per_s"],
+                        last["data_wait_s"],
+                    )
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if pos.step % cfg.checkpoint_every == 0 or pos.step == stop:  # every rank: RNG states are gathered
+            if checkpoint:  # every rank: RNG states are gathered
                 _checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos, is_main=rank == 0)
     finally:
         stream.close()
@@ -404,51 +415,93 @@ def _loop(
             log_file.close()
 
 
+PREFETCH_BATCHES = 4
+"""Batches the loader thread assembles ahead of the trainer."""
+
+
+def _prepare_batch(
+    item: tuple[tuple[int, int], dict[str, torch.Tensor]], *, vmap: VocabMap | None, pin: bool
+) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
+    """On the loader thread: map the batch to the student's vocabulary; pin it for CUDA copies."""
+    position, batch = item
+    if vmap is not None:
+        batch = vmap.apply(batch)
+    return position, pin_batch(batch) if pin else batch
+
+
+def _write_log(pending: list[tuple[dict[str, Any], torch.Tensor]], log_file: Any) -> dict[str, Any]:
+    """Read the pending steps' (loss, kd, ce, grad norm) from the device at once, average loss/kd/ce over
+    ranks (one collective), refuse a non-finite loss naming its step, write one line per step; returns
+    the last record."""
+    values = torch.stack([v for _, v in pending]).double().cpu()  # (steps, 4): the one host sync
+    losses = mean_over_ranks(values[:, :3].reshape(-1).tolist())  # (steps * 3,) means over ranks
+    for i, (record, _) in enumerate(pending):
+        loss, kd, ce = losses[3 * i : 3 * i + 3]
+        if not math.isfinite(loss):
+            raise TrainError(
+                f"loss is {loss} at step {record['step']} (epoch {record['epoch']}); lower train.lr or "
+                "check the cache with `kdcache verify`"
+            )
+        record |= {"loss": loss, "kd": kd, "ce": ce, "grad_norm": float(values[i, 3])}
+        if log_file is not None:
+            log_file.write(json.dumps({k: record[k] for k in LOG_FIELDS}) + "\n")
+    if log_file is not None:
+        log_file.flush()
+    return pending[-1][0]
+
+
+LOG_FIELDS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "tokens_per_s", "elapsed", "epoch", "data_wait_s")
+"""One train_log.jsonl line per optimizer step; ``data_wait_s``: seconds the step waited for its batches."""
+
+
 def _step(
     cfg: TrainConfig,
     *,
     model: torch.nn.Module,
+    head: LMHead | None,
     optimizer: torch.optim.Optimizer,
     spec: KDLossSpec,
     stream: Iterator,
     pos: Position,
     dev: torch.device,
-    vmap: VocabMap | None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch.
 
-    Under DDP gradients are averaged over ranks on the last micro-batch only (``no_sync`` before);
-    the returned losses are means over micro-batches and ranks.
+    With a fused ``head`` the student runs without its LM head and the loss computes the logits chunk
+    by chunk (``kd_loss_from_hidden``); otherwise ``kd_loss`` on the full logits. Under DDP gradients
+    are averaged over ranks on the last micro-batch only (``no_sync`` before). Returns ``values``, a
+    device tensor (loss, kd, ce averaged over micro-batches, gradient norm) -- read nothing back here:
+    no host sync -- the tokens of this rank and the seconds spent waiting for batches.
     """
     optimizer.zero_grad(set_to_none=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, kd, ce
-    tokens = 0
+    sums = torch.zeros(3, dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)  # loss, kd, ce
+    tokens, waited = 0, 0.0
     for micro in range(cfg.grad_accum):
+        start = time.perf_counter()
         (pos.epoch, pos.batch), batch = next(stream)
-        if vmap is not None:
-            batch = vmap.apply(batch)
+        waited += time.perf_counter() - start
         input_ids = batch["input_ids"].to(dev, non_blocking=True)  # (B, T)
         keys = (*TARGET_KEYS[spec.kind], "ce_mask")
         targets = {k: batch[k].to(dev, non_blocking=True) for k in keys if k in batch}
         sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():
             with amp:
-                logits = model(input_ids=input_ids).logits  # (B, T, V)
-            out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
+                if head is not None:
+                    hidden = final_hidden_states(model, input_ids)  # (B, T, H)
+                    out = kd_loss_from_hidden(hidden, head, input_ids=input_ids, spec=spec, **targets)
+                else:
+                    logits = model(input_ids=input_ids).logits  # (B, T, V)
+            if head is None:
+                out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
             (out.loss / cfg.grad_accum).backward()
-        sums += torch.stack([out.loss.detach(), out.kd, out.ce]).double().cpu() / cfg.grad_accum
+        sums += torch.stack([out.loss.detach(), out.kd, out.ce]).to(sums.dtype) / cfg.grad_accum
         tokens += input_ids.numel()
-    loss, kd, ce = mean_over_ranks(sums.tolist())
-    if not math.isfinite(loss):
-        raise TrainError(
-            f"loss is {loss} at step {pos.step + 1} (epoch {pos.epoch}); lower train.lr or "
-            "check the cache with `kdcache verify`"
-        )
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # a device scalar: no sync
     optimizer.step()
-    return {"loss": loss, "kd": kd, "ce": ce, "grad_norm": grad_norm, "tokens": tokens}
+    values = torch.cat([sums, grad_norm.detach().reshape(1).to(sums)])  # (4,)
+    return {"values": values, "tokens": tokens, "data_wait_s": waited}
 
 
 def _start(

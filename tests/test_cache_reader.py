@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -494,3 +495,57 @@ def test_shards_are_readable_by_datasets_pandas_pyarrow_and_duckdb(caches, tmp_p
     assert list(frame.columns) == LAYOUTS["both"].columns() and len(frame) == N
     assert pq.read_table(path / "shard-00000.parquet").num_rows == 5
     assert duckdb.sql(f"SELECT count(*), max(seq_index) FROM read_parquet('{pattern}')").fetchall() == [(N, N - 1)]
+
+
+# --- assembly off the training thread: worker processes, the prefetch thread ---------------------
+
+
+def _same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("kind", ["both", "adaptive"])
+def test_worker_processes_serve_the_same_batches_in_the_same_order(caches, staging, kind) -> None:
+    with open_cache(caches[kind][0], staging_dir=staging) as reader:
+        args = dict(seed=5, epoch=1, rank=1, world_size=2, start_batch=1)
+        here = list(reader.batches(2, **args))
+        assert _same_batches(list(reader.batches(2, **args, workers=2)), here)
+        assert _same_batches(list(reader.batches(2, **args, pin_memory=True)), here)  # no CUDA: unchanged
+
+
+def test_the_prefetcher_yields_the_same_items_and_closes_the_source_on_its_thread(caches, staging) -> None:
+    from kdcache.cache.prefetch import Prefetcher
+
+    closed_on = []
+
+    def source():
+        try:
+            yield from range(100)
+        finally:
+            closed_on.append(threading.current_thread().name)
+
+    with Prefetcher(source(), depth=3, transform=lambda x: x * 2) as ahead:
+        assert [next(ahead) for _ in range(5)] == [0, 2, 4, 6, 8]
+    assert closed_on == ["kdcache-batches"]  # stopped early: the generator was closed on the thread
+    with open_cache(caches["both"][0], staging_dir=staging) as reader:
+        here = list(reader.batches(3, seed=0))
+        with Prefetcher(reader.batches(3, seed=0)) as ahead:
+            assert _same_batches(list(ahead), here) and ahead.waited_s >= 0
+
+
+def test_the_prefetcher_raises_the_sources_error_in_the_consumer() -> None:
+    from kdcache.cache.prefetch import Prefetcher
+
+    def source():
+        yield 1
+        raise CacheError("shard-00003.parquet: damaged")
+
+    ahead = Prefetcher(source())
+    assert next(ahead) == 1
+    with pytest.raises(CacheError, match="damaged"):
+        next(ahead)
+    with pytest.raises(StopIteration):
+        next(ahead)
+    ahead.close()

@@ -3,7 +3,8 @@
 ``open_cache`` checks the manifest and every shard file (names, links, sizes; sha256 with
 ``verify="full"``) before anything is read; shards are staged and mapped by ``staging``
 (staging dir: see there) and the next ones are staged in a background thread while batches are
-served.
+served. Batches can be assembled off the training thread by DataLoader worker processes
+(``batches(..., workers=n)``) or by ``kdcache.cache.prefetch.Prefetcher`` (a thread).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from kdcache.cache.codec import decode_log_tail
 from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
 from kdcache.cache.mapped import MappedShard, staged_columns
+from kdcache.cache.prefetch import pin_batch
 from kdcache.cache.shards import CacheError, check_shard_file, sha_error
 from kdcache.cache.staging import clean_stale, default_max_bytes, default_staging_dir, load_shard
 from kdcache.fingerprint import sha256_file
@@ -190,6 +192,8 @@ class CacheReader:
         shuffle: bool = True,
         window: int = 4,
         keys: Collection[str] | None = None,
+        workers: int = 0,
+        pin_memory: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of each global batch of an epoch, from global batch ``start_batch`` on.
 
@@ -211,7 +215,13 @@ class CacheReader:
         ``reader[i]`` does. ``keys`` limits which target
         tensors are decoded (e.g. ``kdcache.losses.TARGET_KEYS[kind]``; ``input_ids`` and
         ``seq_index`` always come); None decodes every kind the cache holds.
+
+        ``workers`` > 0 assembles batches in that many DataLoader worker processes (same batches, same
+        order); ``pin_memory`` returns them in pinned memory (CUDA hosts), so ``.to(device,
+        non_blocking=True)`` overlaps the copy with compute.
         """
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         total = self.num_batches(batch_size, world_size, drop_last=drop_last)
@@ -225,36 +235,16 @@ class CacheReader:
         else:
             order, shard_seq = np.arange(len(self)), np.arange(len(self._files))
         self._capacity = max(MAX_MAPPED, window + self.prefetch + 1)
-        want = None if keys is None else frozenset(keys)
-        return self._serve(
-            order,
-            shard_seq,
-            range(start_batch, total),
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            want=want,
-        )  # arguments were checked above, not at the first next()
+        plan = _EpochPlan(self, order, shard_seq, batch_size=batch_size, rank=rank, world_size=world_size, keys=keys)
+        steps = range(start_batch, total)
+        if workers == 0:
+            batches = (plan[g] for g in steps)
+            return (pin_batch(b) for b in batches) if pin_memory else batches  # arguments checked above
+        from torch.utils.data import DataLoader, Subset
 
-    def _serve(
-        self,
-        order: np.ndarray,
-        shard_seq: np.ndarray,
-        steps: range,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        want: frozenset[str] | None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        rank_of = np.empty(len(shard_seq), np.int64)
-        rank_of[shard_seq] = np.arange(len(shard_seq))  # position of each shard in the epoch's shard order
-        global_batch = batch_size * world_size
-        for g in steps:
-            rows = order[g * global_batch : (g + 1) * global_batch]
-            reached = rank_of[np.searchsorted(self._offsets, rows, side="right") - 1].max()
-            self._prefetch_from(int(reached) + 1, list(shard_seq))  # every rank stages what the global batch needs
-            yield self._assemble(np.array_split(rows, world_size)[rank], want)
+        return iter(
+            DataLoader(Subset(plan, steps), batch_size=None, num_workers=workers, pin_memory=pin_memory)
+        )  # workers reopen nothing: forked, they keep the mapped reader (``_after_fork``)
 
     def _assemble(self, idx: np.ndarray, want: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
         """Vectorized gather of sequences ``idx`` (global positions) from their mapped shards; decodes the
@@ -285,6 +275,11 @@ class CacheReader:
             ids, counts, _ = _gather_ragged(
                 parts, "sample", (B, T, max(width, 1)), fixed=False, dtypes=staged_columns(lay)
             )
+            if int(counts.sum(axis=-1, dtype=np.int64).max(initial=0)) > lay.samples:
+                raise CacheError(
+                    f"{self.path}: sample counts at a position sum to more than the {lay.samples} draws the "
+                    "manifest records (cache.samples); the cache is damaged: run `kdcache verify` and rebuild it"
+                )  # checked here, off the training thread: kd_loss checks only CPU tensors
             out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
             out["sample_total"] = np.full((B, T), lay.samples, np.float32)  # draws made per position
         return {k: torch.from_numpy(v) for k, v in out.items()}
@@ -341,6 +336,38 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _EpochPlan:
+    """One epoch's global batches as a map-style dataset: ``plan[g]`` is this rank's share of global batch g
+    (assembled in the calling process, which stages ahead what the global batch reaches)."""
+
+    def __init__(
+        self,
+        reader: CacheReader,
+        order: np.ndarray,
+        shard_seq: np.ndarray,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        keys: Collection[str] | None,
+    ) -> None:
+        self.reader, self.order, self.shard_seq = reader, order, [int(s) for s in shard_seq]
+        self.rank, self.world_size, self.global_batch = rank, world_size, batch_size * world_size
+        self.want = None if keys is None else frozenset(keys)
+        self.rank_of = np.empty(len(shard_seq), np.int64)
+        self.rank_of[shard_seq] = np.arange(len(shard_seq))  # position of each shard in the epoch's shard order
+
+    def __len__(self) -> int:
+        return len(self.order) // self.global_batch
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        reader = self.reader
+        rows = self.order[g * self.global_batch : (g + 1) * self.global_batch]
+        reached = self.rank_of[np.searchsorted(reader._offsets, rows, side="right") - 1].max()
+        reader._prefetch_from(int(reached) + 1, self.shard_seq)  # every rank stages what the global batch needs
+        return reader._assemble(np.array_split(rows, self.world_size)[self.rank], self.want)
 
 
 def _gather_ragged(
