@@ -12,8 +12,11 @@ model whose full forward computes something else (an output transform this modul
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +94,12 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         log.warning("teacher.trust_remote_code is on: executing modelling code shipped in %s", path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            path, dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **_placement(cfg, device)
         )
     except (OSError, ValueError) as e:
         raise TeacherError(f"teacher.path '{path}': cannot load the model ({e})") from e
-    model.to(device).eval()
+    model.eval()
+    device = _input_device(model, device)
     vocab_size = _logits_width(model, config)
     if vocab_size < tokenizer_vocab_size(tokenizer):
         raise TeacherError(
@@ -123,6 +127,33 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         device,
     )
     return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, info=info, head=head)
+
+
+def _placement(cfg: TeacherConfig, device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that put the weights where they compute, streamed from safetensors.
+
+    With ``teacher.device_map`` accelerate spreads the model over the visible GPUs (then CPU, then a
+    temporary offload folder) within ``teacher.max_memory``; otherwise the whole model loads straight
+    to ``device`` (on a GPU box: the rank's GPU, never a full copy in CPU RAM per rank first).
+    """
+    if cfg.device_map:
+        memory = dict(item.split("=", 1) for item in cfg.max_memory)
+        memory = {int(k) if k.isdigit() else k: v for k, v in memory.items()}
+        offload = tempfile.mkdtemp(prefix="kdcache-offload-")
+        atexit.register(shutil.rmtree, offload, ignore_errors=True)
+        return {"device_map": cfg.device_map, "max_memory": memory or None, "offload_folder": offload}
+    return {"device_map": {"": device.index}} if device.type == "cuda" else {}  # accelerate: GPU index
+
+
+def _input_device(model: Any, device: torch.device) -> torch.device:
+    """Where input ids go: the device of the first placed module under a device map, else ``device``."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return device
+    first = next(iter(placed.values()))
+    if isinstance(first, int):
+        return torch.device("cuda", first)
+    return torch.device("cpu") if first in ("cpu", "disk") else torch.device(first)
 
 
 def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:

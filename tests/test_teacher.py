@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdcache.config.base import ConfigError
 from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import TeacherError, load_teacher, teacher_logits
 from kdcache.tokenizer import tokenizer_vocab_size
@@ -292,3 +293,30 @@ def test_bf16_teacher_head_matches_its_own_forward_within_bf16_rounding(teacher_
     assert chunk.dtype == torch.float32
     full = teacher_logits(teacher, ids).float().reshape(40, -1)
     torch.testing.assert_close(chunk, full, atol=1e-2 * float(full.abs().max()), rtol=0)
+
+
+def test_a_device_map_that_offloads_most_of_the_model_gives_the_same_cache_bytes(tmp_path) -> None:
+    """Teachers larger than one device: accelerate's placement (here: CPU memory too small, the rest offloaded
+    to disk) computes exactly what the plain load computes, in fp32."""
+    from conftest import make_world
+
+    from kdcache.cache.build import build_cache
+    from kdcache.config.cache import CacheConfig
+    from kdcache.token_data import open_tokens
+
+    world = make_world(tmp_path, vocab_size=64, n=8, seq=16)
+    tokens = open_tokens(world["tokens"], "train")
+    cfg = CacheConfig(targets="topk", top_k=4, batch_size=4, rows_per_shard=4)
+    plain = load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu"))
+    mapped = load_teacher(
+        TeacherConfig(path=str(world["teacher"]), device="cpu", device_map="auto", max_memory=("cpu=40KB",))
+    )
+    assert "disk" in set(mapped.model.hf_device_map.values())
+    a = build_cache(plain, tokens, cfg, out_dir=tmp_path / "plain")
+    b = build_cache(mapped, tokens, cfg, out_dir=tmp_path / "mapped")
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_max_memory_without_a_device_map_is_refused() -> None:
+    with pytest.raises(ConfigError, match="teacher.max_memory: needs teacher.device_map"):
+        TeacherConfig(max_memory=("cpu=1GiB",))
