@@ -57,7 +57,7 @@ class SourceShape:
     renumbered: bool = False  # the source's own indices are not 0..N-1 in order
     tokens: int = 0  # source tokens (before padding)
     empty: int = 0  # source positions without any kept entry
-    lengths: set[int] = field(default_factory=set)
+    min_len: int = 1 << 62
     digest: Any = field(default_factory=hashlib.sha256)
 
 
@@ -95,7 +95,7 @@ def import_cache(
         vocab_size=vocab,
         seq_len=T,
         top_k=shape.max_k,
-        mass=NOMINAL_MASS if shape.ragged or min(shape.lengths) < T else 0.0,
+        mass=NOMINAL_MASS if shape.ragged or shape.min_len < T else 0.0,
         temperature=temperature,
     )
     header = _header(source, fmt, tok, layout, shape, pad_id=pad_id, rows_per_shard=rows_per_shard, split=split)
@@ -119,14 +119,14 @@ def scan_source(source: str | Path, fmt: str, *, vocab_size: int) -> SourceShape
     """First pass: check every row (ids in range, aligned targets) and learn the source's shape."""
     shape = SourceShape()
     for row in read_rows(source, fmt):
-        _check_ids(row, vocab_size)
         counts = [len(i) for i in row.ids]
         if row.input_ids.size < 1 or max(counts, default=0) > MAX_TOP_K:
             raise SourceError(f"{row.where}: empty row, or more than {MAX_TOP_K} entries at a position")
+        _check_ids(row, vocab_size)
         shape.ragged |= bool(shape.max_k and max(counts) != shape.max_k) or min(counts) != max(counts)
         shape.max_k = max(shape.max_k, max(counts))
         shape.max_len = max(shape.max_len, row.input_ids.size)
-        shape.lengths.add(row.input_ids.size)
+        shape.min_len = min(shape.min_len, row.input_ids.size)
         shape.tokens += row.input_ids.size
         shape.empty += counts.count(0)
         shape.renumbered |= row.index is not None and row.index != shape.rows
