@@ -101,13 +101,13 @@ FILE_LOCALS = (
 
 def file_being_loaded(e: BaseException) -> str | None:
     """The file a loader was reading when it raised ``e``: the innermost frame holding an existing
-    file under a ``FILE_LOCALS`` name; else the model directory (``pretrained_model_name_or_path``)."""
+    file under a ``FILE_LOCALS`` name; else the directory it was loading from."""
     frames = []
     tb = e.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame.f_locals)
         tb = tb.tb_next
-    for names in ((FILE_LOCALS, os.path.isfile), (("pretrained_model_name_or_path",), os.path.isdir)):
+    for names in ((FILE_LOCALS, os.path.isfile), (("pretrained_model_name_or_path", "path"), os.path.isdir)):
         for f_locals in reversed(frames):
             for name in names[0]:
                 value = f_locals.get(name)

@@ -126,7 +126,7 @@ def test_changing_cache_top_k_invalidates_the_cache_stage(repo: tuple[Path, dict
         params = yaml.safe_load(original)
         params["cache"]["top_k"] = 4
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        assert _changed_stages(work, env) == {"cache"}  # train/evaluate follow through the cache output
+        assert _changed_stages(work, env) == {"check_params", "cache"}  # train/evaluate follow via the cache
     finally:
         (work / "params.yaml").write_text(original)
 
@@ -144,7 +144,7 @@ def test_a_new_train_config_field_reruns_training_not_the_cache(repo: tuple[Path
         )
         assert added != original
         module.write_text(added)
-        assert _changed_stages(work, env) == {"train", "train_baseline"}  # evaluate follows via their outputs
+        assert _changed_stages(work, env) == {"check_params", "train", "train_baseline"}  # evaluate: via outputs
     finally:
         module.write_text(original)
     assert _changed_stages(work, env) == set()
