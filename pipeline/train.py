@@ -60,7 +60,15 @@ from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_rank
 from kdcache.files import atomic_write_text, fsync_dir, fsync_file, hold_output_dir
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
-from kdcache.losses import REQUIRED_KEYS, TARGET_KEYS, KDLossSpec, default_loss, kd_loss, kd_loss_from_hidden
+from kdcache.losses import (
+    REQUIRED_KEYS,
+    TAIL_KINDS,
+    TARGET_KEYS,
+    KDLossSpec,
+    default_loss,
+    kd_loss,
+    kd_loss_from_hidden,
+)
 from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.student import (
     VocabMap,
@@ -286,7 +294,14 @@ def load_cache_tokenizer(cache_dir: str | Path) -> Any:
 def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -> KDLossSpec:
     """The loss for ``cfg`` (``auto``: the one matching the cache), refusing one the cache's targets cannot feed."""
     layout = reader.layout
-    kind = default_loss(layout.kind) if cfg.loss == "auto" else cfg.loss
+    renormalized = bool(reader.meta.targets.get("renormalized"))  # imported top-k without a tail
+    kind = ("topk_renorm" if renormalized else default_loss(layout.kind)) if cfg.loss == "auto" else cfg.loss
+    if renormalized and kind in TAIL_KINDS:
+        tool = reader.meta.targets.get("source", {}).get("tool", "another tool")
+        raise ConfigError(
+            f"train.loss={kind} needs the teacher's tail mass, but {cache_dir} holds renormalized top-k targets "
+            f"(targets.renormalized, imported from {tool}: no tail); set train.loss: topk_renorm (or hard, or auto)"
+        )
     needs = {k[: k.index("_")] for k in TARGET_KEYS[kind] if k in REQUIRED_KEYS}  # {"topk"} / {"sample"} / {}
     if ("topk" in needs and not layout.has_topk) or ("sample" in needs and not layout.has_samples):
         other = "sampled" if "topk" in needs else "topk_tail"

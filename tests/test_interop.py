@@ -332,3 +332,20 @@ def test_cli_export_import_train_and_verify_an_imported_cache(world, tmp_path, c
     args = ["train", "--cache", str(cache), "--student", str(student), "--device", "cpu", "--max-steps", "2"]
     assert kdcache([*args, "--batch-size", "4", "--loss", "topk_renorm", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "model.safetensors").is_file() or any((tmp_path / "s").rglob("*.safetensors"))
+
+
+def test_training_refuses_tail_losses_on_an_imported_renormalized_cache(world, tmp_path, capsys) -> None:
+    """Axolotl targets carry no tail: tail losses are refused naming the fix, and auto picks topk_renorm."""
+    ax, cache = tmp_path / "ax", tmp_path / "imported"
+    assert kdcache(["export", str(world["topk"]), "--to", "axolotl", str(ax)]) == 0
+    assert kdcache(["import", "--from", "axolotl", str(ax), str(cache), "--tokenizer", str(world["teacher"])]) == 0
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(STUDENT))
+    args = ["train", "--cache", str(cache), "--student", str(student), "--device", "cpu", "--max-steps", "1"]
+    assert kdcache([*args, "--batch-size", "4", "--loss", "topk_tail", "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "holds renormalized top-k targets (targets.renormalized, imported from axolotl" in err and "topk_renorm" in err
+    )
+    assert kdcache([*args, "--batch-size", "4", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "training.json").read_text())["loss"]["kind"] == "topk_renorm"
