@@ -70,6 +70,7 @@ from kdcache.losses import (
     kd_loss_from_hidden,
 )
 from kdcache.optim import lr_scheduler, make_optimizer
+from kdcache.packing import packing_of, target_mask
 from kdcache.student import (
     VocabMap,
     build_student,
@@ -387,7 +388,9 @@ def _loop(
             reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=TARGET_KEYS[spec.kind]
         ),
         depth=PREFETCH_BATCHES,
-        transform=functools.partial(_prepare_batch, vmap=vmap, pin=dev.type == "cuda"),
+        transform=functools.partial(
+            _prepare_batch, vmap=vmap, pin=dev.type == "cuda", packing=packing_of(reader.meta.corpus)
+        ),
     )
     bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)
     log_file = open(out / LOG_NAME, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
@@ -435,10 +438,18 @@ PREFETCH_BATCHES = 4
 
 
 def _prepare_batch(
-    item: tuple[tuple[int, int], dict[str, torch.Tensor]], *, vmap: VocabMap | None, pin: bool
+    item: tuple[tuple[int, int], dict[str, torch.Tensor]],
+    *,
+    vmap: VocabMap | None,
+    pin: bool,
+    packing: dict[str, Any] | None = None,
 ) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
-    """On the loader thread: map the batch to the student's vocabulary; pin it for CUDA copies."""
+    """On the loader thread: mask document padding (``documents`` packing: a position whose next token is
+    padding is neither a KD nor a CE target), map the batch to the student's vocabulary, pin it for CUDA."""
     position, batch = item
+    if packing is not None and packing.get("mode") == "documents":
+        real = torch.nn.functional.pad(target_mask(batch["input_ids"], packing), (0, 1), value=False)  # (B, T)
+        batch = {**batch, "loss_mask": real, "ce_mask": real}
     if vmap is not None:
         batch = vmap.apply(batch)
     return position, pin_batch(batch) if pin else batch
@@ -497,7 +508,7 @@ def _step(
         (pos.epoch, pos.batch), batch = next(stream)
         waited += time.perf_counter() - start
         input_ids = batch["input_ids"].to(dev, non_blocking=True)  # (B, T)
-        keys = (*TARGET_KEYS[spec.kind], "ce_mask")
+        keys = (*TARGET_KEYS[spec.kind], "ce_mask", "loss_mask")
         targets = {k: batch[k].to(dev, non_blocking=True) for k in keys if k in batch}
         sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync():

@@ -479,3 +479,17 @@ def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_
     assert 0 < report["teacher_mass_kept_ratio"] < 1
     saved = AutoTokenizer.from_pretrained(tmp_path / "s")
     assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(partial_tokenizer())  # the student keeps its own
+
+
+def test_document_padding_is_neither_a_kd_nor_a_ce_target() -> None:
+    """`prepare.packing: documents` pads a document's last row: positions whose next token is padding
+    get no loss (the mask is recovered from the ids, on the loader thread)."""
+    from kdcache.train import _prepare_batch
+
+    packing = {"mode": "documents", "pad_id": 1, "eos_id": 0}
+    ids = torch.tensor([[5, 6, 0, 1, 1], [7, 8, 9, 10, 11]])  # row 0: a document, its EOS, then padding
+    _, batch = _prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing=packing)
+    want = [[True, True, False, False, False], [True, True, True, True, False]]  # label of t is token t + 1
+    assert batch["loss_mask"].tolist() == want and batch["ce_mask"].tolist() == want
+    _, plain = _prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing={"mode": "stream"})
+    assert "loss_mask" not in plain
