@@ -41,6 +41,7 @@ import torch
 import zstandard
 
 from kdcache.cache import format as cf
+from kdcache.cache import rows as rows_mod
 from kdcache.cache.format import SequenceTargets, TargetLayout
 from kdcache.cache.targets import sparsify
 from kdcache.config.teacher import TeacherConfig
@@ -342,18 +343,18 @@ def v1_candidate(level: int | None = None) -> Candidate:
             )
             for r in range(R)
         ]
-        return cf.encode_table(layout(s, T, VOCAB), rows)
+        return rows_mod.encode_table(layout(s, T, VOCAB), rows)
 
     def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
         lay = layout(s, len(s.lengths) // t.num_rows, VOCAB)
-        st = cf.stage_rows(lay, t)
+        st = rows_mod.stage_rows(lay, t)
         a, n = st.arrays, st.arrays["topk_lengths"]
         keep = np.arange(s.k)[None, :] < n[:, None]
         lp = cf.decode_topk_logprobs(cf.padded(a["topk_codes"], n, s.k, 0), a["topk_tail"], keep)
         return cf.padded(a["topk_ids"].astype(np.int64), n, s.k, 0), lp
 
-    def stage(t: pa.Table, s: TopK) -> cf.StagedRows:
-        return cf.stage_rows(layout(s, len(s.lengths) // t.num_rows, VOCAB), t)
+    def stage(t: pa.Table, s: TopK) -> rows_mod.StagedRows:
+        return rows_mod.stage_rows(layout(s, len(s.lengths) // t.num_rows, VOCAB), t)
 
     opts = dict(cf.PARQUET_OPTIONS) | ({"compression_level": level} if level else {})
     return Candidate(f"v1 (zstd {opts['compression_level']})", encode, decode, opts, stage=stage)
@@ -454,8 +455,10 @@ def measure_sampled(sc: Scored, S: int, repeat: int) -> list[dict[str, Any]]:
         for r in range(R)
     ]
     n_tok, out = sc.input_ids.size, []
-    enc_s, blob = best_time(lambda: write_parquet(cf.encode_table(lay, rows), cf.PARQUET_OPTIONS), repeat)
-    dec_s, _ = best_time(lambda: cf.stage_rows(lay, pq.read_table(pa.BufferReader(blob), use_threads=False)), repeat)
+    enc_s, blob = best_time(lambda: write_parquet(rows_mod.encode_table(lay, rows), cf.PARQUET_OPTIONS), repeat)
+    dec_s, _ = best_time(
+        lambda: rows_mod.stage_rows(lay, pq.read_table(pa.BufferReader(blob), use_threads=False)), repeat
+    )
     unique = float((counts > 0).sum(1).mean())
     out.append(
         {

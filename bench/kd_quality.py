@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.cache.format import TargetLayout, decode_row, encode_table
+from kdcache.cache.format import TargetLayout
+from kdcache.cache.rows import decode_row, encode_table
 from kdcache.cache.targets import sparsify, to_sequence_targets
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import TrainConfig

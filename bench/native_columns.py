@@ -48,7 +48,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdcache.cache.build import build_cache
 from kdcache.cache.codec import decode_gaps, encode_gaps
-from kdcache.cache.format import PARQUET_OPTIONS, Manifest, StagedRows, TargetLayout, stage_rows
+from kdcache.cache.format import PARQUET_OPTIONS, Manifest, TargetLayout
+from kdcache.cache.rows import StagedRows, stage_rows
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.fingerprint import tokenizer_fingerprint

@@ -36,22 +36,33 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout
 from kdcache.cache.reader import open_cache
+from kdcache.cache.rows import encode_table
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.fingerprint import sha256_file
 from kdcache.losses import KDLossSpec, kd_loss
+from kdcache.optim import make_optimizer
 from kdcache.student import count_parameters
-from kdcache.train import make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 VARIANTS = ("topk_tail", "ce", "plain_ce")
 
 
 def write_random_cache(
-    out: Path, *, sequences: int, seq_len: int, vocab: int, k: int, rows_per_shard: int = 64, seed: int = 0
+    out: Path,
+    *,
+    sequences: int,
+    seq_len: int,
+    vocab: int,
+    k: int,
+    rows_per_shard: int = 64,
+    seed: int = 0,
+    full_softmax: bool = True,
 ) -> Path:
-    """A valid top-k cache: ids uniform, targets = top-k of log_softmax(3 * randn) per position."""
+    """A valid top-k cache: ids uniform, targets = top-k of log_softmax(3 * randn) per position. Without
+    ``full_softmax`` (fast at large V): k distinct ids spread over the vocabulary in random rank order and
+    the k largest of k + 1 log_softmax(3 * randn) values (the last one's mass is the tail)."""
     gen = torch.Generator().manual_seed(seed)
     layout = TargetLayout(kind="topk", vocab_size=vocab, seq_len=seq_len, top_k=k)
     out.mkdir(parents=True)
@@ -59,14 +70,22 @@ def write_random_cache(
     for first in range(0, sequences, rows_per_shard):
         rows = []
         for i in range(first, min(first + rows_per_shard, sequences)):
-            logp = F.log_softmax(3.0 * torch.randn(seq_len, vocab, generator=gen), dim=-1)  # (T, V)
-            top = logp.topk(k, dim=-1)  # (T, k) each
+            if full_softmax:
+                logp = F.log_softmax(3.0 * torch.randn(seq_len, vocab, generator=gen), dim=-1)  # (T, V)
+                top = logp.topk(k, dim=-1)  # (T, k) each
+                top_ids, top_logp = top.indices, top.values
+            else:
+                gaps = torch.randint(1, max(2, vocab // k), (seq_len, k), generator=gen)  # (T, k): sum < V, distinct
+                ids = (torch.randint(vocab, (seq_len, 1), generator=gen) + gaps.cumsum(-1)) % vocab  # (T, k)
+                top_ids = ids.gather(1, torch.rand(seq_len, k, generator=gen).argsort(-1))  # (T, k) random ranks
+                logp = F.log_softmax(3.0 * torch.randn(seq_len, k + 1, generator=gen), dim=-1)  # (T, k+1)
+                top_logp = logp.sort(-1, descending=True).values[:, :k]  # (T, k)
             rows.append(
                 SequenceTargets(
                     seq_index=i,
                     input_ids=torch.randint(vocab, (seq_len,), generator=gen).numpy(),
-                    topk_ids=top.indices.numpy(),
-                    topk_logprobs=top.values.numpy(),
+                    topk_ids=top_ids.numpy(),
+                    topk_logprobs=top_logp.numpy(),
                 )
             )
         path = out / f"shard-{first // rows_per_shard:05d}.parquet"
@@ -120,7 +139,7 @@ class Trainer:
         cfg = TrainConfig(loss="ce" if self.plain else kind)
         self.device, self.clip = device, cfg.grad_clip
         self.model = make_student(vocab, seq_len).to(device)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.spec = KDLossSpec(
             kind=cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens
         )

@@ -23,16 +23,14 @@ from kdcache.cache.format import (
     check_shard_name,
     decode_gaps,
     decode_log_mass,
-    decode_row,
     decode_topk_logprobs,
     encode_gaps,
-    encode_table,
     encode_tail,
     encode_values,
     from_planes,
-    stage_rows,
     to_planes,
 )
+from kdcache.cache.rows import decode_row, encode_table, stage_rows
 
 LAYOUTS = {
     "topk": TargetLayout(kind="topk", vocab_size=300, seq_len=12, top_k=8),

@@ -14,8 +14,9 @@ import pytest
 import torch
 from test_cache_format import LAYOUTS, assert_same_targets, random_targets
 
-from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout
 from kdcache.cache.reader import CacheError, CacheReader, open_cache
+from kdcache.cache.rows import encode_table
 from kdcache.cache.verify import verify_cache
 from kdcache.fingerprint import sha256_file
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import STUDENT, make_world
 
-from kdcache.cache.format import Manifest, decode_row
+from kdcache.cache.format import Manifest
 from kdcache.cache.reader import open_cache
+from kdcache.cache.rows import decode_row
 from kdcache.cli import main as kdcache
 
 SEQ = 16

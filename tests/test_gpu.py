@@ -12,7 +12,7 @@ import torch
 from conftest import STUDENT, make_world
 
 from kdcache.cache.build import build_cache
-from kdcache.cache.format import decode_row
+from kdcache.cache.rows import decode_row
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig

@@ -17,8 +17,9 @@ import yaml
 from conftest import STUDENT, make_world
 
 from kdcache.cache.build import build_cache
-from kdcache.cache.format import Manifest, stage_rows
+from kdcache.cache.format import Manifest
 from kdcache.cache.reader import open_cache
+from kdcache.cache.rows import stage_rows
 from kdcache.cache.shards import CacheError
 from kdcache.cache.verify import verify_cache
 from kdcache.cli import main as kdcache

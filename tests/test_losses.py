@@ -664,12 +664,11 @@ class _PeakLiveBytes(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["ce", "sampled", "hard", "topk_renorm", "topk_tail", "jsd"])  # tail kinds at tau = 2
 def test_measured_working_set_is_the_counted_workspaces_within_the_auto_chunk_budget_at_262k_vocab(kind, dtype):
-    """Logits (N, 262144) in chunks of 3 rows: peak live memory beyond the one (N, V) gradient is the
-    (3, V) fp32 workspaces ``workspaces`` counts (a copy of low-precision logits, the tempered softmax
-    of coarse kinds at tau != 1) plus a few small tensors, and within chunk_budget_bytes."""
+    """Logits (8, 262144) in auto chunks: peak live memory beyond the one (N, V) gradient is the (rows, V)
+    fp32 workspaces ``workspaces`` counts (a copy of low-precision logits, the tempered softmax of coarse
+    kinds at tau != 1) plus a few small tensors, and within chunk_budget_bytes."""
     vocab, n, budget = 262_144, 8, 10 << 20
     spec = spec_for(kind, chunk_budget_bytes=budget)
-    assert spec.rows_per_chunk(vocab) == 3
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, n, vocab, generator=g).to(dtype).requires_grad_()
     teacher = torch.randn(1, n, vocab, generator=g).log_softmax(-1)
@@ -683,13 +682,16 @@ def test_measured_working_set_is_the_counted_workspaces_within_the_auto_chunk_bu
     working_set = memory.peak - logits.numel() * logits.element_size()  # the gradient has the logits' size
     buffers = workspaces(spec, owned=dtype != torch.float32)
     assert buffers == {"jsd": 1, "topk_tail": 1}.get(kind, 0) + (dtype != torch.float32) <= WORKING_BUFFERS
-    assert buffers * 3 * vocab * 4 <= working_set < buffers * 3 * vocab * 4 + (16 << 10) <= budget
+    rows = spec.rows_per_chunk(vocab, buffers=buffers)  # the auto chunk counts the buffers it allocates
+    assert rows == {0: 9, 1: 9, 2: 4}[buffers]
+    used = buffers * min(rows, n) * vocab * 4
+    assert used <= working_set < used + (16 << 10) <= budget
 
 
 def test_auto_chunked_equals_unchunked_at_262k_vocab():
     case = make_case(k=8, vocab=262_144, batch=1, seq=3)
-    auto = KDLossSpec(kind="jsd", temperature=2.0, chunk_budget_bytes=8 << 20)  # fp64: 1 row per chunk
-    assert auto.rows_per_chunk(262_144, itemsize=8) == 1
+    auto = KDLossSpec(kind="jsd", temperature=2.0, chunk_budget_bytes=3 << 20)  # fp64, 1 buffer: 1 row per chunk
+    assert auto.rows_per_chunk(262_144, itemsize=8, buffers=1) == 1
     one = run(case, auto, topk_log_tail=case["topk_log_tail"])
     full = run(case, KDLossSpec(kind="jsd", temperature=2.0, chunk_tokens=10_000))
     assert_close(one.loss, full.loss)

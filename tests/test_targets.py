@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.cache.format import TargetLayout, decode_row, encode_table
+from kdcache.cache.format import TargetLayout
+from kdcache.cache.rows import decode_row, encode_table
 from kdcache.cache.targets import chunk_tokens_for, sample_uniforms, sparsify, to_sequence_targets, unique_counts
 
 B, T, V = 3, 7, 50

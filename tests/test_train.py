@@ -16,7 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout, encode_table
+from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout
+from kdcache.cache.rows import encode_table
 from kdcache.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
 from kdcache.config.base import ConfigError
 from kdcache.config.train import StudentConfig, TrainConfig

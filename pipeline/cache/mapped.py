@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.format import StagedRows, TargetLayout
+from kdcache.cache.format import TargetLayout
+from kdcache.cache.rows import StagedRows
 from kdcache.cache.shards import malformed
 
 STAGED_DTYPES = {

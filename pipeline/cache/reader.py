@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from kdcache.cache.codec import decode_log_tail
-from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs, unpack_row
+from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs
 from kdcache.cache.mapped import MappedShard, staged_columns
 from kdcache.cache.prefetch import pin_batch
+from kdcache.cache.rows import unpack_row
 from kdcache.cache.shards import CacheError, check_shard_file, sha_error
 from kdcache.cache.staging import clean_stale, default_max_bytes, default_staging_dir, load_shard
 from kdcache.fingerprint import sha256_file
@@ -136,7 +137,7 @@ class CacheReader:
         return int(self._offsets[-1])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Sequence at position ``i`` (storage order), decoded like ``cache_format.decode_row``."""
+        """Sequence at position ``i`` (storage order), decoded like ``rows.decode_row``."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sequence {i} out of range for a cache of {n}")
@@ -267,7 +268,8 @@ class CacheReader:
             tail = np.empty((B, T), np.uint16)
             for shard, sel, local in parts:
                 tail[sel] = shard.fixed["topk_tail"][local]
-            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, keep)  # (B, T, k), -inf padded, as reader[i]
+            mask = keep if lay.adaptive else None  # fixed k: every entry is real, two full passes saved
+            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, mask)  # (B, T, k), -inf padded, as reader[i]
             out["topk_log_tail"] = decode_log_tail(tail).astype(np.float32)  # (B, T)
             out["topk_mask"] = keep
         if lay.has_samples and (want is None or any(k.startswith("sample_") for k in want)):
@@ -387,12 +389,13 @@ def _gather_ragged(
     """
     ids_col, val_col = ("topk_ids", "topk_codes") if prefix == "topk" else ("sample_ids", "sample_counts")
     B, T, width = shape
-    ids, vals = np.zeros(shape, np.int64), np.zeros(shape, dtypes[val_col])
-    if fixed:
+    if fixed:  # the parts' rows cover the batch: no zero fill
+        ids, vals = np.empty(shape, np.int64), np.empty(shape, dtypes[val_col])
         for shard, sel, local in parts:
             ids[sel] = shard.fixed[ids_col][local].reshape(-1, T, width)
             vals[sel] = shard.fixed[val_col][local].reshape(-1, T, width)
         return ids, vals, np.ones(shape, bool)
+    ids, vals = np.zeros(shape, np.int64), np.zeros(shape, dtypes[val_col])
     lens = np.zeros((B, T), np.int64)
     for shard, sel, local in parts:
         lens[sel] = shard.lengths(prefix, local)

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcache.cache.format import CacheFormatError, ShardInfo, StagedRows, TargetLayout, stage_rows
+from kdcache.cache.format import CacheFormatError, ShardInfo, TargetLayout
+from kdcache.cache.rows import StagedRows, stage_rows
 from kdcache.files import UnsafeFileError, check_regular_file
 
 

@@ -33,8 +33,8 @@ from kdcache.cache.format import (
     SequenceTargets,
     ShardInfo,
     TargetLayout,
-    encode_table,
 )
+from kdcache.cache.rows import encode_table
 from kdcache.files import (
     UnsafeFileError,
     atomic_dir,

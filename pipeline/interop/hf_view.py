@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from kdcache.cache.format import CacheFormatError, TargetLayout, stage_rows
+from kdcache.cache.format import CacheFormatError, TargetLayout
+from kdcache.cache.rows import stage_rows
 from kdcache.cache.shards import CacheError
 from kdcache.interop.rows import decode_staged, decoded_schema, to_arrow, to_padded, verified_shard_files
 

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.cache.codec import decode_log_mass, decode_log_tail, padded, value_table
-from kdcache.cache.format import Manifest, StagedRows, TargetLayout, decode_topk_logprobs
+from kdcache.cache.format import Manifest, TargetLayout, decode_topk_logprobs
+from kdcache.cache.rows import StagedRows
 from kdcache.cache.shards import CacheError, check_shard_file, decode_shard, read_shard, sha_error
 from kdcache.fingerprint import sha256_file
 
