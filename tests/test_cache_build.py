@@ -12,8 +12,9 @@ import torch
 from conftest import bpe_tokenizer
 
 import kdcache.cache.writer as cache_writer
-from kdcache.cache.build import CacheDirError, build_cache, default_cache_name, target_layout
+from kdcache.cache.build import build_cache
 from kdcache.cache.format import VALUE_GAMMA, VALUE_LEVELS, Manifest, TargetLayout
+from kdcache.cache.identity import CacheDirError, default_cache_name, target_layout
 from kdcache.cache.rows import decode_row
 from kdcache.cache.writer import CacheWriteError, read_shard_meta
 from kdcache.config.cache import CacheConfig

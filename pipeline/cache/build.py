@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.cache.format import MANIFEST_NAME, SHARD_PATTERN, Manifest, SequenceTargets, TargetLayout
+from kdcache.cache.format import SHARD_PATTERN, Manifest, SequenceTargets, TargetLayout
+from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
 from kdcache.cache.targets import cache_chunk_tokens, sparsify_rows, to_sequence_targets
 from kdcache.cache.writer import (
     CACHE_KIND,
@@ -36,7 +37,7 @@ from kdcache.cache.writer import (
 )
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
-from kdcache.devices import runtime_key, use_deterministic_algorithms
+from kdcache.devices import use_deterministic_algorithms
 from kdcache.distributed import (
     agree_on_finished,
     any_rank_failed,
@@ -45,48 +46,10 @@ from kdcache.distributed import (
     process_group,
 )
 from kdcache.files import hold_output_dir
-from kdcache.fingerprint import tokenizer_fingerprint
-from kdcache.packing import packing_of
 from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
 from kdcache.token_data import TokenSplit, open_tokens
-from kdcache.tokenizer import tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
-
-
-class CacheDirError(CacheWriteError):
-    """The output directory already holds a cache made from other inputs or settings."""
-
-
-def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int) -> TargetLayout:
-    """The cache layout for ``cfg``; fields that do not apply to the chosen kind are zeroed."""
-    topk = cfg.targets in ("topk", "both")
-    sampled = cfg.targets in ("sampled", "both")
-    return TargetLayout(
-        kind=cfg.targets,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        top_k=cfg.top_k if topk else 0,
-        mass=cfg.mass if topk else 0.0,
-        samples=cfg.samples if sampled else 0,
-        temperature=cfg.temperature,
-        seed=cfg.seed if sampled else 0,
-    )
-
-
-def default_cache_name(teacher_info: dict[str, Any], tokens: TokenSplit, layout: TargetLayout) -> str:
-    """A content-addressed directory name: same teacher, corpus and targets -> same name.
-
-    e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``.
-    """
-    parts = []
-    if layout.has_topk:
-        parts.append(f"top{layout.top_k}" + (f"m{layout.mass:g}" if layout.adaptive else ""))
-    if layout.has_samples:
-        parts.append(f"s{layout.samples}seed{layout.seed}")
-    if layout.temperature != 1.0:
-        parts.append(f"t{layout.temperature:g}")
-    return "-".join([teacher_info["sha256"][:8], tokens.fingerprint[:8], tokens.split, *parts])
 
 
 def shard_ranges(num_sequences: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -132,52 +95,6 @@ def cache_corpus(
         return cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root) if rank == 0 else None
 
 
-def cache_dir_for(
-    teacher: Teacher,
-    tokens: TokenSplit,
-    cfg: CacheConfig,
-    *,
-    out_dir: str | Path | None = None,
-    cache_root: str | Path = "cache",
-) -> Path:
-    """``out_dir``, or ``cache_root / default_cache_name(...)`` when it is None."""
-    if out_dir is not None:
-        return Path(out_dir)
-    layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
-    return Path(cache_root) / default_cache_name(teacher.info, tokens, layout)
-
-
-def check_cache_dir(out: Path, header: dict[str, Any], *, content_named: bool) -> None:
-    """Refuse to resume into ``out`` if its manifest was made by another teacher, corpus or settings."""
-    if not (out / MANIFEST_NAME).exists():
-        return  # shards without a manifest are checked one by one (``read_shard_meta``)
-    m = Manifest.load(out)
-    want = {
-        "teacher.sha256": header["teacher"]["sha256"],
-        "corpus.fingerprint": header["corpus"]["fingerprint"],
-        "corpus.split": header["corpus"]["split"],
-        **{f"targets.{k}": v for k, v in header["targets"].items()},
-    }
-    have = {
-        "teacher.sha256": m.teacher.get("sha256"),
-        "corpus.fingerprint": m.corpus.get("fingerprint"),
-        "corpus.split": m.corpus.get("split"),
-        **{f"targets.{k}": v for k, v in m.targets.items()},
-    }
-    diffs = [f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in want.items() if have.get(key) != value]
-    if diffs:
-        fix = (
-            "pass --out DIR to write elsewhere, or delete the directory if its cache is no longer needed"
-            if content_named
-            else "choose another output directory (--out, or paths.cache in params.yaml), or omit --out "
-            "to write to a directory named after the teacher, corpus and settings (under --cache-root)"
-        )
-        raise CacheDirError(
-            f"{out / MANIFEST_NAME}: this directory holds a cache made by a different teacher, corpus "
-            f"or settings — {'; '.join(diffs)}; refusing to write into it: {fix}"
-        )
-
-
 def build_cache(
     teacher: Teacher,
     tokens: TokenSplit,
@@ -214,7 +131,7 @@ def build_cache(
     """
     group = group_rank_world()
     out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
-    header = _manifest_header(teacher, tokens, cfg)
+    header = manifest_header(teacher, tokens, cfg)
     with hold_output_dir(
         out,
         kind=CACHE_KIND,
@@ -259,7 +176,7 @@ def _build_cache(
     out = out_dir
     ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
     try:
-        header = _manifest_header(teacher, tokens, cfg)
+        header = manifest_header(teacher, tokens, cfg)
         check_cache_dir(out, header, content_named=content_named)
         layout = TargetLayout.from_dict(header["targets"])
         build_key = build_key_of(header)
@@ -320,44 +237,6 @@ def _build_cache(
             "storage shared by all ranks (all nodes)"
         )
     return manifest
-
-
-def _manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> dict[str, Any]:
-    """Check the inputs fit together; the manifest's teacher/tokenizer/corpus/targets sections."""
-    if tokens.split != cfg.split:
-        raise CacheWriteError(f"cache.split is {cfg.split!r} but the token split passed is {tokens.split!r}")
-    fingerprint = tokenizer_fingerprint(teacher.tokenizer)
-    if tokens.tokenizer_fingerprint != fingerprint:
-        raise CacheWriteError(
-            f"token data was made with tokenizer {tokens.tokenizer_fingerprint[:12]}… but teacher "
-            f"{teacher.info['path']} has tokenizer {fingerprint[:12]}… — rerun prepare with this teacher's tokenizer"
-        )
-    vocab = tokenizer_vocab_size(teacher.tokenizer)
-    if tokens.vocab_size > teacher.vocab_size:
-        raise CacheWriteError(
-            f"token data declares vocab_size {tokens.vocab_size} > the teacher's "
-            f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer"
-        )
-    layout = target_layout(cfg, vocab_size=vocab, seq_len=tokens.seq_len)
-    return {
-        "teacher": dict(teacher.info),
-        "tokenizer": {"fingerprint": fingerprint, "vocab_size": vocab, "model_vocab_size": teacher.vocab_size},
-        "corpus": {
-            "fingerprint": tokens.fingerprint,
-            "split": tokens.split,
-            "seq_len": tokens.seq_len,
-            "num_sequences": len(tokens),
-            "num_tokens": len(tokens) * tokens.seq_len,
-            "packing": packing_of(tokens.manifest),
-        },
-        "targets": layout.to_dict()
-        | {
-            "batch_size": cfg.batch_size,
-            "rows_per_shard": cfg.rows_per_shard,
-            "compute_dtype": teacher.info["dtype"],
-            "runtime": runtime_key(teacher.device, teacher.dtype, teacher.model),
-        },
-    }
 
 
 def _finished_shards(out: Path, *, num_shards: int, build_key: str) -> list[bool]:
