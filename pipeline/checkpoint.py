@@ -35,17 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kdcache.distributed import all_gather_bytes, rank_world
-from kdcache.files import (
-    BOOKKEEPING,
-    MOVED_TAG,
-    InputFileError,
-    atomic_write_text,
-    crash_point,
-    fsync_dir,
-    fsync_file,
-    moved_aside_name,
-    read_json_file,
-)
+from kdcache.files import InputFileError, atomic_write_text, crash_point, fsync_dir, fsync_file, read_json_file
+from kdcache.outputs import BOOKKEEPING, MOVED_TAG, moved_aside_name
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.entry import claim_evaluate_outputs, run, setup_logging, show_progress
-from kdcache.files import hold_output_dir
 from kdcache.interop.commands import add_interop_commands
+from kdcache.outputs import hold_output_dir
 
 SECTIONS = {
     CorpusConfig: "corpus",

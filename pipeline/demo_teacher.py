@@ -28,8 +28,9 @@ from kdcache.config.base import to_dict
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.corpus import read_documents, split_documents, tokenize_and_pack
-from kdcache.files import atomic_dir, hold_output_dir, mark_output_dir
+from kdcache.files import atomic_dir
 from kdcache.optim import lr_scheduler, make_optimizer
+from kdcache.outputs import hold_output_dir, mark_output_dir
 from kdcache.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def train_demo_teacher(
 ) -> dict[str, Any]:
     """Read and split the corpus, train tokenizer + Llama on the train split, save to ``out_dir``.
 
-    ``out_dir`` must be new or a demo teacher kdcache made (``kdcache.files.claim_output_dir``; with
+    ``out_dir`` must be new or a demo teacher kdcache made (``kdcache.outputs.claim_output_dir``; with
     ``overwrite`` anything else there is moved aside), and is locked against a concurrent run.
     Returns the ``training.json`` dict (steps, final train loss, val loss, tokens seen, elapsed, config).
     """

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kdcache.files import LOAD_ERRORS, Inputs, claim_output_dir, claim_output_file
+from kdcache.files import LOAD_ERRORS
+from kdcache.outputs import Inputs, claim_output_dir, claim_output_file
 
 log = logging.getLogger("kdcache")
 

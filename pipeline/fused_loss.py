@@ -9,11 +9,11 @@ log Z and, for the coarse kinds, log Z_rest = logsumexp over the ids outside K. 
                      + sparse terms at the target ids,
 
 with g = d loss / d log Z_rest (log Z for kinds without a tail bucket). The per-row and sparse
-derivatives come from autograd on the small gathered tensors; the one (c, V) pass computes the
-softmax over the ids outside K in place where the gradient goes -- after setting K to -inf and
-shifting by the max of the rest, so log Z_rest is exact even where K holds all but e^-1000 of the
-mass (never log(1 - sum_K q)). The CE normalizer is logaddexp(log Z_rest, logsumexp(z_K)); at
-tau != 1 a second buffer holds the tempered softmax of the rest.
+derivatives come from autograd on the small gathered tensors; the only (c, V) work is the softmax
+over the ids outside K, computed in place where the gradient goes, in cache-sized row blocks: K set
+to -inf, shifted by the max of the rest, so log Z_rest is exact even where K holds all but e^-1000
+of the mass (never log(1 - sum_K q)). The CE normalizer is logaddexp(log Z_rest, logsumexp(z_K));
+at tau != 1 a second buffer holds the tempered softmax of the rest.
 
 Gradients are computed in the forward pass (the values need the same softmax); backward only
 scales them by the incoming gradient. ``ChunkedLogitsLoss`` takes (N, V) logits and returns one
@@ -53,7 +53,7 @@ class KDLossSpec(Protocol):
     @property
     def retemper(self) -> float: ...
 
-    def rows_per_chunk(self, vocab_size: int, itemsize: int = 4) -> int: ...
+    def rows_per_chunk(self, vocab_size: int, itemsize: int = 4, buffers: int = 3) -> int: ...
 
 
 def kd_temperature(spec: KDLossSpec) -> float:
@@ -275,9 +275,11 @@ class ChunkedLogitsLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, vocab = flat.shape
         dtype = compute_dtype(flat)
-        rows = min(max(n, 1), spec.rows_per_chunk(vocab, torch.finfo(dtype).bits // 8))
+        owned = not want_grad or flat.dtype != dtype  # else the gradient buffer is the workspace
+        buffers = workspaces(spec, owned=owned)
+        rows = min(max(n, 1), spec.rows_per_chunk(vocab, torch.finfo(dtype).bits // 8, buffers))
         grad = torch.empty_like(flat) if want_grad else None  # (N, V)
-        own = None if grad is not None and grad.dtype == dtype else flat.new_empty((rows, vocab), dtype=dtype)
+        own = flat.new_empty((rows, vocab), dtype=dtype) if owned else None  # (rows, V)
         tempered = workspaces(spec, owned=False) > 0
         spare = flat.new_empty((rows, vocab), dtype=dtype) if tempered else None  # (rows, V)
         named = dict(zip(names, targets, strict=True))
@@ -339,7 +341,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         dtype = compute_dtype(hidden, weight)
         mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
         (n, _), vocab = hidden.shape, weight.shape[0]
-        rows = min(max(n, 1), spec.rows_per_chunk(vocab, torch.finfo(dtype).bits // 8))
+        buffers = workspaces(spec, owned=True, softcap=softcap is not None)
+        rows = min(max(n, 1), spec.rows_per_chunk(vocab, torch.finfo(dtype).bits // 8, buffers))
         need_h, need_w, need_b = (want_grad and need for need in ctx.needs_input_grad[:3])
         with torch.autocast(device, enabled=False):
             w, b = weight.to(mm), None if bias is None else bias.to(dtype)  # (V, H), (V,)

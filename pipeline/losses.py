@@ -108,9 +108,10 @@ TAU_SQUARED_KINDS = ("topk_tail", "topk_renorm", "reverse_kl", "jsd", "skew_kl")
 DEFAULT_LOSS = {"topk": "topk_tail", "both": "topk_tail", "sampled": "sampled"}
 assert set(TAIL_KINDS) == set(COARSE_KINDS)
 WORKING_BUFFERS = 3
-"""(chunk, V+1) fp32 buffers a chunk may allocate besides the one gradient (``kdcache.fused_loss.workspaces``):
-a logits copy (low-precision logits; the head's logits), the tempered softmax (coarse kinds at tau != 1)
-and a soft-cap derivative (fused head); measured by tests/test_losses.py and tests/test_fused_head.py."""
+"""The most (chunk, V+1) fp32 buffers a chunk allocates besides the one gradient (``kdcache.fused_loss.workspaces``
+counts them per call, and the auto chunk is sized by that count): a logits copy (low-precision logits; the
+head's logits), the tempered softmax (coarse kinds at tau != 1) and a soft-cap derivative (fused head);
+measured by tests/test_losses.py and tests/test_fused_head.py."""
 
 
 def default_loss(cache_targets: str) -> str:
@@ -180,11 +181,12 @@ class KDLossSpec:
         """Factor by which the cached teacher targets are re-tempered: ``temperature / targets_temperature``."""
         return self.temperature / self.targets_temperature
 
-    def rows_per_chunk(self, vocab_size: int, itemsize: int = 4) -> int:
-        """``chunk_tokens``, or for 0 the most rows (at least 1) whose working set fits the budget."""
+    def rows_per_chunk(self, vocab_size: int, itemsize: int = 4, buffers: int = WORKING_BUFFERS) -> int:
+        """``chunk_tokens``, or for 0 the most rows (at least 1) whose working set -- ``buffers`` (rows, V+1)
+        buffers (the loss passes the count it allocates, at least 1) -- fits the budget."""
         if self.chunk_tokens > 0:
             return self.chunk_tokens
-        return max(1, self.chunk_budget_bytes // (WORKING_BUFFERS * itemsize * (vocab_size + 1)))
+        return max(1, self.chunk_budget_bytes // (max(1, buffers) * itemsize * (vocab_size + 1)))
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdcache.files import (
-    InputFileError,
-    atomic_write,
-    atomic_write_text,
-    check_regular_file,
-    claim_output_dir,
-    read_json_file,
-)
+from kdcache.files import InputFileError, atomic_write, atomic_write_text, check_regular_file, read_json_file
 from kdcache.fingerprint import array_fingerprint
+from kdcache.outputs import claim_output_dir
 
 TOKENS_FORMAT = "kdcache-tokens"
 TOKENS_VERSION = 1
@@ -63,7 +57,7 @@ def write_tokens(
     """Write each (N, T) id array as ``<split>.arrow`` and the manifest last; returns the manifest.
 
     Files are written to temporary names and renamed, so a crash never leaves a file that looks complete.
-    ``out_dir`` must be new or token data kdcache wrote (``kdcache.files.claim_output_dir``): another
+    ``out_dir`` must be new or token data kdcache wrote (``kdcache.outputs.claim_output_dir``): another
     directory is refused before anything is written. Locking it is the caller's job (``kdcache prepare``).
     """
     out = claim_output_dir(out_dir, kind=OUTPUT_KIND, legacy=is_token_dir)

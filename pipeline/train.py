@@ -57,7 +57,7 @@ from kdcache.config.base import ConfigError, to_dict
 from kdcache.config.train import TrainConfig
 from kdcache.devices import resolve_device
 from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
-from kdcache.files import atomic_write_text, fsync_dir, fsync_file, hold_output_dir
+from kdcache.files import atomic_write_text, fsync_dir, fsync_file
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
 from kdcache.losses import (
@@ -70,6 +70,7 @@ from kdcache.losses import (
     kd_loss_from_hidden,
 )
 from kdcache.optim import lr_scheduler, make_optimizer
+from kdcache.outputs import hold_output_dir
 from kdcache.packing import packing_of, target_mask
 from kdcache.student import (
     VocabMap,

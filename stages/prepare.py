@@ -10,7 +10,7 @@ from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.corpus import prepare_tokens
 from kdcache.entry import run, setup_logging, show_progress
-from kdcache.files import hold_output_dir
+from kdcache.outputs import hold_output_dir
 from kdcache.token_data import OUTPUT_KIND, is_token_dir
 
 

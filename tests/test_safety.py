@@ -21,8 +21,8 @@ import yaml
 from conftest import STUDENT, make_world
 
 from kdcache.cli import main as kdcache
-from kdcache.files import LOCK_NAME, MARKER_NAME
 from kdcache.fingerprint import sha256_file
+from kdcache.outputs import LOCK_NAME, MARKER_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_FLAGS = ["--targets", "topk", "--top-k", "4", "--batch-size", "4", "--rows-per-shard", "4", "--device", "cpu"]
@@ -332,7 +332,7 @@ def test_resume_with_other_settings_another_cache_or_an_out_of_range_checkpoint_
 
 HOLD = """
 import sys, time
-from kdcache.files import output_lock
+from kdcache.outputs import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(300)

@@ -21,8 +21,8 @@ from kdcache.cache.rows import encode_table
 from kdcache.checkpoint import flatten_state, list_checkpoints, rng_state, set_rng_state, unflatten_state
 from kdcache.config.base import ConfigError
 from kdcache.config.train import StudentConfig, TrainConfig
-from kdcache.files import BOOKKEEPING
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.outputs import BOOKKEEPING
 from kdcache.student import StudentError, build_student, build_vocab_map, count_parameters
 from kdcache.train import Position, batch_stream, train
 

@@ -45,7 +45,7 @@ from kdcache.distributed import (
     group_rank_world,
     process_group,
 )
-from kdcache.files import hold_output_dir
+from kdcache.outputs import hold_output_dir
 from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
 from kdcache.token_data import TokenSplit, open_tokens
 

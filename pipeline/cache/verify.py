@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
 from kdcache.cache.shards import check_shard_file, content_problems, decode_shard, read_shard
 from kdcache.cache.writer import SHARD_META_KEY, build_key_of, shard_name
-from kdcache.files import BOOKKEEPING, InputFileError, UnsafeFileError, check_regular_file, loading
+from kdcache.files import InputFileError, UnsafeFileError, check_regular_file, loading
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
+from kdcache.outputs import BOOKKEEPING
 from kdcache.tokenizer import tokenizer_vocab_size
 
 REBUILD = "rebuild the cache (rerun the cache stage) or pull it again"

@@ -43,9 +43,9 @@ from kdcache.files import (
     crash_point,
     fsync_dir,
     fsync_file,
-    output_kind,
 )
 from kdcache.fingerprint import sha256_file, sha256_json, tokenizer_fingerprint
+from kdcache.outputs import output_kind
 from kdcache.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -41,10 +41,11 @@ import yaml
 from kdcache import __version__
 from kdcache.cache.format import TOKENIZER_DIR, Manifest, TargetLayout
 from kdcache.cache.shards import CacheError, check_shard_file
-from kdcache.files import atomic_dir, atomic_write, atomic_write_text, hold_output_dir
+from kdcache.files import atomic_dir, atomic_write, atomic_write_text
 from kdcache.fingerprint import sha256_file
 from kdcache.interop import EXPORT_FORMATS
 from kdcache.interop.rows import DecodedRows, decoded_batches, decoded_schema, to_arrow
+from kdcache.outputs import hold_output_dir
 
 log = logging.getLogger(__name__)
 FORMATS = EXPORT_FORMATS

@@ -34,9 +34,9 @@ import numpy as np
 from kdcache.cache.format import MANIFEST_NAME, MAX_TOP_K, SequenceTargets, TargetLayout
 from kdcache.cache.writer import CACHE_KIND, CacheWriteError, ShardWriter, build_key_of, is_cache_dir, save_tokenizer
 from kdcache.cache.writer import seal as seal_cache
-from kdcache.files import hold_output_dir
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
 from kdcache.interop.sources import SOURCES, SourceError, SourceRow, read_rows, source_files
+from kdcache.outputs import hold_output_dir
 from kdcache.packing import pad_id_for
 from kdcache.tokenizer import load_tokenizer, tokenizer_vocab_size
 
