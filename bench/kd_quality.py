@@ -40,10 +40,10 @@ from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import TrainConfig
 from kdcache.evaluate import Tally
 from kdcache.losses import KDLossSpec, dense_kl, kd_loss
+from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.student import build_student
 from kdcache.teacher import load_teacher, teacher_logits
 from kdcache.token_data import open_tokens
-from kdcache.train import lr_factor, make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "kd_quality.json"
 log = logging.getLogger("kd_quality")
@@ -209,8 +209,10 @@ def main() -> None:
     for v in vs:
         torch.manual_seed(cfg.seed)  # identical initial weights for every variant
         v.model = build_student(cfg.student, vocab_size=V, seq_len=T, tokenizer=teacher.tokenizer).train()
-        v.optimizer = make_optimizer(v.model, cfg)
-        v.scheduler = torch.optim.lr_scheduler.LambdaLR(v.optimizer, lambda s: lr_factor(s, cfg))
+        v.optimizer = make_optimizer(v.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        v.scheduler = lr_scheduler(
+            v.optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+        )
     began, target_s = time.perf_counter(), 0.0
     for step in range(args.steps):
         seqs = np.sort(order[step * args.batch : (step + 1) * args.batch])
