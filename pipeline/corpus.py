@@ -338,7 +338,7 @@ def tokenize_and_pack(
     tokenizer: Any,
     *,
     seq_len: int,
-    packing: str = "stream",
+    packing: str,
     max_sequences: int = 0,
     allow_empty: bool = False,
     seq_len_key: str = "prepare.seq_len",

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 TRAINING_JSON = "training.json"
 OUTPUT_KIND = "demo-teacher"
 """The marker kind of a demo teacher directory (``kdcache.files``)."""
+PACKING = "stream"
+"""The demo teacher trains on documents packed back to back: its own loop masks nothing, so rows carry
+no padding (``prepare.packing: documents``, the pipeline's default for caching, pads and masks)."""
 GRAD_CLIP = 1.0
 VAL_SEQUENCES = 64
 """Val sequences scored after training (a quick held-out loss for ``training.json``)."""
@@ -199,12 +202,18 @@ def _train_and_save(corpus_cfg: CorpusConfig, cfg: DemoTeacherConfig, *, out: Pa
             splits["train"],
             tokenizer,
             seq_len=cfg.seq_len,
+            packing=PACKING,
             max_sequences=cap,
             seq_len_key="demo_teacher.seq_len",
             progress=progress,
         )  # (N, T)
         val_ids = tokenize_and_pack(
-            splits["val"], tokenizer, seq_len=cfg.seq_len, max_sequences=VAL_SEQUENCES, allow_empty=True
+            splits["val"],
+            tokenizer,
+            seq_len=cfg.seq_len,
+            packing=PACKING,
+            max_sequences=VAL_SEQUENCES,
+            allow_empty=True,
         )  # (M, T)
         model = build_model(cfg, tokenizer)
         stats = train_loop(model, train_ids, cfg, progress=progress)

@@ -248,18 +248,18 @@ def test_packing_appends_eos_after_every_document_and_drops_the_remainder(tmp_pa
     write_txt_corpus(tmp_path, n=12)
     ds = read_documents(cfg_for(tmp_path / "*.txt"))
     stream = [t for text in ds["text"] for t in (*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
-    ids = tokenize_and_pack(ds, tok, seq_len=16)
+    ids = tokenize_and_pack(ds, tok, seq_len=16, packing="stream")
     assert ids.dtype == np.int32 and ids.shape == (len(stream) // 16, 16)
     assert ids.reshape(-1).tolist() == stream[: ids.size]
-    assert tokenize_and_pack(ds, tok, seq_len=16, max_sequences=3).tolist() == ids[:3].tolist()
+    assert tokenize_and_pack(ds, tok, seq_len=16, packing="stream", max_sequences=3).tolist() == ids[:3].tolist()
 
 
 def test_packing_streams_in_batches_with_the_same_result(tmp_path, tok, monkeypatch):
     write_txt_corpus(tmp_path, n=12)
     ds = read_documents(cfg_for(tmp_path / "*.txt"))
-    whole = tokenize_and_pack(ds, tok, seq_len=16)
+    whole = tokenize_and_pack(ds, tok, seq_len=16, packing="stream")
     monkeypatch.setattr("kdcache.corpus._TOKENIZE_CHARS", 50)
-    assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16), whole)
+    assert np.array_equal(tokenize_and_pack(ds, tok, seq_len=16, packing="stream"), whole)
 
 
 def test_one_huge_document_is_tokenized_in_bounded_pieces_with_the_whole_documents_ids(tmp_path, tok, monkeypatch):
@@ -278,7 +278,7 @@ def test_one_huge_document_is_tokenized_in_bounded_pieces_with_the_whole_documen
             calls.append(list(texts))
             return tok(texts, **kwargs)
 
-    ids = tokenize_and_pack(ds, Recording(), seq_len=16)
+    ids = tokenize_and_pack(ds, Recording(), seq_len=16, packing="stream")
     assert max(len(t) for batch in calls for t in batch) <= 1000  # pieces, and so calls, stay small
     assert max(sum(map(len, batch)) for batch in calls) < 2000
     whole = [t for d in ds["text"] for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
@@ -291,8 +291,8 @@ def test_corpus_smaller_than_one_sequence_is_an_error_unless_allowed(tmp_path, t
     with pytest.raises(
         CorpusError, match=r"corpus yields \d+ tokens, fewer than prepare.seq_len=512; add text or lower seq_len"
     ):
-        tokenize_and_pack(ds, tok, seq_len=512)
-    assert tokenize_and_pack(ds, tok, seq_len=512, allow_empty=True).shape == (0, 512)
+        tokenize_and_pack(ds, tok, seq_len=512, packing="stream")
+    assert tokenize_and_pack(ds, tok, seq_len=512, packing="stream", allow_empty=True).shape == (0, 512)
 
 
 # --- prepare ------------------------------------------------------------------------------------
