@@ -22,89 +22,57 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
-import os
-import resource
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
-from kdcache import __version__
-from kdcache.cache.format import TOKENIZER_DIR
-from kdcache.cache.prefetch import Prefetcher, pin_batch
-from kdcache.cache.reader import CacheReader, open_cache
-from kdcache.checkpoint import (
-    check_position,
-    check_same_run,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    move_previous_run,
-    record_run,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from kdcache.config.base import ConfigError, to_dict
+from kdcache.cache.prefetch import Prefetcher
+from kdcache.cache.reader import CacheReader
 from kdcache.config.train import TrainConfig
 from kdcache.devices import resolve_device
-from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, mean_over_ranks, rank_world
-from kdcache.files import atomic_write_text, fsync_dir, fsync_file
-from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, rank_world
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
 from kdcache.losses import (
-    REQUIRED_KEYS,
-    TAIL_KINDS,
     TARGET_KEYS,
     KDLossSpec,
-    default_loss,
     kd_loss,
     kd_loss_from_hidden,
 )
 from kdcache.optim import lr_scheduler, make_optimizer
 from kdcache.outputs import hold_output_dir
-from kdcache.packing import packing_of, target_mask
+from kdcache.packing import packing_of
 from kdcache.student import (
     VocabMap,
     build_student,
-    build_vocab_map,
-    count_parameters,
-    load_student_tokenizer,
-    mapping_coverage,
 )
 from kdcache.tokenizer import tokenizer_vocab_size
+from kdcache.train_data import (
+    PREFETCH_BATCHES,
+    Position,
+    batch_stream,
+    loss_spec,
+    open_inputs,
+    prepare_batch,
+)
+from kdcache.train_run import (
+    LOG_NAME,
+    OUTPUT_KIND,
+    is_student_dir,
+    run_identity,
+    run_summary,
+    save_final,
+    save_state,
+    start_run,
+    write_log,
+)
 
 log = logging.getLogger(__name__)
-
-LOG_NAME = "train_log.jsonl"
-SUMMARY_NAME = "training.json"
-OUTPUT_KIND = "student"
-"""The marker kind of a student directory (``kdcache.files``)."""
-MAPPING_SAMPLE = 256
-"""Cache sequences read at start to measure how much teacher mass a vocabulary mapping keeps."""
-
-
-class TrainError(ValueError):
-    """Training cannot start or continue with these inputs."""
-
-
-@dataclass
-class Position:
-    """Where the loop stands: optimizer steps done and the next (epoch, batch) to read."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    tokens: int = 0
-    elapsed: float = 0.0
 
 
 def train(
@@ -151,27 +119,6 @@ def train(
         )
 
 
-def is_student_dir(path: Path) -> bool:
-    """A student directory written before output markers existed: a train log or kdcache checkpoints."""
-    return (path / LOG_NAME).is_file() or bool(list_checkpoints(path))
-
-
-def run_identity(cfg: TrainConfig, reader: CacheReader, world: int) -> dict[str, Any]:
-    """What a run's checkpoints depend on: the settings (but logging/checkpoint cadence and loss chunking,
-    which change no number), the world size (the data order) and the cache."""
-    m = reader.meta
-    return {
-        "train": {k: v for k, v in to_dict(cfg).items() if k not in ("log_every", "checkpoint_every", "chunk_tokens")},
-        "world_size": world,
-        "cache": {
-            "teacher_sha256": m.teacher.get("sha256"),
-            "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
-            "corpus_fingerprint": m.corpus.get("fingerprint"),
-            "targets": m.targets,
-        },
-    }
-
-
 def _train(
     cfg: TrainConfig,
     *,
@@ -185,7 +132,7 @@ def _train(
     """``train`` in its claimed and locked output directory."""
     rank, world = rank_world()
     dev = resolve_device(device)
-    reader, student_tok, vmap, mapping = _open_inputs(cfg, cache_dir)
+    reader, student_tok, vmap, mapping = open_inputs(cfg, cache_dir)
     spec = loss_spec(cfg, reader, cache_dir=cache_dir)
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
@@ -194,7 +141,7 @@ def _train(
     scheduler = lr_scheduler(
         optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
     )
-    pos = _start(
+    pos = start_run(
         out,
         resume=resume,
         model=model,
@@ -229,7 +176,7 @@ def _train(
             progress=progress,
         )
         session_s = time.perf_counter() - session_start
-        summary = _summary(
+        summary = run_summary(
             cfg,
             pos=pos,
             stop=stop,
@@ -251,112 +198,6 @@ def _train(
         ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in summary["peak_memory_bytes"].items()),
     )
     return summary
-
-
-def _open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, Any, VocabMap | None, dict | None]:
-    """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ."""
-    cache_tok = load_cache_tokenizer(cache_dir)
-    student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
-    reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(cache_tok))
-    if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(cache_tok):
-        return reader, student_tok, None, None
-    student_vocab = tokenizer_vocab_size(student_tok)
-    vmap = build_vocab_map(
-        cache_tok, student_tok, cache_vocab_size=reader.layout.vocab_size, student_vocab_size=student_vocab
-    )
-    report = mapping_coverage(vmap, reader.iter_sequences(0, MAPPING_SAMPLE))
-    kept = report.get("teacher_mass_kept_ratio", report.get("draws_kept", 1.0))
-    log.log(
-        logging.WARNING if kept < 0.9 else logging.INFO,
-        "train.vocab_map: exact: %d of %d cache ids map to the student's vocabulary; on %d cached positions "
-        "the mapping keeps %.1f%% of the cached teacher mass (%s) and %.1f%% of input tokens (the rest become "
-        "the student's unk/eos token)",
-        report["ids_mapped"],
-        report["cache_vocab_size"],
-        report["positions_measured"],
-        100 * kept,
-        f"{report['teacher_mass_kept']:.4f} of {report['teacher_mass_cached']:.4f} per position"
-        if "teacher_mass_kept" in report
-        else "sampled draws",
-        100 * report["input_tokens_mapped"],
-    )
-    return reader, student_tok, vmap, report
-
-
-def load_cache_tokenizer(cache_dir: str | Path) -> Any:
-    path = Path(cache_dir) / TOKENIZER_DIR
-    if not path.is_dir():
-        raise TrainError(
-            f"{path}: the cache has no tokenizer/ directory (the teacher's tokenizer, saved by the "
-            "cache stage); rebuild or re-pull the cache"
-        )
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -> KDLossSpec:
-    """The loss for ``cfg`` (``auto``: the one matching the cache), refusing one the cache's targets cannot feed."""
-    layout = reader.layout
-    renormalized = bool(reader.meta.targets.get("renormalized"))  # imported top-k without a tail
-    kind = ("topk_renorm" if renormalized else default_loss(layout.kind)) if cfg.loss == "auto" else cfg.loss
-    if renormalized and kind in TAIL_KINDS:
-        tool = reader.meta.targets.get("source", {}).get("tool", "another tool")
-        raise ConfigError(
-            f"train.loss={kind} needs the teacher's tail mass, but {cache_dir} holds renormalized top-k targets "
-            f"(targets.renormalized, imported from {tool}: no tail); set train.loss: topk_renorm (or hard, or auto)"
-        )
-    needs = {k[: k.index("_")] for k in TARGET_KEYS[kind] if k in REQUIRED_KEYS}  # {"topk"} / {"sample"} / {}
-    if ("topk" in needs and not layout.has_topk) or ("sample" in needs and not layout.has_samples):
-        other = "sampled" if "topk" in needs else "topk_tail"
-        raise ConfigError(
-            f"train.loss={kind} needs {'top-k' if 'topk' in needs else 'sampled'} targets but {cache_dir} holds "
-            f"'{layout.kind}' targets; set train.loss: auto (here: {default_loss(layout.kind)}) or {other}, "
-            "or rebuild the cache with matching cache.targets"
-        )
-    try:
-        return KDLossSpec(
-            kind=kind,
-            alpha=cfg.alpha,
-            temperature=cfg.temperature,
-            targets_temperature=layout.temperature,
-            beta=cfg.beta,
-            chunk_tokens=cfg.chunk_tokens,
-        )
-    except ValueError as e:
-        raise ConfigError(f"train: {e}") from e
-
-
-def batch_stream(
-    reader: CacheReader,
-    batch_size: int,
-    *,
-    seed: int,
-    pos: Position,
-    rank: int,
-    world: int,
-    keys: tuple[str, ...] | None = None,
-) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
-    """Batches from ``pos`` on, rolling over epochs; yields ((epoch, batch) after this one, batch).
-
-    ``keys``: the target tensors the loss needs (the reader decodes only those)."""
-    per_epoch = reader.num_batches(batch_size, world)
-    if per_epoch < 1:
-        raise TrainError(
-            f"cache has {len(reader)} sequences, fewer than one batch of {batch_size} x {world} rank(s); "
-            "lower train.batch_size or cache more sequences"
-        )
-    epoch, start = pos.epoch, pos.batch
-    while True:
-        batches = reader.batches(
-            batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world, start_batch=start, keys=keys
-        )
-        try:
-            for index, batch in enumerate(batches, start):
-                yield ((epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)), batch
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-        epoch, start = epoch + 1, 0
 
 
 def _loop(
@@ -390,7 +231,7 @@ def _loop(
         ),
         depth=PREFETCH_BATCHES,
         transform=functools.partial(
-            _prepare_batch, vmap=vmap, pin=dev.type == "cuda", packing=packing_of(reader.meta.corpus)
+            prepare_batch, vmap=vmap, pin=dev.type == "cuda", packing=packing_of(reader.meta.corpus)
         ),
     )
     bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)
@@ -410,7 +251,7 @@ def _loop(
             pending.append((record, stats["values"]))
             checkpoint = pos.step % cfg.checkpoint_every == 0 or pos.step == stop
             if pos.step % cfg.log_every == 0 or checkpoint:
-                last = _write_log(pending, log_file)
+                last = write_log(pending, log_file)
                 pending.clear()
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 if pos.step % cfg.log_every == 0:
@@ -426,59 +267,12 @@ def _loop(
                     )
             bar.update(1)
             if checkpoint:  # every rank: RNG states are gathered
-                _checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos, is_main=rank == 0)
+                save_state(out, model=model, optimizer=optimizer, scheduler=scheduler, pos=pos, is_main=rank == 0)
     finally:
         stream.close()
         bar.close()
         if log_file is not None:
             log_file.close()
-
-
-PREFETCH_BATCHES = 4
-"""Batches the loader thread assembles ahead of the trainer."""
-
-
-def _prepare_batch(
-    item: tuple[tuple[int, int], dict[str, torch.Tensor]],
-    *,
-    vmap: VocabMap | None,
-    pin: bool,
-    packing: dict[str, Any] | None = None,
-) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
-    """On the loader thread: mask document padding (``documents`` packing: a position whose next token is
-    padding is neither a KD nor a CE target), map the batch to the student's vocabulary, pin it for CUDA."""
-    position, batch = item
-    if packing is not None and packing.get("mode") == "documents":
-        real = torch.nn.functional.pad(target_mask(batch["input_ids"], packing), (0, 1), value=False)  # (B, T)
-        batch = {**batch, "loss_mask": real, "ce_mask": real}
-    if vmap is not None:
-        batch = vmap.apply(batch)
-    return position, pin_batch(batch) if pin else batch
-
-
-def _write_log(pending: list[tuple[dict[str, Any], torch.Tensor]], log_file: Any) -> dict[str, Any]:
-    """Read the pending steps' (loss, kd, ce, grad norm) from the device at once, average loss/kd/ce over
-    ranks (one collective), refuse a non-finite loss naming its step, write one line per step; returns
-    the last record."""
-    values = torch.stack([v for _, v in pending]).double().cpu()  # (steps, 4): the one host sync
-    losses = mean_over_ranks(values[:, :3].reshape(-1).tolist())  # (steps * 3,) means over ranks
-    for i, (record, _) in enumerate(pending):
-        loss, kd, ce = losses[3 * i : 3 * i + 3]
-        if not math.isfinite(loss):
-            raise TrainError(
-                f"loss is {loss} at step {record['step']} (epoch {record['epoch']}); lower train.lr or "
-                "check the cache with `kdcache verify`"
-            )
-        record |= {"loss": loss, "kd": kd, "ce": ce, "grad_norm": float(values[i, 3])}
-        if log_file is not None:
-            log_file.write(json.dumps({k: record[k] for k in LOG_FIELDS}) + "\n")
-    if log_file is not None:
-        log_file.flush()
-    return pending[-1][0]
-
-
-LOG_FIELDS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "tokens_per_s", "elapsed", "epoch", "data_wait_s")
-"""One train_log.jsonl line per optimizer step; ``data_wait_s``: seconds the step waited for its batches."""
 
 
 def _step(
@@ -531,149 +325,9 @@ def _step(
     return {"values": values, "tokens": tokens, "data_wait_s": waited}
 
 
-def _start(
-    out: Path,
-    *,
-    resume: bool,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    is_main: bool,
-    identity: dict[str, Any],
-    max_steps: int,
-    batches_per_epoch: int,
-) -> Position:
-    """Restore the newest checkpoint (resume: only one of a run with the same ``identity`` and a step in
-    range), or start fresh, moving a previous run aside (never deleting it); drop a stale finish marker."""
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is None:
-        if resume:
-            log.info("%s: no checkpoint to resume from; starting at step 0", out)
-        if is_main:
-            move_previous_run(out, "nothing-to-resume" if resume else "started-without-resume")
-            record_run(out, identity)
-        return Position()
-    check_same_run(out, ckpt, identity)
-    state, trainer = load_checkpoint(ckpt, model=model)
-    check_position(ckpt, trainer, max_steps=max_steps, batches_per_epoch=batches_per_epoch)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    pos = Position(**{k: trainer[k] for k in asdict(Position())})
-    if is_main:
-        (out / SUMMARY_NAME).unlink(missing_ok=True)
-        _truncate_log(out / LOG_NAME, pos.step)
-    log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, pos.step, pos.epoch, pos.batch)
-    return pos
-
-
-def _checkpoint(
-    out: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    pos: Position,
-    is_main: bool,
-) -> None:
-    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
-    rng = rng_state()
-    if is_main:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-        save_checkpoint(out, step=pos.step, model=_unwrap(model), state=state, trainer=asdict(pos))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if _logged_step(ln) <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a line cut short by a crash
-
-
-def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: dict[str, Any]) -> None:
-    """``save_pretrained`` model + tokenizer into ``out`` via a temp dir; ``training.json`` last."""
-    tmp = out / ".final.incomplete"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    for path in tmp.iterdir():
-        fsync_file(path)
-        os.replace(path, out / path.name)  # each file whole: a new inode replaces the old one
-    tmp.rmdir()
-    fsync_dir(out)
-    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-
-
-def _summary(
-    cfg: TrainConfig,
-    *,
-    pos: Position,
-    stop: int,
-    reader: CacheReader,
-    model: torch.nn.Module,
-    dev: torch.device,
-    world: int,
-    tokens_per_s: float,
-    out: Path,
-) -> dict[str, Any]:
-    last = _last_log_line(out / LOG_NAME)
-    manifest = reader.meta
-    peak = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if dev.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(dev)
-    return {
-        "complete": pos.step >= cfg.max_steps,
-        "steps": pos.step,
-        "max_steps": cfg.max_steps,
-        "stopped_at": stop,
-        "epochs": pos.epoch + pos.batch / max(reader.num_batches(cfg.batch_size, world), 1),
-        "tokens": pos.tokens,
-        "final_loss": last.get("loss"),
-        "final_kd": last.get("kd"),
-        "final_ce": last.get("ce"),
-        "tokens_per_s": tokens_per_s,
-        "elapsed_s": pos.elapsed,
-        "peak_memory_bytes": peak,
-        "num_parameters": count_parameters(model),
-        "device": str(dev),
-        "world_size": world,
-        "global_batch_size": cfg.batch_size * cfg.grad_accum * world,
-        "cache": {
-            "name": manifest.name,
-            "teacher_sha256": manifest.teacher.get("sha256"),
-            "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
-            "corpus_fingerprint": manifest.corpus.get("fingerprint"),
-            "targets": manifest.targets,
-        },
-        "config": to_dict(cfg),
-        "kdcache_version": __version__,
-    }
-
-
-def _last_log_line(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else {}
-
-
 def _maybe_ddp(model: torch.nn.Module, dev: torch.device, world: int) -> torch.nn.Module:
     if world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)

@@ -24,7 +24,8 @@ from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
 from kdcache.outputs import BOOKKEEPING
 from kdcache.student import StudentError, build_student, build_vocab_map, count_parameters
-from kdcache.train import Position, batch_stream, train
+from kdcache.train import train
+from kdcache.train_data import Position, batch_stream
 
 VOCAB, SEQ = 48, 16
 TINY = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
@@ -485,12 +486,12 @@ def test_student_with_another_tokenizer_trains_with_vocab_map_exact_and_reports_
 def test_document_padding_is_neither_a_kd_nor_a_ce_target() -> None:
     """`prepare.packing: documents` pads a document's last row: positions whose next token is padding
     get no loss (the mask is recovered from the ids, on the loader thread)."""
-    from kdcache.train import _prepare_batch
+    from kdcache.train_data import prepare_batch
 
     packing = {"mode": "documents", "pad_id": 1, "eos_id": 0}
     ids = torch.tensor([[5, 6, 0, 1, 1], [7, 8, 9, 10, 11]])  # row 0: a document, its EOS, then padding
-    _, batch = _prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing=packing)
+    _, batch = prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing=packing)
     want = [[True, True, False, False, False], [True, True, True, True, False]]  # label of t is token t + 1
     assert batch["loss_mask"].tolist() == want and batch["ce_mask"].tolist() == want
-    _, plain = _prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing={"mode": "stream"})
+    _, plain = prepare_batch(((0, 1), {"input_ids": ids}), vmap=None, pin=False, packing={"mode": "stream"})
     assert "loss_mask" not in plain

@@ -20,7 +20,9 @@ from kdcache.checkpoint import list_checkpoints
 from kdcache.config.train import StudentConfig
 from kdcache.lm_head import fused_head
 from kdcache.losses import TARGET_KEYS, KDLossSpec
-from kdcache.train import LOG_FIELDS, Position, _step, batch_stream, train
+from kdcache.train import _step, train
+from kdcache.train_data import Position, TrainError, batch_stream
+from kdcache.train_run import LOG_FIELDS
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +61,7 @@ def test_the_log_has_one_line_per_step_with_its_data_wait_even_when_written_per_
 
 def test_a_non_finite_loss_is_refused_naming_its_step_before_its_checkpoint(caches: dict, tmp_path: Path) -> None:
     out, cfg = tmp_path / "s", cfg_for(lr=float("inf"), max_steps=4, log_every=3, checkpoint_every=2)
-    with pytest.raises(train_module.TrainError, match="loss is nan at step 2 "):  # step 1's update is inf
+    with pytest.raises(TrainError, match="loss is nan at step 2 "):  # step 1's update is inf
         train(cfg, cache_dir=caches["both"], out_dir=out)
     assert list_checkpoints(out) == []
 
