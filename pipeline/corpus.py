@@ -18,14 +18,10 @@ not matter.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import glob
 import hashlib
 import logging
-import os
-import platform
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from itertools import chain, groupby
@@ -42,118 +38,22 @@ from kdcache import token_data
 from kdcache.config.base import to_dict
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.prepare import PrepareConfig
+from kdcache.corpus_files import (
+    CorpusError,
+    check_utf8,
+    default_corpus_files,
+    default_corpus_name,
+    expand_paths,
+    file_kind,
+    utf8_error_offset,
+)
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.packing import check_bos_rule, packing_record, pad_id_for, row_packer, special_tokens_around
 from kdcache.tokenizer import load_tokenizer, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-STDLIB_SKIP_DIRS = frozenset(
-    {
-        "site-packages",
-        "dist-packages",
-        "__pycache__",
-        "test",
-        "tests",
-        "idle_test",
-        # packaged separately by some distributions (Debian/Ubuntu): leave them out so the default
-        # corpus is the same on every machine with the same Python version
-        "idlelib",
-        "lib2to3",
-        "tkinter",
-        "turtledemo",
-        "distutils",
-        "ensurepip",
-        "venv",
-    }
-)
-_READ_CHUNK = 1 << 20
 _TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be read, split or packed as configured."""
-
-
-def default_corpus_name() -> str:
-    return f"python-stdlib-{platform.python_version()}"
-
-
-def default_corpus_files() -> list[Path]:
-    """The standard library's ``.py`` files, sorted; third-party, test and build-specific files excluded.
-
-    Files that are not valid UTF-8 are skipped (and counted in the log): the strict encoding policy is
-    for the user's own files.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        dirnames[:] = [
-            d for d in dirnames if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))
-        ]
-        files += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("_sysconfigdata")]
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    good = [p for p in files if _utf8_error_offset(p) is None]
-    if len(good) < len(files):
-        log.info(
-            "default corpus: skipped %d of %d files under %s that are not UTF-8",
-            len(files) - len(good),
-            len(files),
-            root,
-        )
-    return good
-
-
-def _utf8_error_offset(path: Path) -> int | None:
-    """Byte offset of the first invalid UTF-8 sequence in ``path`` (streamed), or None if valid."""
-    pos, pending = 0, b""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            data = pending + chunk
-            try:
-                _, used = codecs.utf_8_decode(data, "strict", not chunk)
-            except UnicodeDecodeError as e:
-                return pos + e.start
-            pos, pending = pos + used, data[used:]
-            if not chunk:
-                return None
-
-
-def _check_utf8(path: Path) -> None:
-    offset = _utf8_error_offset(path)
-    if offset is not None:
-        raise CorpusError(f"{path}: not UTF-8 at byte {offset} — fix the file or set corpus.errors: replace")
-
-
-def expand_paths(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Expand files and globs (``**`` allowed) into a sorted, de-duplicated list of files."""
-    files: set[Path] = set()
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matched = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
-            if not matched:
-                raise CorpusError(
-                    f"corpus.paths: no files matched the glob {pattern!r} — check the pattern "
-                    "(relative paths are from the working directory)"
-                )
-            files.update(matched)
-        elif Path(pattern).is_file():
-            files.add(Path(pattern))
-        else:
-            what = "is a directory; use a glob such as 'DIR/**/*.txt'" if Path(pattern).is_dir() else "not found"
-            raise CorpusError(f"corpus.paths: {pattern} {what} — fix corpus.paths in params.yaml")
-    return sorted(files, key=lambda p: p.as_posix())
-
-
-def _file_kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        return "json"
-    return "parquet" if suffix in PARQUET_SUFFIXES else "text"
 
 
 @contextlib.contextmanager
@@ -184,7 +84,7 @@ def _read_text_files(files: list[Path], cfg: CorpusConfig) -> datasets.Dataset:
     """One document per file (universal newlines, like ``open()`` in text mode)."""
     if cfg.errors == "strict":
         for path in files:
-            _check_utf8(path)
+            check_utf8(path)
     ds = _load("text", files, sample_by="document", encoding_errors=cfg.errors)
     if len(ds) != len(files):
         raise CorpusError(f"datasets returned {len(ds)} documents for {len(files)} text files (first: {files[0]})")
@@ -201,8 +101,8 @@ def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Datas
     kwargs: dict[str, Any] = {}
     if kind == "json":
         if cfg.errors == "strict":
-            _check_utf8(path)
-        elif _utf8_error_offset(path) is not None:
+            check_utf8(path)
+        elif utf8_error_offset(path) is not None:
             kwargs = {"encoding": "utf-8-sig", "encoding_errors": "replace"}  # makes the builder re-encode
     try:
         ds = _load(kind, [path], **kwargs)
@@ -239,7 +139,7 @@ def read_documents(cfg: CorpusConfig, *, progress: bool = False) -> datasets.Dat
     parts: list[datasets.Dataset] = []
     count = 0
     with _datasets_progress(progress):
-        for kind, run in groupby(files, key=_file_kind):
+        for kind, run in groupby(files, key=file_kind):
             run = list(run)
             loaded = [_read_text_files(run, cfg)] if kind == "text" else [_read_table_file(p, kind, cfg) for p in run]
             for ds in (d for d in loaded if d is not None):
@@ -281,10 +181,29 @@ def split_documents(ds: datasets.Dataset, *, val_fraction: float) -> dict[str, d
         is_val[np.argmin(hashes)] = True
     if is_val.all():
         is_val[np.argmax(hashes)] = False
+    _warn_if_lopsided(ds, is_val, val_fraction=val_fraction)
     return {
         "train": ds.select(np.flatnonzero(~is_val), keep_in_memory=True),
         "val": ds.select(np.flatnonzero(is_val), keep_in_memory=True),
     }
+
+
+def _warn_if_lopsided(ds: datasets.Dataset, is_val: np.ndarray, *, val_fraction: float) -> None:
+    """Warn when the split by document puts far more (or less) text in val than ``val_fraction`` asks,
+    e.g. one huge document that hashed into val: the split is by document, never inside one."""
+    sizes = np.array([len(t) for t in ds["text"]], dtype=np.int64)  # (D,) characters
+    share = float(sizes[is_val].sum() / max(sizes.sum(), 1))
+    if share <= max(3 * val_fraction, val_fraction + 0.2) and share >= val_fraction / 10:
+        return
+    biggest = int(np.argmax(np.where(is_val, sizes, -1) if share > val_fraction else sizes))
+    log.warning(
+        "corpus: the val split holds %.1f%% of the text (corpus.val_fraction %.3f); its split is by document "
+        "and %s alone is %.1f%% of the corpus — add more documents, or cut large ones into several files",
+        100 * share,
+        val_fraction,
+        ds[biggest].get("source", f"document {biggest}"),
+        100 * sizes[biggest] / max(sizes.sum(), 1),
+    )
 
 
 def _text_batches(ds: datasets.Dataset) -> Iterator[tuple[list[str], np.ndarray]]:

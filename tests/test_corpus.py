@@ -15,14 +15,12 @@ import torch
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.prepare import PrepareConfig
 from kdcache.corpus import (
-    STDLIB_SKIP_DIRS,
-    CorpusError,
-    default_corpus_files,
     prepare_tokens,
     read_documents,
     split_documents,
     tokenize_and_pack,
 )
+from kdcache.corpus_files import STDLIB_SKIP_DIRS, CorpusError, default_corpus_files
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.token_data import open_tokens, verify_tokens
 from kdcache.tokenizer import train_bpe_tokenizer
@@ -456,3 +454,32 @@ def test_a_gemma_tokenizer_that_adds_no_bos_is_refused_before_anything_is_writte
         cfg_for(tmp_path / "c" / "*.txt"), PrepareConfig(seq_len=16), tokenizer_dir=model_dir, out_dir=tmp_path / "t"
     )
     assert manifest["packing"]["prefix"] == [0]
+
+
+def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, caplog):
+    from kdcache.corpus_files import expand_paths
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha\n")
+    (tmp_path / "docs" / "loop").symlink_to(tmp_path / "docs")  # docs/loop/loop/... is docs again
+    (tmp_path / "docs" / "b.txt").symlink_to(tmp_path / "docs" / "a.txt")  # the same file under another name
+    with caplog.at_level("WARNING"):
+        files = expand_paths([str(tmp_path / "docs" / "**" / "*.txt")])
+    assert files == [tmp_path / "docs" / "a.txt"]
+    assert "is the same file as" in caplog.text
+
+
+def test_a_huge_document_that_hashes_into_val_is_named_in_a_warning(caplog):
+    import datasets
+
+    from kdcache.corpus import _warn_if_lopsided
+
+    ds = datasets.Dataset.from_dict({"text": ["x" * 10_000, "short one", "short two"], "source": ["big.txt", "a", "b"]})
+    with caplog.at_level("WARNING"):
+        _warn_if_lopsided(ds, np.array([True, False, False]), val_fraction=0.05)
+    assert "val split holds 99.8% of the text" in caplog.text and "big.txt alone is 99.8%" in caplog.text
+    caplog.clear()
+    even = datasets.Dataset.from_dict({"text": ["same size"] * 20, "source": [f"d{i}" for i in range(20)]})
+    with caplog.at_level("WARNING"):
+        _warn_if_lopsided(even, np.arange(20) == 3, val_fraction=0.05)
+    assert caplog.text == ""  # 5% of the text in val, as asked: nothing to say
