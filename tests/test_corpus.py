@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import WORDS
 
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.prepare import PrepareConfig
@@ -24,29 +25,6 @@ from kdcache.corpus_files import STDLIB_SKIP_DIRS, CorpusError, default_corpus_f
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.token_data import open_tokens, verify_tokens
 from kdcache.tokenizer import train_bpe_tokenizer
-
-WORDS = [
-    "def",
-    "return",
-    "self",
-    "value",
-    "import",
-    "class",
-    "for",
-    "in",
-    "range",
-    "if",
-    "else",
-    "None",
-    "print",
-    "data",
-    "items",
-    "key",
-    "lambda",
-    "yield",
-    "with",
-    "open",
-]
 
 
 def doc(seed: int, lines: int = 6) -> str:
