@@ -2,6 +2,8 @@
 # Both create .venv and install kdcache into it when needed (again whenever pyproject.toml changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DVC stages and the tests' subprocesses run `python` and `dvc`: the venv's, as if it were activated
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test lint env
 
