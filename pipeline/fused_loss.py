@@ -93,19 +93,19 @@ def chunk_terms(
     coarse, tau = spec.kind in COARSE_KINDS, kd_temperature(spec)
     ids, ok = _target_ids(spec.kind, targets, kd_rows)  # (c, m) ids (0 where padded), real entries
     lab = labels.clamp_min(0).unsqueeze(-1)  # (c, 1)
-    z_lab, z_ids = src.gather(1, lab).squeeze(-1), src.gather(1, ids)  # (c,), (c, m)
-    k_ids = _OnK.of(ids, ok) if coarse else None
+    k_ids = _OnK.of(ids, ok, work.dtype) if coarse else None
     step = max(2, BLOCK_BYTES // (work.shape[-1] * work.element_size()))
     blocks = [slice(i, i + step) for i in range(0, work.shape[0], step)]
-    parts = [
-        _softmax_rest(src[b], work[b], None if spare is None else spare[b], None if k_ids is None else k_ids[b], tau)
-        for b in blocks
-    ]
-    shift, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (c,), (c,)
+    parts = []
+    for b in blocks:  # gather each block's target logits while it is in cache, before it is overwritten
+        gathered = src[b].gather(1, lab[b]).squeeze(-1), src[b].gather(1, ids[b])  # (b,), (b, m)
+        k_b, spare_b = None if k_ids is None else k_ids[b], None if spare is None else spare[b]
+        parts.append((*gathered, *_softmax_rest(src[b], work[b], spare_b, k_b, tau)))
+    z_lab, z_ids, shift, s = (torch.cat([p[i] for p in parts]) for i in range(4))  # (c,), (c, m), (c,), (c,)
     log_base = shift + s.log()  # (c,) log Z_rest (coarse kinds) or log Z; -inf when the rest is empty
     leaves = [log_base, z_lab, z_ids]
     if coarse and tau != 1.0:
-        s_t = torch.cat([p[2] for p in parts])  # (c,)
+        s_t = torch.cat([p[4] for p in parts])  # (c,)
         leaves.append(shift / tau + s_t.log())  # (c,) log Z_rest of z / tau
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(weights is not None) for t in leaves]
@@ -127,24 +127,29 @@ def chunk_terms(
 
 
 class _OnK:
-    """Writes a value at each row's real ids K, in place, with one plain scatter: padding is redirected
-    to a real id of its row (the same value lands there), or in rows without one to id 0 with the value
-    id 0 already holds -- no write conflicts."""
+    """Writes at each row's real ids K, in place, by ``scatter_reduce`` with values neutral for padding
+    (padding points at id 0): no write conflicts, and no per-row branches."""
 
-    def __init__(self, ids: Tensor, has: Tensor, first: Tensor) -> None:
-        self.ids, self.has, self.first = ids, has, first  # (c, m) redirected ids, (c, 1) bool, (c, 1)
+    def __init__(self, ids: Tensor, lowest: Tensor, zero_max: Tensor, zero_min: Tensor) -> None:
+        self.ids, self.lowest, self.zero_max, self.zero_min = ids, lowest, zero_max, zero_min  # (c, m) each
 
     @classmethod
-    def of(cls, ids: Tensor, ok: Tensor) -> _OnK:
-        first = ids.gather(1, ok.to(torch.uint8).argmax(-1, keepdim=True))  # (c, 1) a real id (0 if none)
-        return cls(torch.where(ok, ids, first), ok.any(-1, keepdim=True), first)
+    def of(cls, ids: Tensor, ok: Tensor, dtype: torch.dtype) -> _OnK:
+        inf = torch.tensor(torch.inf, dtype=dtype, device=ids.device)
+        zero = torch.zeros((), dtype=dtype, device=ids.device)
+        return cls(ids, torch.where(ok, -inf, inf), torch.where(ok, zero, -inf), torch.where(ok, zero, inf))
 
     def __getitem__(self, rows: slice) -> _OnK:
-        return _OnK(self.ids[rows], self.has[rows], self.first[rows])
+        return _OnK(self.ids[rows], self.lowest[rows], self.zero_max[rows], self.zero_min[rows])
 
-    def put(self, buf: Tensor, value: float) -> Tensor:
-        kept = buf.gather(1, self.first)  # (c, 1) what rows without real ids write back
-        return buf.scatter_(1, self.ids, torch.where(self.has, value, kept).expand_as(self.ids))
+    def to_minus_inf(self, buf: Tensor) -> Tensor:
+        return buf.scatter_reduce_(1, self.ids, self.lowest, "amin")
+
+    def from_minus_inf_to_zero(self, buf: Tensor) -> Tensor:
+        return buf.scatter_reduce_(1, self.ids, self.zero_max, "amax")
+
+    def from_one_to_zero(self, buf: Tensor) -> Tensor:
+        return buf.scatter_reduce_(1, self.ids, self.zero_min, "amin")
 
 
 def _softmax_rest(
@@ -160,12 +165,12 @@ def _softmax_rest(
         return shift.squeeze(-1), work.sum(-1), None
     if work is not src:
         work.copy_(src)
-    shift = _finite(k_ids.put(work, -torch.inf).amax(-1, keepdim=True))  # (b, 1) max of the rest
-    k_ids.put(work.sub_(shift), 0.0)  # (b, V) z - shift, 0 on K
+    shift = _finite(k_ids.to_minus_inf(work).amax(-1, keepdim=True))  # (b, 1) max of the rest
+    k_ids.from_minus_inf_to_zero(work.sub_(shift))  # (b, V) z - shift, 0 on K
     s_t = None
     if spare is not None and tau != 1.0:
-        s_t = k_ids.put(torch.mul(work, 1.0 / tau, out=spare).exp_(), 0.0).sum(-1)  # (b,)
-    return shift.squeeze(-1), k_ids.put(work.exp_(), 0.0).sum(-1), s_t
+        s_t = k_ids.from_one_to_zero(torch.mul(work, 1.0 / tau, out=spare).exp_()).sum(-1)  # (b,)
+    return shift.squeeze(-1), k_ids.from_one_to_zero(work.exp_()).sum(-1), s_t
 
 
 def _finite(shift: Tensor) -> Tensor:
