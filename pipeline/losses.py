@@ -107,6 +107,9 @@ TAU_SQUARED_KINDS = ("topk_tail", "topk_renorm", "reverse_kl", "jsd", "skew_kl")
 1/tau**2).  ``tv`` is not (its gradient is sign-based); ``sampled``/``hard`` run at tau = 1."""
 DEFAULT_LOSS = {"topk": "topk_tail", "both": "topk_tail", "sampled": "sampled"}
 assert set(TAIL_KINDS) == set(COARSE_KINDS)
+MAX_AUTO_ROWS = 1024
+"""Rows per auto chunk at most: the per-row math keeps ~20 (rows, k+1) tensors alive for its gradient
+(16 MiB at 4096 rows x k = 64, a tenth of a V = 4096 step), and more rows save nothing."""
 WORKING_BUFFERS = 3
 """The most (chunk, V+1) fp32 buffers a chunk allocates besides the one gradient (``kdcache.fused_loss.workspaces``
 counts them per call, and the auto chunk is sized by that count): a logits copy (low-precision logits; the
@@ -141,9 +144,10 @@ class KDLossSpec:
     beta: float = 0.5
     """Mixture weight of the teacher for ``jsd`` (in (0, 1)) and ``skew_kl`` (in [0, 1); DistiLLM uses 0.1)."""
     chunk_tokens: int = 0
-    """Token positions per chunk; 0 = auto: the most that keep the working set within ``chunk_budget_bytes``."""
+    """Token positions per chunk; 0 = auto: the most that keep the working set within ``chunk_budget_bytes``,
+    at most ``MAX_AUTO_ROWS``."""
     chunk_budget_bytes: int = 256 << 20
-    """Budget for the auto chunk: ``WORKING_BUFFERS`` float buffers of (chunk, V+1)."""
+    """Budget for the auto chunk: the (chunk, V+1) float buffers the loss allocates (``WORKING_BUFFERS`` at most)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -186,7 +190,7 @@ class KDLossSpec:
         buffers (the loss passes the count it allocates, at least 1) -- fits the budget."""
         if self.chunk_tokens > 0:
             return self.chunk_tokens
-        return max(1, self.chunk_budget_bytes // (max(1, buffers) * itemsize * (vocab_size + 1)))
+        return max(1, min(MAX_AUTO_ROWS, self.chunk_budget_bytes // (max(1, buffers) * itemsize * (vocab_size + 1))))
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,7 @@ def kd_loss(
     loss, kd_sum, ce_sum = ChunkedLogitsLoss.apply(
         flat, weights.to(compute_dtype(flat)), labels, kd_rows, spec, want_grad, tuple(targets), *targets.values()
     )
-    return _output(spec, loss, kd_sum, ce_sum, weights, counts)
+    return _output(spec, loss, kd_sum, ce_sum, counts)
 
 
 def kd_loss_from_hidden(
@@ -289,7 +293,7 @@ def kd_loss_from_hidden(
     ``head.weight`` (for a tied head: the input embedding, added to its other gradient) and
     ``head.bias``.  Targets as for :func:`kd_loss`; ids lie in [0, V), V = ``head.weight.shape[0]``.
     """
-    unknown = set(targets) - {name for keys in TARGET_KEYS.values() for name in keys}
+    unknown = set(targets) - set(_TARGET_NAMES)
     if unknown:
         raise TypeError(f"kd_loss_from_hidden: unknown target arguments {sorted(unknown)}; see TARGET_KEYS")
     if hidden.dim() != 3 or not hidden.is_floating_point():
@@ -323,7 +327,7 @@ def kd_loss_from_hidden(
         tuple(flat_targets),
         *flat_targets.values(),
     )
-    return _output(spec, loss, kd_sum, ce_sum, weights, counts)
+    return _output(spec, loss, kd_sum, ce_sum, counts)
 
 
 _TARGET_NAMES = tuple(dict.fromkeys(name for keys in TARGET_KEYS.values() for name in keys))
@@ -357,9 +361,7 @@ def _prepare(
     return labels, kd_rows, targets, weights, counts
 
 
-def _output(
-    spec: KDLossSpec, loss: Tensor, kd_sum: Tensor, ce_sum: Tensor, weights: Tensor, counts: Tensor
-) -> LossOutput:
+def _output(spec: KDLossSpec, loss: Tensor, kd_sum: Tensor, ce_sum: Tensor, counts: Tensor) -> LossOutput:
     """The means from the sums: kd = s(tau) * sum / n_kd, ce = sum / n_ce."""
     means = 1.0 / counts.clamp_min(1).to(kd_sum.dtype)  # (2,)
     scale = spec.temperature**2 if spec.kind in TAU_SQUARED_KINDS else 1.0

@@ -634,6 +634,7 @@ def test_auto_chunk_keeps_the_working_set_budget_at_262k_vocab():
     assert rows * per_row <= spec.chunk_budget_bytes < (rows + 1) * per_row  # the most rows that fit
     assert rows == 85
     assert KDLossSpec(chunk_budget_bytes=1).rows_per_chunk(vocab) == 1  # at least one row
+    assert KDLossSpec().rows_per_chunk(4096) == 1024  # at most MAX_AUTO_ROWS: the per-row math stays small
     assert KDLossSpec(chunk_tokens=7).rows_per_chunk(vocab) == 7
 
 
