@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from kdcache.config.evaluate import EvaluateConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.devices import resolve_dtype
-from kdcache.files import atomic_write_text
+from kdcache.files import InputFileError, atomic_write_text, read_json_file
 from kdcache.fingerprint import WEIGHT_SUFFIXES, tokenizer_fingerprint
 from kdcache.losses import dense_kl
 from kdcache.packing import packing_of, target_mask
@@ -142,6 +142,8 @@ def evaluate(
     fingerprint = tokenizer_fingerprint(loaded_teacher.tokenizer)
     _check_tokens(tokens, loaded_teacher, vocab=vocab, fingerprint=fingerprint)
     paths = {"teacher": Path(teacher.path), **{name: Path(p) for name, p in models.items()}}
+    trained = {name: trained_against(paths[name]) for name in models}
+    _check_trained_against(trained, teacher=loaded_teacher, tokens=tokens, allow=cfg.allow_other_teacher)
     loaded = {"teacher": loaded_teacher.model} | {name: load_model(path, device=dev) for name, path in models.items()}
     _check_models(loaded, paths=paths, vocab=vocab, fingerprint=fingerprint)
     count = len(tokens) if cfg.max_sequences == 0 else min(cfg.max_sequences, len(tokens))
@@ -175,8 +177,78 @@ def evaluate(
         "teacher_sha256": loaded_teacher.info["sha256"],
         "num_sequences": count,
         "num_tokens": n_tokens,
+        "trained_against": trained,
         "models": results,
     }
+
+
+TRAINING_RECORD = "training.json"
+"""A student's training summary (``kdcache.train_run.SUMMARY_NAME``); its ``cache`` section: what it learned from."""
+
+
+def trained_against(model_dir: Path) -> dict[str, Any] | None:
+    """The ``cache`` section (teacher sha256, tokenizer and corpus fingerprints, cache name and path) and
+    loss kind of a student's ``training.json``; None for a model kdcache did not train."""
+    record_path = model_dir / TRAINING_RECORD
+    if not record_path.is_file():
+        return None
+    fix = f"retrain the model, or move {record_path} away to evaluate it as a model of unknown origin"
+    try:
+        record = read_json_file(record_path, what="the training record", fix=fix)
+    except InputFileError as e:
+        raise EvaluateError(str(e)) from e
+    cache = record.get("cache") if isinstance(record, dict) else None
+    if not isinstance(cache, dict):
+        return None
+    loss = record.get("loss")
+    kind = loss.get("kind") if isinstance(loss, dict) else None
+    return {"record": str(record_path), "loss": kind, **cache}
+
+
+def _check_trained_against(
+    trained: dict[str, dict[str, Any] | None], *, teacher: Teacher, tokens: TokenSplit, allow: bool
+) -> None:
+    """Refuse a teacher other than the one whose cache a student learned from (by sha256), and a val split
+    whose tokenizer is not the one it was trained with, unless ``allow`` (then: a warning). A CE-only
+    baseline learned nothing from the teacher: only its tokenizer is checked. Models without a training
+    record are not checked; a val split not prepared with the cache's training data gets a warning (its
+    documents may overlap what the student saw)."""
+    sha, where = teacher.info["sha256"], teacher.info["path"]
+    split = f"{tokens.path}/{tokens.split}" if tokens.path is not None else f"token split {tokens.split!r}"
+    allow_hint = "or pass --allow-other-teacher (evaluate.allow_other_teacher: true) to compare anyway"
+    for name, rec in trained.items():
+        if rec is None:
+            log.info("%s: no %s: not checked against the teacher it learned from", name, TRAINING_RECORD)
+            continue
+        cache = f"cache {rec.get('path') or rec.get('name') or '?'}"
+        problems = []
+        if rec.get("loss") != "ce" and rec.get("teacher_sha256") not in (None, sha):
+            problems.append(
+                f"{rec['record']}: {name} learned from teacher {str(rec['teacher_sha256'])[:12]}… ({cache}) but "
+                f"the teacher here, {where}, is {sha[:12]}… — evaluate with the teacher that cache was made from, "
+                f"{allow_hint}"
+            )
+        if rec.get("tokenizer_fingerprint") not in (None, tokens.tokenizer_fingerprint):
+            problems.append(
+                f"{rec['record']}: {name} was trained with tokenizer {str(rec['tokenizer_fingerprint'])[:12]}… "
+                f"({cache}) but {split} was made with tokenizer {tokens.tokenizer_fingerprint[:12]}… — evaluate on "
+                f"a val split prepared with that tokenizer (the cache's teacher), {allow_hint}"
+            )
+        for problem in problems:
+            if not allow:
+                raise EvaluateError(problem)
+            log.warning("evaluate.allow_other_teacher: %s", problem.split(" — ")[0])
+        train_split = (tokens.manifest.get("splits") or {}).get("train") or {}
+        if rec.get("corpus_fingerprint") not in (None, train_split.get("fingerprint")):
+            log.warning(
+                "%s: %s was trained on corpus %s… (%s), not on the train split next to %s: their documents may "
+                "overlap — evaluate on the val split prepared with the cache's train split",
+                rec["record"],
+                name,
+                str(rec["corpus_fingerprint"])[:12],
+                cache,
+                split,
+            )
 
 
 def load_model(path: str | Path, *, device: torch.device) -> PreTrainedModel:

@@ -60,16 +60,21 @@ def is_student_dir(path: Path) -> bool:
 def run_identity(cfg: TrainConfig, reader: CacheReader, world: int) -> dict[str, Any]:
     """What a run's checkpoints depend on: the settings (but logging/checkpoint cadence and loss chunking,
     which change no number), the world size (the data order) and the cache."""
-    m = reader.meta
     return {
         "train": {k: v for k, v in to_dict(cfg).items() if k not in ("log_every", "checkpoint_every", "chunk_tokens")},
         "world_size": world,
-        "cache": {
-            "teacher_sha256": m.teacher.get("sha256"),
-            "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
-            "corpus_fingerprint": m.corpus.get("fingerprint"),
-            "targets": m.targets,
-        },
+        "cache": cache_identity(reader),
+    }
+
+
+def cache_identity(reader: CacheReader) -> dict[str, Any]:
+    """What a student learned from: the cache's teacher sha256, tokenizer and corpus fingerprints, targets."""
+    m = reader.meta
+    return {
+        "teacher_sha256": m.teacher.get("sha256"),
+        "tokenizer_fingerprint": m.tokenizer.get("fingerprint"),
+        "corpus_fingerprint": m.corpus.get("fingerprint"),
+        "targets": m.targets,
     }
 
 
@@ -94,8 +99,22 @@ def write_log(pending: list[tuple[dict[str, Any], torch.Tensor]], log_file: Any)
     return pending[-1][0]
 
 
-LOG_FIELDS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "tokens_per_s", "elapsed", "epoch", "data_wait_s")
-"""One train_log.jsonl line per optimizer step; ``data_wait_s``: seconds the step waited for its batches."""
+LOG_FIELDS = (
+    "step",
+    "loss",
+    "kd",
+    "ce",
+    "grad_norm",
+    "lr",
+    "alpha",
+    "temperature",
+    "tokens_per_s",
+    "elapsed",
+    "epoch",
+    "data_wait_s",
+)
+"""One train_log.jsonl line per optimizer step; ``data_wait_s``: seconds the step waited for its batches;
+``alpha`` / ``temperature``: the step's KD weight (0 for CE alone) and temperature (``train.schedule``)."""
 
 
 def start_run(
@@ -215,13 +234,7 @@ def run_summary(
         "device": str(dev),
         "world_size": world,
         "global_batch_size": cfg.batch_size * cfg.grad_accum * world,
-        "cache": {
-            "name": manifest.name,
-            "teacher_sha256": manifest.teacher.get("sha256"),
-            "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
-            "corpus_fingerprint": manifest.corpus.get("fingerprint"),
-            "targets": manifest.targets,
-        },
+        "cache": {"name": manifest.name, "path": str(reader.path)} | cache_identity(reader),
         "config": to_dict(cfg),
         "kdcache_version": __version__,
     }

@@ -220,3 +220,141 @@ def teacher_cfg(setup: dict) -> TeacherConfig:
 
 def students(setup: dict) -> dict[str, Path]:
     return {"student": setup["student"], "baseline": setup["baseline"]}
+
+
+# ----------------------------------------------------------------------------- the teacher the students learned from
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real cache of teacher A, a KD student and a CE baseline trained on it, and a teacher B that shares
+    A's tokenizer but not its weights."""
+    import os
+
+    from conftest import STUDENT, make_world
+
+    from kdcache.cache.build import cache_corpus
+    from kdcache.config.cache import CacheConfig
+    from kdcache.config.train import StudentConfig, TrainConfig
+    from kdcache.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    os.environ.setdefault("KDCACHE_STAGING_DIR", str(root / "staging"))
+    world = make_world(root, vocab_size=VOCAB, seq=SEQ)
+    cache = cache_corpus(
+        TeacherConfig(path=str(world["teacher"]), device="cpu"),
+        CacheConfig(targets="topk", top_k=8, batch_size=4, rows_per_shard=8),
+        tokens_dir=world["tokens"],
+        out_dir=root / "cache",
+    )
+    base = {"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "student": StudentConfig(**STUDENT)}
+    for name, loss in (("student", "topk_tail"), ("baseline", "ce")):
+        train(TrainConfig(loss=loss, **base), cache_dir=cache, out_dir=root / name, device="cpu")
+    other = root / "teacher-b"
+    shutil.copytree(world["teacher"], other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.5)
+    model.save_pretrained(other)
+    return {**world, "cache": cache, "other": other}
+
+
+def _models(t: dict, *names: str) -> dict[str, Path]:
+    return {name: t["root"] / name for name in names}
+
+
+def test_training_json_records_the_cache_the_student_learned_from(trained: dict) -> None:
+    record = json.loads((trained["root"] / "student" / "training.json").read_text())
+    manifest = json.loads((trained["cache"] / "manifest.json").read_text())
+    assert record["cache"]["path"] == str(trained["cache"])
+    assert record["cache"]["name"] == manifest["name"]
+    assert record["cache"]["teacher_sha256"] == manifest["teacher"]["sha256"]
+    assert record["cache"]["tokenizer_fingerprint"] == manifest["tokenizer"]["fingerprint"]
+    assert record["cache"]["corpus_fingerprint"] == manifest["corpus"]["fingerprint"]
+
+
+def test_evaluate_accepts_the_teacher_the_students_learned_from(trained: dict) -> None:
+    m = evaluate(
+        EvaluateConfig(batch_size=2),
+        tokens=open_tokens(trained["tokens"], "val"),
+        teacher=TeacherConfig(path=str(trained["teacher"]), device="cpu"),
+        models=_models(trained, "student", "baseline"),
+    )
+    assert set(m["models"]) == {"teacher", "student", "baseline"}
+    assert m["trained_against"]["student"]["teacher_sha256"] == m["teacher_sha256"]
+
+
+def test_evaluate_refuses_another_teacher_naming_both_shas_the_record_and_the_fix(trained: dict) -> None:
+    tokens = open_tokens(trained["tokens"], "val")
+    record = json.loads((trained["root"] / "student" / "training.json").read_text())
+    learned = record["cache"]["teacher_sha256"]
+    with pytest.raises(EvaluateError) as e:
+        evaluate(
+            EvaluateConfig(),
+            tokens=tokens,
+            teacher=TeacherConfig(path=str(trained["other"]), device="cpu"),
+            models=_models(trained, "student", "baseline"),
+        )
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{trained['root'] / 'student' / 'training.json'}: student learned from teacher {learned[:12]}…" in msg
+    assert f"{trained['cache']}" in msg and str(trained["other"]) in msg
+    from kdcache.fingerprint import model_dir_fingerprint
+
+    assert model_dir_fingerprint(trained["other"])["sha256"][:12] in msg
+    assert "--allow-other-teacher (evaluate.allow_other_teacher: true)" in msg
+
+
+def test_allow_other_teacher_compares_anyway(trained: dict, caplog: pytest.LogCaptureFixture) -> None:
+    m = evaluate(
+        EvaluateConfig(batch_size=2, allow_other_teacher=True),
+        tokens=open_tokens(trained["tokens"], "val"),
+        teacher=TeacherConfig(path=str(trained["other"]), device="cpu"),
+        models=_models(trained, "student", "baseline"),
+    )
+    assert math.isfinite(m["models"]["student"]["kl_to_teacher"])
+    assert "allow_other_teacher" in caplog.text and "student learned from teacher" in caplog.text
+
+
+def test_the_ce_baseline_learned_nothing_from_the_teacher_so_any_teacher_of_its_tokenizer_is_fine(
+    trained: dict,
+) -> None:
+    m = evaluate(
+        EvaluateConfig(batch_size=2),
+        tokens=open_tokens(trained["tokens"], "val"),
+        teacher=TeacherConfig(path=str(trained["other"]), device="cpu"),
+        models=_models(trained, "baseline"),
+    )
+    assert m["trained_against"]["baseline"]["loss"] == "ce"
+
+
+def test_a_val_split_of_another_tokenizer_than_the_students_is_refused(trained: dict, tmp_path: Path) -> None:
+    for name in ("student", "baseline"):  # the baseline too: its tokenizer is what it learned
+        copy = shutil.copytree(trained["root"] / name, tmp_path / name)
+        record = json.loads((copy / "training.json").read_text())
+        record["cache"]["tokenizer_fingerprint"] = "e" * 64
+        (copy / "training.json").write_text(json.dumps(record))
+        with pytest.raises(EvaluateError) as e:
+            evaluate(
+                EvaluateConfig(),
+                tokens=open_tokens(trained["tokens"], "val"),
+                teacher=TeacherConfig(path=str(trained["teacher"]), device="cpu"),
+                models={name: copy},
+            )
+        msg = str(e.value)
+        assert f"{copy / 'training.json'}: {name} was trained with tokenizer eeeeeeeeeeee…" in msg
+        assert f"{trained['tokens']}/val was made with tokenizer" in msg and "--allow-other-teacher" in msg
+
+
+def test_a_model_without_a_training_record_is_not_checked(setup: dict) -> None:
+    m = evaluate(
+        EvaluateConfig(batch_size=5), tokens=setup["tokens"], teacher=teacher_cfg(setup), models=students(setup)
+    )
+    assert m["trained_against"] == {"student": None, "baseline": None}
+
+
+def test_a_damaged_training_record_is_refused_naming_it(setup: dict, tmp_path: Path) -> None:
+    copy = shutil.copytree(setup["student"], tmp_path / "student")
+    (copy / "training.json").write_text("[" * 100_000)
+    with pytest.raises(EvaluateError, match=rf"{copy / 'training.json'}.*retrain the model"):
+        evaluate(EvaluateConfig(), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"student": copy})
