@@ -2,7 +2,9 @@
 
 Data order depends only on ``cfg.seed`` and the epoch (the cache reader's batching), so a KD run
 and its CE baseline see the same batches, and a resumed run continues exactly where the
-checkpoint left off: its per-step losses equal an uninterrupted run's.
+checkpoint left off: its per-step losses equal an uninterrupted run's. The loss schedule
+(``train.schedule``: a CE-only warm-up, then alpha and temperature ramps) is a pure function of the
+step too (:func:`step_spec`), so a resumed run continues it exactly.
 
 Under ``torchrun`` (a process group initialized by the caller, see ``kdcache.distributed``) the
 model is wrapped in DDP and rank r reads the r-th slice of every global batch (``batch_size``
@@ -13,7 +15,7 @@ the mean over ranks; rank 0 alone writes the log, the checkpoints and the final 
 Output directory::
 
     out_dir/checkpoints/step-NNNNNN/   resumable state (kdcache.checkpoint), newest 2 kept
-    out_dir/train_log.jsonl            one JSON line per optimizer step
+    out_dir/train_log.jsonl            one JSON line per optimizer step (with that step's alpha and temperature)
     out_dir/config.json, model.safetensors, tokenizer files   the final student (from_pretrained)
     out_dir/training.json              written last: the run finished
 """
@@ -26,19 +28,22 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdcache.cache.format import TargetLayout
 from kdcache.cache.prefetch import Prefetcher
 from kdcache.cache.reader import CacheReader
-from kdcache.config.train import TrainConfig
+from kdcache.config.base import ConfigError
+from kdcache.config.train import ANY_TEMPERATURE_LOSSES, RampConfig, TrainConfig
 from kdcache.devices import resolve_device
 from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, rank_world
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
 from kdcache.losses import (
+    TAIL_KINDS,
     TARGET_KEYS,
     KDLossSpec,
     kd_loss,
@@ -134,6 +139,7 @@ def _train(
     dev = resolve_device(device)
     reader, student_tok, vmap, mapping = open_inputs(cfg, cache_dir)
     spec = loss_spec(cfg, reader, cache_dir=cache_dir)
+    check_schedule(cfg, spec, reader.layout, cache_dir=cache_dir)
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
     model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
@@ -241,13 +247,15 @@ def _loop(
         while pos.step < stop:
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            stats = _step(cfg, model=model, head=head, optimizer=optimizer, spec=spec, stream=stream, pos=pos, dev=dev)
+            now = step_spec(spec, cfg, pos.step)
+            stats = _step(cfg, model=model, head=head, optimizer=optimizer, spec=now, stream=stream, pos=pos, dev=dev)
             scheduler.step()
             dt = time.perf_counter() - t0
             tokens = stats["tokens"] * world
             pos.step, pos.tokens, pos.elapsed = pos.step + 1, pos.tokens + tokens, pos.elapsed + dt
             record = {"step": pos.step, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9), "elapsed": pos.elapsed}
             record |= {"epoch": pos.epoch, "data_wait_s": stats["data_wait_s"]}
+            record |= {"alpha": 0.0 if now.kind == "ce" else now.alpha, "temperature": now.temperature}
             pending.append((record, stats["values"]))
             checkpoint = pos.step % cfg.checkpoint_every == 0 or pos.step == stop
             if pos.step % cfg.log_every == 0 or checkpoint:
@@ -323,6 +331,49 @@ def _step(
     optimizer.step()
     values = torch.cat([sums, grad_norm.detach().reshape(1).to(sums)])  # (4,)
     return {"values": values, "tokens": tokens, "data_wait_s": waited}
+
+
+def step_spec(spec: KDLossSpec, cfg: TrainConfig, step: int) -> KDLossSpec:
+    """The loss of optimizer step ``step`` (0-based): hard-label CE alone for the first
+    ``schedule.ce_warmup_steps`` steps, then ``spec`` with alpha and temperature on their ramps, which run
+    from ``train.alpha`` / ``train.temperature`` at the first KD step to their ``end`` at step max_steps - 1."""
+    warmup = cfg.schedule.ce_warmup_steps
+    if step < warmup:
+        return spec if spec.kind == "ce" else replace(spec, kind="ce")
+    span = cfg.max_steps - 1 - warmup
+    progress = min((step - warmup) / span, 1.0) if span > 0 else 0.0
+    return replace(
+        spec,
+        alpha=ramp_value(cfg.schedule.alpha, cfg.alpha, progress),
+        temperature=ramp_value(cfg.schedule.temperature, cfg.temperature, progress),
+    )
+
+
+def ramp_value(ramp: RampConfig, start: float, progress: float) -> float:
+    """A ramp's value at ``progress`` in [0, 1] of its span: constant ``start``; linear
+    ``start + (end - start) * progress``; cosine ``end + (start - end) * (1 + cos(pi * progress)) / 2``."""
+    if ramp.kind == "constant" or ramp.end is None:
+        return start
+    if ramp.kind == "linear":
+        return start + (ramp.end - start) * progress
+    return ramp.end + (start - ramp.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_schedule(cfg: TrainConfig, spec: KDLossSpec, layout: TargetLayout, *, cache_dir: str | Path) -> None:
+    """Refuse, before step 1, a moving temperature the resolved loss cannot take with this cache's targets."""
+    ramp = cfg.schedule.temperature
+    if ramp.kind == "constant" or ramp.end == cfg.temperature or spec.kind in ANY_TEMPERATURE_LOSSES:
+        return
+    moves = f"train.schedule.temperature: kind {ramp.kind} moves tau from {cfg.temperature} to {ramp.end}, but"
+    fix = "keep temperature.kind: constant, or set train.loss: topk_renorm (any tau)"
+    if spec.kind in TAIL_KINDS:
+        stored = ", ".join(f"{t:g}" for t in sorted({layout.temperature, *layout.temperatures}))
+        raise ConfigError(
+            f"{moves} train.loss={spec.kind} re-tempers the cached teacher only at the temperatures {cache_dir} "
+            f"stores log-normalizers for: {stored}; {fix}"
+        )
+    only = f"takes only the cache's temperature {layout.temperature:g}"
+    raise ConfigError(f"{moves} train.loss={spec.kind} {only}; {fix}")
 
 
 def _maybe_ddp(model: torch.nn.Module, dev: torch.device, world: int) -> torch.nn.Module:

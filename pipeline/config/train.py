@@ -26,6 +26,39 @@ class StudentConfig:
         check(self.hidden_size % self.num_heads == 0, "train.student", "hidden_size", "must be divisible by num_heads")
 
 
+RAMPS = ("constant", "linear", "cosine")
+"""How a scheduled loss setting moves from its start to its ``end`` over the KD steps."""
+ANY_TEMPERATURE_LOSSES = ("topk_renorm", "ce")
+"""Losses that take any temperature at every step (``kdcache.losses``: the tail losses re-temper the teacher
+only at the temperatures the cache stores log-normalizers for; sampled and hard only at the cache's)."""
+
+
+@dataclass(frozen=True)
+class RampConfig:
+    """One loss setting over the KD steps (sections ``train.schedule.alpha`` and ``train.schedule.temperature``)."""
+
+    kind: Literal["constant", "linear", "cosine"] = "constant"
+    """constant: ``train.alpha`` (``train.temperature``) at every step; linear: from that value at the first KD
+    step straight to ``end`` at the last step; cosine: the same ends joined by half a cosine (flat at both)."""
+    end: float | None = None
+    """Value at the last step (``train.max_steps``); linear and cosine need it, constant refuses it (null)."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Loss settings over training steps (section ``train.schedule``); a pure function of the step, so a
+    resumed run continues it exactly. Every step's alpha and temperature go to train_log.jsonl."""
+
+    alpha: RampConfig = field(default_factory=RampConfig)
+    """The KD weight, from ``train.alpha`` to ``alpha.end``."""
+    temperature: RampConfig = field(default_factory=RampConfig)
+    """The KD temperature, from ``train.temperature`` to ``temperature.end``. A moving temperature needs a loss
+    that takes any: topk_renorm (tail losses only take the cache's stored temperatures, sampled/hard its one)."""
+    ce_warmup_steps: int = 0
+    """Steps of hard-label CE alone (the baseline's loss; targets unread) before distillation starts, as in
+    progressive distillation; the alpha and temperature ramps start after them. 0 = KD from the first step."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Student training (sections ``train`` and ``train_baseline``)."""
@@ -73,6 +106,8 @@ class TrainConfig:
     vocab_map: Literal["none", "exact"] = "none"
     """Student tokenizer differs from the cache's: ``none`` refuses; ``exact`` maps identical token strings."""
     student: StudentConfig = field(default_factory=StudentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """alpha and temperature schedules and a CE-only warm-up (section ``train.schedule``)."""
 
     def __post_init__(self) -> None:
         s = "train"
@@ -88,3 +123,41 @@ class TrainConfig:
         check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0 (0 = off)")
         check(self.vocab_map in ("none", "exact"), s, "vocab_map", "must be 'none' or 'exact'")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        s, sched = "train.schedule", self.schedule
+        ramps = (("alpha", sched.alpha, self.alpha), ("temperature", sched.temperature, self.temperature))
+        for name, ramp, start in ramps:
+            check(ramp.kind in RAMPS, s, f"{name}.kind", f"must be {'|'.join(RAMPS)}, got {ramp.kind!r}")
+            if ramp.kind == "constant":
+                check(
+                    ramp.end is None or ramp.end == start,
+                    s,
+                    f"{name}.end",
+                    f"is {ramp.end} but kind is constant (train.{name} = {start} throughout); "
+                    f"set {name}.kind: linear|cosine, or end: null",
+                )
+            else:
+                check(ramp.end is not None, s, f"{name}.end", f"kind {ramp.kind} needs the value at the last step")
+        if sched.alpha.end is not None:
+            check(0.0 <= sched.alpha.end <= 1.0, s, "alpha.end", f"must be in [0, 1], got {sched.alpha.end}")
+        if sched.temperature.end is not None:
+            check(sched.temperature.end > 0, s, "temperature.end", f"must be > 0, got {sched.temperature.end}")
+        moving = sched.temperature.kind != "constant" and sched.temperature.end != self.temperature
+        check(
+            not moving or self.loss in (*ANY_TEMPERATURE_LOSSES, "auto"),
+            s,
+            "temperature",
+            f"kind {sched.temperature.kind} moves tau between {self.temperature} and {sched.temperature.end}, but "
+            f"train.loss={self.loss} takes only the temperatures the cache stores (see `kdcache inspect`); "
+            "keep temperature.kind: constant, or set train.loss: topk_renorm",
+        )
+        check(sched.ce_warmup_steps >= 0, s, "ce_warmup_steps", "must be >= 0")
+        check(
+            sched.ce_warmup_steps < self.max_steps,
+            s,
+            "ce_warmup_steps",
+            f"is {sched.ce_warmup_steps}, leaving no KD step of train.max_steps = {self.max_steps}; lower it "
+            "(or set train.loss: ce for a CE-only run)",
+        )
