@@ -363,7 +363,7 @@ def _with(path: str, value) -> dict:
 @pytest.mark.parametrize(
     "path,value,message",
     [
-        ("format_version", "2.0", "not supported"),
+        ("format_version", "3.0", "not supported"),
         ("format_version", "1", "bad format_version"),
         ("format", "other", "format is"),
         ("shards.0.file", "/etc/passwd", "not of the form"),

@@ -315,8 +315,8 @@ def test_hostile_shard_names_are_refused_before_any_file_is_opened(caches, stagi
 
 def test_unknown_major_version_and_empty_caches_are_refused(caches, staging, tmp_path) -> None:
     path = _copy_cache(caches["topk"][0], tmp_path / "c")
-    (path / "manifest.json").write_text((path / "manifest.json").read_text().replace('"1.0"', '"2.0"'))
-    with pytest.raises(CacheError, match="format version 2.0 is not supported.*upgrade kdcache"):
+    (path / "manifest.json").write_text((path / "manifest.json").read_text().replace('"2.0"', '"3.0"'))
+    with pytest.raises(CacheError, match=r"format version 3.0 is not supported by this kdcache \(reads 1.x, 2.x\)"):
         open_cache(path, staging_dir=staging)
     with pytest.raises(CacheError, match="no manifest"):
         open_cache(tmp_path / "nothing", staging_dir=staging)
@@ -325,7 +325,11 @@ def test_unknown_major_version_and_empty_caches_are_refused(caches, staging, tmp
 def test_a_different_student_tokenizer_is_refused_naming_both_fingerprints(caches, staging) -> None:
     path = caches["topk"][0]
     assert len(open_cache(path, staging_dir=staging, expect_tokenizer="tok-a")) == N
-    with pytest.raises(CacheError, match=r"student tok-b, cache tok-a.*tokenizer/.*train.vocab_map: exact"):
+    with pytest.raises(
+        CacheError,
+        match=r"student's tokenizer \(fingerprint tok-b\) differs from the cache's "
+        r"\(manifest tokenizer.fingerprint tok-a\).*tokenizer/.*train.vocab_map: exact",
+    ):
         open_cache(path, staging_dir=staging, expect_tokenizer="tok-b")
 
 

@@ -161,7 +161,7 @@ def test_verify_finds_ids_beyond_the_vocabulary_in_a_crafted_shard_with_a_valid_
         ("targets.vocab_size", 1 << 40, "bad vocab_size"),
         ("stats", [], "field 'stats' must be an object"),
         ("shards", {"file": "shard-00000.parquet"}, "field 'shards' must be a list"),
-        ("format_version", "2.0", "format version 2.0 is not supported"),
+        ("format_version", "3.0", "format version 3.0 is not supported"),
     ],
 )
 def test_verify_refuses_malformed_manifest_fields_naming_the_manifest(cache, capsys, field, value, message):

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.cache.format import SHARD_PATTERN, Manifest, SequenceTargets, TargetLayout
+from kdcache.cache.format import SHARD_PATTERN, SIGNALS, Manifest, SequenceTargets, TargetLayout
 from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
-from kdcache.cache.targets import cache_chunk_tokens, sparsify_rows, to_sequence_targets
+from kdcache.cache.signals import add_signal_stats, shard_signal_stats
+from kdcache.cache.targets import cache_chunk_tokens, next_token_ids, sparsify_rows, to_sequence_targets
 from kdcache.cache.writer import (
     CACHE_KIND,
     CacheWriteError,
@@ -178,7 +179,7 @@ def _build_cache(
     try:
         header = manifest_header(teacher, tokens, cfg)
         check_cache_dir(out, header, content_named=content_named)
-        layout = TargetLayout.from_dict(header["targets"])
+        layout = TargetLayout.from_dict(header["targets"], tokenizer=header["tokenizer"])
         build_key = build_key_of(header)
         done = _finished_shards(out, num_shards=len(ranges), build_key=build_key)
     except Exception:
@@ -360,6 +361,7 @@ def _score_batch(
         layout=layout,
         seq_indices=torch.from_numpy(seqs),
         chunk_tokens=chunk,
+        next_ids=next_token_ids(torch.from_numpy(ids)),
     )
     del hidden
     sparse = {key: value.cpu() for key, value in sparse.items()}  # the one device->host copy (small tensors)
@@ -378,6 +380,8 @@ def _score_batch(
     keep = ~bad
     meta["entropy_sum"] += float(sparse["entropy"].numpy()[keep].sum(dtype=np.float64))
     meta["topk_mass_sum"] += float(sparse["topk_mass"].numpy()[keep].sum(dtype=np.float64))
+    signals = [sparse[f"teacher_{s}"].numpy()[keep] if f"teacher_{s}" in sparse else None for s in SIGNALS]
+    add_signal_stats(meta, shard_signal_stats(*signals))
     kept = {key: value[torch.from_numpy(keep)] for key, value in sparse.items()}
     rows = to_sequence_targets(kept, ids[keep], seqs[keep])
     timer["forward"] += t1 - t0

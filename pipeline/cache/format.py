@@ -1,33 +1,13 @@
-"""The cache contract: Parquet schema, row encoding/decoding and the manifest (format version 1).
+"""The cache contract: target layout (Parquet schema), sequence targets and the manifest (format version 2).
 
-Writers and readers both import this module (the value codecs live in ``codec``); nothing
-else knows the byte layout. The full specification, with a by-hand decoder and the measurements behind every choice, is
-``cache/README.md``.
-
-One Parquet row per packed sequence; per-token arrays are little-endian binary blobs (one per row
-and column), stored **byte-plane split** (all low bytes, then all next bytes, ...; a no-op for
-1-byte types) so zstd sees the near-constant high bytes as runs. ``T`` = seq_len; ids are
-``uint16`` when vocab_size <= 65536, else ``uint32``; lengths and counts are ``uint8`` when their
-limit (top_k, samples) is <= 255, else ``uint16``. Within a position, entries are in ascending id
-order and ids are **gap coded**: the first id as is, then ``id[j] - id[j-1] - 1``.
-
-- ``seq_index``      int64   global index of the sequence in the token split
-- ``input_ids``      binary  (T,) ids
-- ``topk_lengths``   binary  (T,) entries kept per position (adaptive top-k only; else k each)
-- ``topk_ids``       binary  (n,) gap-coded ids, n = sum of lengths
-- ``topk_codes``     binary  (n,) uint8 value codes, relative to the position's largest log-prob:
-                             code = round(255 * (1 - (p / p_max) ** VALUE_GAMMA))
-- ``topk_tail``      binary  (T,) uint16 tail codes: code = round((TAIL_LOGIT_MAX - logit(p_tail)) * TAIL_SCALE),
-                             TAIL_EMPTY = no tail (k = V); p_tail = probability outside the kept ids
-- ``sample_lengths`` binary  (T,) unique sampled ids per position (sampled targets)
-- ``sample_ids``     binary  (m,) gap-coded ids, ascending per position
-- ``sample_counts``  binary  (m,) draws per id (sum per position = samples)
-
-Decoding top-k values: rel = log(u) / VALUE_GAMMA with u = 1 - code/255 (code 255: u = 0.25/255), then
-``logprob = rel + log(1 - p_tail) - log(sum_position exp(rel))``: the decoded top-k mass is exactly
-``1 - p_tail``. The tail itself is decoded from its code (``codec.decode_log_tail``): the reader
-hands it to the loss as ``topk_log_tail``, so the tail bucket keeps its stored precision even when
-p_tail ~ 1e-9 (recomputing ``1 - sum exp(logprob)`` in float32 would give 0 there).
+Writers and readers both import this module (the value codecs live in ``codec``, rows in ``rows``);
+nothing else knows the byte layout. The specification -- every column with its dtype, the manifest
+fields, v1 compatibility, a by-hand decoder and the measurements behind each choice -- is
+``cache/README.md``. In short: one Parquet row per packed sequence; per-token arrays are
+little-endian binary blobs, byte-plane split; ids gap coded within a position; top-k values as
+uint8 codes relative to the position's max plus a uint16 tail code (``codec``); v2 adds
+``topk_log_z`` (float32 log-normalizers at ``targets.temperatures``), ``teacher_nll`` /
+``teacher_entropy`` (float16, tau = 1) and ``byte_lengths`` (uint8/uint16 UTF-8 bytes per token).
 """
 
 from __future__ import annotations
@@ -70,8 +50,25 @@ from kdcache.cache.codec import (  # noqa: F401  re-exported: the format's codec
 )
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = "1.0"
-"""major.minor: readers refuse another major; minors only add optional fields."""
+FORMAT_VERSION = "2.0"
+"""major.minor written here: readers refuse a major not in ``READ_MAJORS``; minors only add optional fields."""
+READ_MAJORS = ("1", "2")
+"""Major versions this kdcache reads. A v1 cache simply lacks the v2 columns (log-normalizers, teacher
+signals, byte spans): what needs them refuses it, naming the manifest and the fix (rebuild)."""
+SIGNALS = ("nll", "entropy")
+"""Per-token teacher signals (``targets.signals``), stored as float16 columns ``teacher_<signal>``."""
+SIGNAL_DTYPE = np.dtype("<f2")
+LOG_Z_DTYPE = np.dtype("<f4")
+"""``topk_log_z``: float32 (fp16's 1e-3 relative step on log Z ~ 10 would move tempered probabilities ~1%)."""
+RESERVED_TARGETS = {
+    "hidden": "hidden-state targets (columns hidden_<layer> int8 + hidden_scale_<layer> fp16; issue 11.3)",
+}
+"""v2 manifest ``targets`` fields reserved for features this kdcache does not read yet: a cache that sets one
+(non-empty) is refused, naming it. The byte layout is fixed in cache/README.md so later kdcaches fill it in."""
+HIDDEN_COLUMN = "hidden_{layer}"
+"""Reserved (issue 11.3): (T, dim) int8 projected hidden states of teacher layer ``layer``, byte planes."""
+HIDDEN_SCALE_COLUMN = "hidden_scale_{layer}"
+"""Reserved (issue 11.3): (T,) float16 per-position scale of ``hidden_<layer>`` (value = int8 * scale)."""
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 """The teacher's tokenizer, saved inside the cache so that a cache is self-contained."""
@@ -106,6 +103,9 @@ class TargetLayout:
     seed: int = 0
     values: str = "logprob"
     value_encoding: str = VALUE_ENCODING
+    temperatures: tuple[float, ...] = ()  # v2: extra temperatures whose full-vocab log-normalizer is stored
+    signals: tuple[str, ...] = ()  # v2: per-token teacher signals stored (subset of SIGNALS)
+    max_token_bytes: int = 0  # v2: byte_lengths column (from manifest tokenizer.bytes); 0 = none
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "seq_len", "top_k", "samples", "seed", "mass", "temperature"):
@@ -124,6 +124,30 @@ class TargetLayout:
             raise CacheFormatError(f"targets.samples must be in [1, {MAX_SAMPLES}], got {self.samples}")
         if not 0.0 <= self.mass < 1.0 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise CacheFormatError(f"bad targets.mass/temperature: {self.mass}/{self.temperature}")
+        temps = self.temperatures
+        if not isinstance(temps, tuple) or not all(
+            isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in temps
+        ):
+            raise CacheFormatError(f"targets.temperatures must be a list of numbers > 0, got {temps!r}")
+        if len(set(temps)) != len(temps) or self.temperature in temps:
+            raise CacheFormatError(
+                f"targets.temperatures {list(temps)} must be distinct and differ from targets.temperature "
+                f"{self.temperature} (whose log-normalizer is 0)"
+            )
+        if temps and not self.has_topk:
+            raise CacheFormatError(
+                "targets.temperatures needs top-k targets (kind topk|both): sampled ids are drawn at one temperature"
+            )
+        if (
+            not isinstance(self.signals, tuple)
+            or len(set(self.signals)) != len(self.signals)
+            or any(s not in SIGNALS for s in self.signals)
+        ):
+            raise CacheFormatError(f"targets.signals must be distinct names from {list(SIGNALS)}, got {self.signals!r}")
+        if not isinstance(self.max_token_bytes, int) or not 0 <= self.max_token_bytes < 1 << 16:
+            raise CacheFormatError(
+                f"tokenizer.bytes.max_token_bytes must be in [1, 65535], got {self.max_token_bytes!r}"
+            )
         if self.values != "logprob" or self.value_encoding != VALUE_ENCODING:
             raise CacheFormatError(
                 f"targets.values/value_encoding {self.values!r}/{self.value_encoding!r} are not "
@@ -146,6 +170,11 @@ class TargetLayout:
     def id_dtype(self) -> np.dtype:
         return id_dtype_for(self.vocab_size)
 
+    @property
+    def byte_dtype(self) -> np.dtype:
+        """Element dtype of ``byte_lengths``: uint8, or uint16 when a token is longer than 255 bytes."""
+        return count_dtype_for(self.max_token_bytes)
+
     def blob_dtypes(self) -> dict[str, np.dtype]:
         """Element dtype of every blob column (before byte-plane splitting)."""
         ids = self.id_dtype
@@ -156,12 +185,15 @@ class TargetLayout:
                 "topk_codes": np.dtype("u1"),
                 "topk_tail": np.dtype("<u2"),
             }
+            out |= {"topk_log_z": LOG_Z_DTYPE} if self.temperatures else {}
         if self.has_samples:
             out |= {
                 "sample_lengths": count_dtype_for(self.samples),
                 "sample_ids": ids,
                 "sample_counts": count_dtype_for(self.samples),
             }
+        out |= {f"teacher_{s}": SIGNAL_DTYPE for s in self.signals}
+        out |= {"byte_lengths": self.byte_dtype} if self.max_token_bytes else {}
         return out
 
     def columns(self) -> list[str]:
@@ -173,13 +205,33 @@ class TargetLayout:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "id_dtype": self.id_dtype.name, "adaptive": self.adaptive}
+        """The manifest's ``targets`` section (``max_token_bytes`` lives in ``tokenizer.bytes``)."""
+        d = asdict(self) | {"temperatures": list(self.temperatures), "signals": list(self.signals)}
+        del d["max_token_bytes"]
+        return d | {"id_dtype": self.id_dtype.name, "adaptive": self.adaptive}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TargetLayout:
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, d: dict[str, Any], *, tokenizer: dict[str, Any] | None = None) -> TargetLayout:
+        """A manifest ``targets`` section (+ its ``tokenizer`` section, for ``tokenizer.bytes``) -> layout.
+
+        Refuses reserved features this kdcache cannot read (``RESERVED_TARGETS``), naming them."""
+        for key, what in RESERVED_TARGETS.items():
+            if d.get(key):
+                raise CacheFormatError(
+                    f"targets.{key} is set: the cache holds {what}, which this kdcache cannot read; upgrade kdcache"
+                )
+        known = {f for f in cls.__dataclass_fields__} - {"max_token_bytes"}
+        fields = {k: v for k, v in d.items() if k in known}
+        for key in ("temperatures", "signals"):
+            if isinstance(fields.get(key), list):
+                fields[key] = tuple(fields[key])
+        spans = (tokenizer or {}).get("bytes")
+        if spans is not None:
+            if not isinstance(spans, dict) or not isinstance(spans.get("max_token_bytes"), int):
+                raise CacheFormatError(f"tokenizer.bytes must be {{normalization, max_token_bytes}}, got {spans!r}")
+            fields["max_token_bytes"] = spans["max_token_bytes"]
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
+            return cls(**fields)
         except TypeError as e:
             raise CacheFormatError(f"manifest targets section is malformed: {e}") from e
 
@@ -200,6 +252,10 @@ class SequenceTargets:
     topk_log_tail: np.ndarray | None = None  # (T,) log p_tail (encode input; None: 1 - sum of the kept mass)
     sample_ids: np.ndarray | None = None  # (T, S_max) padded with 0
     sample_counts: np.ndarray | None = None  # (T, S_max) int32, 0 marks padding
+    topk_log_z: np.ndarray | None = None  # (len(temperatures), T) float32 logsumexp_v(log p_v * tau0 / tau)
+    teacher_nll: np.ndarray | None = None  # (T,) float32 nats at tau = 1 of input_ids[t + 1]; NaN at t = T - 1
+    teacher_entropy: np.ndarray | None = None  # (T,) float32 nats at tau = 1
+    byte_lengths: np.ndarray | None = None  # (T,) UTF-8 bytes each input token contributes to the text
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -235,7 +291,11 @@ class Manifest:
 
     @property
     def layout(self) -> TargetLayout:
-        return TargetLayout.from_dict(self.targets)
+        return TargetLayout.from_dict(self.targets, tokenizer=self.tokenizer)
+
+    @property
+    def major(self) -> int:
+        return int(self.format_version.split(".")[0])
 
     @property
     def num_rows(self) -> int:
@@ -278,6 +338,19 @@ class Manifest:
         return _parse_manifest(data, str(path))
 
 
+def missing_feature(manifest: Manifest, cache_dir: str | Path, what: str) -> str:
+    """One line for a cache that lacks ``what`` (a v1 cache, or one written without it) and the fix."""
+    why = (
+        f"format {manifest.format_version} predates it"
+        if manifest.major < 2
+        else "it was written without it (e.g. imported from another tool, or made with other cache settings)"
+    )
+    return (
+        f"{Path(cache_dir) / MANIFEST_NAME}: the cache has no {what} ({why}); rebuild it with this kdcache "
+        "(`kdcache cache` / `dvc repro cache`)"
+    )
+
+
 def check_shard_name(name: Any, source: str = MANIFEST_NAME) -> str:
     """Refuse shard names that could reach outside the cache directory."""
     if not isinstance(name, str) or not SHARD_PATTERN.match(name):
@@ -299,9 +372,9 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     need(isinstance(version, str) and re.fullmatch(r"\d+\.\d+", version) is not None, f"bad format_version {version!r}")
     major = version.split(".")[0]
     need(
-        major == FORMAT_VERSION.split(".")[0],
-        f"format version {version} is not supported by this kdcache (reads {FORMAT_VERSION.split('.')[0]}.x); "
-        "upgrade kdcache",
+        major in READ_MAJORS,
+        f"format version {version} is not supported by this kdcache (reads "
+        f"{', '.join(m + '.x' for m in READ_MAJORS)}); upgrade kdcache",
     )
     for key in ("teacher", "tokenizer", "corpus", "targets", "stats"):
         need(isinstance(data.get(key), dict), f"field '{key}' must be an object")
@@ -353,6 +426,19 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
     need(
         layout.vocab_size == manifest.tokenizer.get("vocab_size"),
         "targets.vocab_size differs from tokenizer.vocab_size",
+    )
+    context = manifest.corpus.get("teacher_context")
+    need(
+        context is None
+        or (
+            isinstance(context, dict)
+            and isinstance(context.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", context["sha256"]) is not None
+            and isinstance(context.get("num_tokens"), int)
+            and context["num_tokens"] >= 0
+            and isinstance(context.get("source"), str)
+        ),
+        "corpus.teacher_context must be {sha256 (64 hex digits), num_tokens (>= 0), source (a string)}",
     )
     for i, s in enumerate(shards):
         need(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format import MANIFEST_NAME, Manifest, TargetLayout
+from kdcache.cache.format import MANIFEST_NAME, SIGNALS, Manifest, TargetLayout
 from kdcache.cache.writer import CacheWriteError
 from kdcache.config.cache import CacheConfig
 from kdcache.devices import runtime_key
@@ -23,8 +23,9 @@ class CacheDirError(CacheWriteError):
     """The output directory already holds a cache made from other inputs or settings."""
 
 
-def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int) -> TargetLayout:
-    """The cache layout for ``cfg``; fields that do not apply to the chosen kind are zeroed."""
+def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int, max_token_bytes: int = 0) -> TargetLayout:
+    """The cache layout for ``cfg`` (every v2 cache built here stores the teacher signals ``SIGNALS``, and
+    byte spans when ``max_token_bytes`` > 0); fields that do not apply to the chosen kind are zeroed."""
     topk = cfg.targets in ("topk", "both")
     sampled = cfg.targets in ("sampled", "both")
     return TargetLayout(
@@ -36,6 +37,9 @@ def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int) -> TargetL
         samples=cfg.samples if sampled else 0,
         temperature=cfg.temperature,
         seed=cfg.seed if sampled else 0,
+        temperatures=tuple(float(t) for t in cfg.temperatures) if topk else (),
+        signals=SIGNALS,
+        max_token_bytes=max_token_bytes,
     )
 
 
@@ -51,6 +55,8 @@ def default_cache_name(teacher_info: dict[str, Any], tokens: TokenSplit, layout:
         parts.append(f"s{layout.samples}seed{layout.seed}")
     if layout.temperature != 1.0:
         parts.append(f"t{layout.temperature:g}")
+    if layout.temperatures:
+        parts.append("z" + "+".join(f"{t:g}" for t in layout.temperatures))
     return "-".join([teacher_info["sha256"][:8], tokens.fingerprint[:8], tokens.split, *parts])
 
 
@@ -78,12 +84,14 @@ def check_cache_dir(out: Path, header: dict[str, Any], *, content_named: bool) -
         "teacher.sha256": header["teacher"]["sha256"],
         "corpus.fingerprint": header["corpus"]["fingerprint"],
         "corpus.split": header["corpus"]["split"],
+        "corpus.teacher_context": header["corpus"].get("teacher_context"),
         **{f"targets.{k}": v for k, v in header["targets"].items()},
     }
     have = {
         "teacher.sha256": m.teacher.get("sha256"),
         "corpus.fingerprint": m.corpus.get("fingerprint"),
         "corpus.split": m.corpus.get("split"),
+        "corpus.teacher_context": m.corpus.get("teacher_context"),
         **{f"targets.{k}": v for k, v in m.targets.items()},
     }
     diffs = [f"{key} {have.get(key)!r} (this run: {value!r})" for key, value in want.items() if have.get(key) != value]
@@ -100,8 +108,13 @@ def check_cache_dir(out: Path, header: dict[str, Any], *, content_named: bool) -
         )
 
 
-def manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> dict[str, Any]:
-    """Check the inputs fit together; the manifest's teacher/tokenizer/corpus/targets sections."""
+def manifest_header(
+    teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig, *, teacher_context: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check the inputs fit together; the manifest's teacher/tokenizer/corpus/targets sections.
+
+    ``teacher_context``: {sha256, num_tokens, source} of a context the teacher saw before each row and the
+    student does not (issue 11.2; recorded as ``corpus.teacher_context``, part of the cache's identity)."""
     if tokens.split != cfg.split:
         raise CacheWriteError(f"cache.split is {cfg.split!r} but the token split passed is {tokens.split!r}")
     fingerprint = tokenizer_fingerprint(teacher.tokenizer)
@@ -127,7 +140,8 @@ def manifest_header(teacher: Teacher, tokens: TokenSplit, cfg: CacheConfig) -> d
             "num_sequences": len(tokens),
             "num_tokens": len(tokens) * tokens.seq_len,
             "packing": packing_of(tokens.manifest),
-        },
+        }
+        | ({"teacher_context": dict(teacher_context)} if teacher_context is not None else {}),
         "targets": layout.to_dict()
         | {
             "batch_size": cfg.batch_size,

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.cache.format import TargetLayout
-from kdcache.cache.rows import StagedRows
+from kdcache.cache.rows import StagedRows, position_shapes
 from kdcache.cache.shards import malformed
 
 STAGED_DTYPES = {
@@ -34,7 +34,8 @@ def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
         names += (["topk_lengths"] if layout.adaptive else []) + ["topk_ids", "topk_codes", "topk_tail"]
     if layout.has_samples:
         names += ["sample_lengths", "sample_ids", "sample_counts"]
-    return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names}
+    v2 = {name: layout.blob_dtypes()[name] for name in position_shapes(layout)}  # stored as in the shard
+    return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names} | v2
 
 
 def staged_schema(layout: TargetLayout) -> pa.Schema:
@@ -48,11 +49,11 @@ def staged_schema(layout: TargetLayout) -> pa.Schema:
 def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
     """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps)."""
     R, T = staged.input_ids.shape
-    arrays = [pa.array(staged.seq_index, pa.int64())]
+    arrays, shapes = [pa.array(staged.seq_index, pa.int64())], position_shapes(layout)
     for name, dtype in staged_columns(layout).items():
         flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name], dtype)
-        if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths"):
-            per_row = np.full(R, T, np.int64)
+        if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths") or name in shapes:
+            per_row = np.full(R, int(np.prod(shapes.get(name, (T,)))), np.int64)
         else:
             lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
             per_row = lens.reshape(R, T).sum(axis=1, dtype=np.int64)
@@ -102,6 +103,7 @@ class MappedShard:
             )
         T = layout.seq_len
         widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
+        widths |= {name: int(np.prod(shape)) for name, shape in position_shapes(layout).items()}
         if layout.has_topk and not layout.adaptive:
             widths |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
         flat, starts, fixed = {}, {}, {}

@@ -46,6 +46,7 @@ def open_cache(
     expect_tokenizer: str | None = None,
     prefetch: int = 2,
     staging_max_bytes: int | None = None,
+    temperature: float | None = None,
 ) -> CacheReader:
     """Validate a cache (manifest, shard names, files, sizes; sha256 too with ``verify="full"``) and open it.
 
@@ -53,6 +54,8 @@ def open_cache(
     ``expect_tokenizer``: the student's tokenizer fingerprint; a different one is refused.
     ``prefetch``: shards staged ahead in a background thread while batches are served.
     ``staging_max_bytes``: bound on the staging dir (LRU eviction; default ``$KDCACHE_STAGING_MAX_GB``).
+    ``temperature``: the training temperature tau; batches then carry ``topk_log_z`` at tau when the cache
+    stores it (``targets.temperatures``; see ``CacheReader.log_z_index``).
     """
     return CacheReader(
         path,
@@ -61,6 +64,7 @@ def open_cache(
         expect_tokenizer=expect_tokenizer,
         prefetch=prefetch,
         staging_max_bytes=staging_max_bytes,
+        temperature=temperature,
     )
 
 
@@ -76,6 +80,7 @@ class CacheReader:
         expect_tokenizer: str | None = None,
         prefetch: int = 2,
         staging_max_bytes: int | None = None,
+        temperature: float | None = None,
     ) -> None:
         if verify not in ("size", "full"):
             raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
@@ -88,7 +93,9 @@ class CacheReader:
             "expect_tokenizer": expect_tokenizer,
             "prefetch": prefetch,
             "staging_max_bytes": self.staging_max_bytes,
+            "temperature": temperature,
         }
+        self.temperature = temperature
         try:
             self.meta = Manifest.load(self.path)
         except CacheFormatError as e:
@@ -114,13 +121,20 @@ class CacheReader:
         self._capacity = MAX_MAPPED
 
     def _check_tokenizer(self, expect: str | None) -> None:
+        """``expect`` is the student's tokenizer fingerprint. (Whether the cache's own ``tokenizer/`` matches
+        its manifest is a different question: ``kdcache.train_data.load_cache_tokenizer`` asks it.)"""
         have = self.meta.tokenizer.get("fingerprint")
         if expect is not None and expect != have:
             raise CacheError(
-                f"{self.path / 'manifest.json'}: the student's tokenizer differs from the cache's "
-                f"(student {expect}, cache {have}); use the cache's tokenizer ({self.path / 'tokenizer'}/) "
-                "or set train.vocab_map: exact"
+                f"{self.path / 'manifest.json'}: the student's tokenizer (fingerprint {expect}) differs from the "
+                f"cache's (manifest tokenizer.fingerprint {have}); train with the cache's tokenizer "
+                f"({self.path / 'tokenizer'}/) or set train.vocab_map: exact"
             )
+
+    def log_z_index(self, temperature: float | None) -> int | None:
+        """Index into ``targets.temperatures`` of ``temperature`` (None: not stored, or no top-k targets)."""
+        temps = self.layout.temperatures
+        return temps.index(temperature) if temperature is not None and temperature in temps else None
 
     # -- pickling: by path, so DataLoader workers reopen cheaply (staged files are reused)
     def __getstate__(self) -> dict[str, Any]:
@@ -213,7 +227,9 @@ class CacheReader:
         samples ``sample_ids`` (B, T, S) int64, ``sample_counts`` (B, T, S) float32, S = the
         batch's most unique draws at a position, and ``sample_total`` (B, T) float32, the draws made.
         Padded entries (adaptive top-k, fewer unique draws) hold id 0, log-prob -inf and count 0, as
-        ``reader[i]`` does. ``keys`` limits which target
+        ``reader[i]`` does. v2 caches add ``topk_log_z`` (B, T) float32 at the reader's ``temperature`` (when
+        stored), ``teacher_nll`` / ``teacher_entropy`` (B, T) float32 (NaN: no next token in the row) and
+        ``byte_lengths`` (B, T) int32, each where the cache holds it. ``keys`` limits which target
         tensors are decoded (e.g. ``kdcache.losses.TARGET_KEYS[kind]``; ``input_ids`` and
         ``seq_index`` always come); None decodes every kind the cache holds.
 
@@ -284,6 +300,12 @@ class CacheReader:
                 )  # checked here, off the training thread: kd_loss checks only CPU tensors
             out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
             out["sample_total"] = np.full((B, T), lay.samples, np.float32)  # draws made per position
+        z = self.log_z_index(self.temperature)
+        if z is not None and (want is None or "topk_log_z" in want):
+            out["topk_log_z"] = _gather_positions(parts, "topk_log_z", (B, len(lay.temperatures), T))[:, z]  # (B, T)
+        for name in [f"teacher_{s}" for s in lay.signals] + (["byte_lengths"] if lay.max_token_bytes else []):
+            if want is None or name in want:
+                out[name] = _gather_positions(parts, name, (B, T))
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- staging, mapping, prefetch
@@ -409,6 +431,17 @@ def _gather_ragged(
     keep = np.arange(width) < lens[..., None]  # (B, T, width)
     ids[keep], vals[keep] = flat_ids, flat_vals
     return ids, vals, keep
+
+
+def _gather_positions(
+    parts: list[tuple[MappedShard, np.ndarray, np.ndarray]], name: str, shape: tuple[int, ...]
+) -> np.ndarray:
+    """A fixed-width per-position column of the batch's rows -> ``shape`` = (B, ...) float32 (int32 for
+    ``byte_lengths``)."""
+    out = np.empty(shape, np.int32 if name == "byte_lengths" else np.float32)
+    for shard, sel, local in parts:
+        out[sel] = shard.fixed[name][local].reshape(-1, *shape[1:])
+    return out
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from kdcache.cache.codec import (
     sorted_entries,
     to_planes,
 )
-from kdcache.cache.format import SequenceTargets, TargetLayout
+from kdcache.cache.format import SIGNALS, SequenceTargets, TargetLayout
 
 
 def _topk_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
@@ -74,6 +74,40 @@ def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[s
     }
 
 
+def position_shapes(layout: TargetLayout) -> dict[str, tuple[int, ...]]:
+    """v2 per-position columns -> the shape of one row's array: ``topk_log_z`` (len(temperatures), T),
+    ``teacher_<signal>`` and ``byte_lengths`` (T,)."""
+    T, dtypes = layout.seq_len, layout.blob_dtypes()
+    shapes = {"topk_log_z": (len(layout.temperatures), T)} | {f"teacher_{s}": (T,) for s in SIGNALS}
+    return {
+        c: shapes.get(c, (T,))
+        for c in ("topk_log_z", *(f"teacher_{s}" for s in SIGNALS), "byte_lengths")
+        if c in dtypes
+    }
+
+
+def _position_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
+    """The v2 per-position columns (``position_shapes``) of ``rows``, byte planes."""
+    out, dtypes = {}, layout.blob_dtypes()
+    for name, shape in position_shapes(layout).items():
+        blobs = []
+        for t in rows:
+            value = getattr(t, name)
+            if value is None or np.shape(value) != shape:
+                raise CacheFormatError(
+                    f"sequence {t.seq_index}: {name} must be an array of shape {shape} (the layout stores it), "
+                    f"got {None if value is None else np.shape(value)}"
+                )
+            value = np.asarray(value)
+            if name == "byte_lengths" and value.size and (value.min() < 0 or value.max() > layout.max_token_bytes):
+                raise CacheFormatError(
+                    f"sequence {t.seq_index}: byte_lengths outside [0, {layout.max_token_bytes}] (tokenizer.bytes)"
+                )
+            blobs.append(to_planes(value.astype(dtypes[name]).reshape(-1)))
+        out[name] = blobs
+    return out
+
+
 def encode_table(layout: TargetLayout, rows: list[SequenceTargets]) -> pa.Table:
     """Sequences -> an Arrow table with ``layout.schema()`` (vectorized over the rows)."""
     for t in rows:
@@ -89,6 +123,8 @@ def encode_table(layout: TargetLayout, rows: list[SequenceTargets]) -> pa.Table:
         cols |= _topk_columns(layout, rows)
     if rows and layout.has_samples:
         cols |= _sample_columns(layout, rows)
+    if rows:
+        cols |= _position_columns(layout, rows)
     if not rows:
         cols = {c: [] for c in layout.columns()}
     return pa.table(
@@ -110,8 +146,10 @@ class StagedRows:
     """Rows decoded to flat arrays (what staging memory-maps and batches gather from).
 
     Per row ``r``: ``input_ids[r]`` (T,); per position (R*T,): ``topk_lengths``, ``topk_tail``,
-    ``sample_lengths``; per entry: ``topk_ids``, ``topk_codes``, ``sample_ids``, ``sample_counts``;
-    ids absolute and ascending per position; values still codes (``decode_topk_logprobs``).
+    ``sample_lengths``, ``teacher_<signal>``, ``byte_lengths``; per row (R*len(temperatures)*T,):
+    ``topk_log_z``, temperature-major within a row; per entry: ``topk_ids``, ``topk_codes``,
+    ``sample_ids``, ``sample_counts``; ids absolute and ascending per position; values still codes
+    (``decode_topk_logprobs``).
     """
 
     seq_index: np.ndarray  # (R,) int64
@@ -151,6 +189,8 @@ def stage_rows(layout: TargetLayout, table: pa.Table, *, where: str = "rows") ->
             "sample_ids": decode_gaps(column("sample_ids", per_row), lengths, layout.id_dtype),
             "sample_counts": column("sample_counts", per_row).astype(np.uint16),
         }
+    for name, shape in position_shapes(layout).items():
+        arrays[name] = column(name, np.full(R, int(np.prod(shape)), np.int64))
     seq_index = table.column("seq_index").to_numpy().astype(np.int64)
     return StagedRows(seq_index=seq_index, input_ids=arrays.pop("input_ids").reshape(R, T), arrays=arrays)
 
@@ -188,4 +228,7 @@ def unpack_row(
         width = max(int(lengths.max(initial=0)), 1)
         out.sample_ids = padded(a["sample_ids"], lengths, width, 0)
         out.sample_counts = padded(a["sample_counts"], lengths, width, 0, np.int32)
+    for name, shape in position_shapes(layout).items():
+        value = np.asarray(a[name]).reshape(shape)
+        setattr(out, name, value.astype(np.int64 if name == "byte_lengths" else np.float32))
     return out

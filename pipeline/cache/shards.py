@@ -119,6 +119,12 @@ def content_problems(staged: StagedRows, layout: TargetLayout, info: ShardInfo, 
             out.append(f"{prefix}_ids: not strictly ascending within a position")
         if lens.size and int(lens.min()) < 1:
             out.append(f"{prefix}_lengths: positions with no entry")
+    if "topk_log_z" in a and not np.all(np.isfinite(a["topk_log_z"])):
+        out.append("topk_log_z: NaN/inf log-normalizers")
+    for name in (f"teacher_{s}" for s in layout.signals):
+        v = a[name].astype(np.float32)
+        if np.any(np.isinf(v)) or np.any(v < -1e-2):  # NaN marks a position without a next token
+            out.append(f"{name}: infinite or negative values")
     if layout.has_samples:
         counts, lens = a["sample_counts"], a["sample_lengths"]
         sums = np.bincount(np.repeat(np.arange(lens.size), lens.astype(np.int64)), weights=counts, minlength=lens.size)

@@ -23,7 +23,17 @@ import torch
 
 from kdcache.cache.format import SequenceTargets, TargetLayout
 
-SMALL_KEYS = ("topk_ids", "topk_logprobs", "topk_lengths", "topk_log_tail", "sample_ids", "sample_counts")
+SMALL_KEYS = (
+    "topk_ids",
+    "topk_logprobs",
+    "topk_lengths",
+    "topk_log_tail",
+    "sample_ids",
+    "sample_counts",
+    "topk_log_z",
+    "teacher_nll",
+    "teacher_entropy",
+)
 """Keys of ``sparsify``'s result that become ``SequenceTargets`` fields."""
 
 
@@ -62,8 +72,21 @@ def sample_uniforms(seed: int, seq_indices: torch.Tensor | list[int], seq_len: i
     return out
 
 
+def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T) int64: the token each position predicts, ``input_ids[:, t + 1]`` (the training
+    label convention, ``kdcache.losses.kd_loss``), and -1 at t = T - 1 (no next token in the row)."""
+    out = torch.full(input_ids.shape, -1, dtype=torch.int64)
+    out[:, :-1] = input_ids[:, 1:]
+    return out
+
+
 def sparsify(
-    logits: torch.Tensor, *, layout: TargetLayout, seq_indices: torch.Tensor, chunk_tokens: int = 4096
+    logits: torch.Tensor,
+    *,
+    layout: TargetLayout,
+    seq_indices: torch.Tensor,
+    chunk_tokens: int = 4096,
+    next_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sparse targets of a batch of teacher logits (B, T, V >= layout.vocab_size), on their device.
 
@@ -78,7 +101,14 @@ def sparsify(
       those ids (no ``1 - mass`` cancellation; -inf when k = V)
     - ``sample_ids`` (B, T, S) int32 ascending unique ids and ``sample_counts`` (B, T, S) int32,
       padded with id 0 / count 0; counts sum to S per position
-    - ``entropy`` (B, T) float32 nats, ``topk_mass`` (B, T) float32 probability of the kept entries
+    - ``topk_log_z`` (B, T, len(layout.temperatures)) float32: L_tau = logsumexp_v(log p_v * tau0 / tau)
+      over the full vocabulary, tau0 = ``layout.temperature``, for each stored tau (what the loss takes as
+      ``topk_log_z`` at re-tempering factor tau / tau0); only with ``layout.temperatures``
+    - ``teacher_nll`` (B, T) float32 (with ``"nll"`` in ``layout.signals``): -log p_1(``next_ids``) in nats
+      at tau = 1 (the teacher's own distribution); NaN where ``next_ids`` < 0 (no next token);
+      ``next_ids`` (B, T) is required then (``next_token_ids``)
+    - ``teacher_entropy`` (B, T) float32 (with ``"entropy"`` in ``layout.signals``): entropy at tau = 1, nats
+    - ``entropy`` (B, T) float32 nats at tau0, ``topk_mass`` (B, T) float32 probability of the kept entries
     - ``nonfinite`` (B,) bool: the sequence's logits hold NaN or inf (its other values are meaningless)
     """
     if logits.ndim != 3:
@@ -93,6 +123,7 @@ def sparsify(
         seq_indices=seq_indices,
         chunk_tokens=chunk_tokens,
         seq_len=T,
+        next_ids=next_ids,
     )
 
 
@@ -109,6 +140,7 @@ def sparsify_rows(
     seq_indices: torch.Tensor,
     chunk_tokens: int = 4096,
     seq_len: int | None = None,
+    next_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``sparsify`` with logits produced on demand, ``chunk_tokens`` flat positions at a time.
 
@@ -134,6 +166,14 @@ def sparsify_rows(
         out["topk_logprobs"] = torch.empty((N, k), dtype=torch.float32, device=device)
         out["topk_lengths"] = torch.empty(N, dtype=torch.int32, device=device)
         out["topk_log_tail"] = torch.empty(N, dtype=torch.float32, device=device)
+    if layout.temperatures:
+        out["topk_log_z"] = torch.empty((N, len(layout.temperatures)), dtype=torch.float32, device=device)
+    for signal in layout.signals:
+        out[f"teacher_{signal}"] = torch.empty(N, dtype=torch.float32, device=device)
+    if "nll" in layout.signals:
+        if next_ids is None or tuple(next_ids.shape) != (batch, T):
+            raise ValueError(f"teacher NLL needs next_ids of shape ({batch}, {T}) (next_token_ids(input_ids))")
+        next_ids = next_ids.reshape(N).to(device)
     uniforms = None
     if layout.has_samples:
         uniforms = sample_uniforms(layout.seed, seq_indices, T, S).view(N, S).to(device)  # (N, S) float64
@@ -148,7 +188,14 @@ def sparsify_rows(
                 if chunk.ndim == 2 and chunk.shape[1] < V
                 else f"logit chunk for rows {rows.start}..{rows.stop - 1} has shape {tuple(chunk.shape)}"
             )
-        _sparsify_chunk(chunk[:, :V], layout, out, rows, None if uniforms is None else uniforms[rows])
+        _sparsify_chunk(
+            chunk[:, :V],
+            layout,
+            out,
+            rows,
+            None if uniforms is None else uniforms[rows],
+            None if next_ids is None else next_ids[rows],
+        )
         del chunk
     result = {key: value.view(batch, T, *value.shape[1:]) for key, value in out.items() if key != "nonfinite"}
     result["nonfinite"] = out["nonfinite"].view(batch, T).any(dim=1)  # (B,)
@@ -156,7 +203,12 @@ def sparsify_rows(
 
 
 def _sparsify_chunk(
-    chunk: torch.Tensor, layout: TargetLayout, out: dict[str, torch.Tensor], rows: slice, uniforms: torch.Tensor | None
+    chunk: torch.Tensor,
+    layout: TargetLayout,
+    out: dict[str, torch.Tensor],
+    rows: slice,
+    uniforms: torch.Tensor | None,
+    next_ids: torch.Tensor | None,
 ) -> None:
     """Fill ``out[...][rows]`` from one (n, V) chunk of logits."""
     n = chunk.shape[0]
@@ -173,6 +225,7 @@ def _sparsify_chunk(
     probs = logprobs.exp()  # (n, V) second buffer: probabilities, then their CDF
     # Entropy -sum p log p as a batched dot product: no third (n, V) temporary.
     out["entropy"][rows] = -torch.bmm(probs.unsqueeze(1), logprobs.unsqueeze(2)).view(n)
+    teacher_signals(logprobs, layout, out, rows, next_ids)  # before the kept ids are masked out of logprobs
     if kept is not None:
         ids, values = kept[3:]  # (n, k) unsorted ids and -inf at kept entries / their log-probs elsewhere
         out["topk_log_tail"][rows] = logprobs.scatter_(1, ids, values).logsumexp(dim=-1)  # kept ids masked out
@@ -183,6 +236,33 @@ def _sparsify_chunk(
     if uniforms is not None:
         ids = draw(probs, uniforms)  # (n, S)
         out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(ids)
+
+
+def teacher_signals(
+    logprobs: torch.Tensor,
+    layout: TargetLayout,
+    out: dict[str, torch.Tensor],
+    rows: slice,
+    next_ids: torch.Tensor | None,
+) -> None:
+    """Fill ``topk_log_z`` and ``teacher_<signal>`` at ``rows`` from (n, V) log-probs at tau0 (full vocabulary)."""
+    tau0 = layout.temperature
+    for j, tau in enumerate(layout.temperatures):
+        out["topk_log_z"][rows, j] = torch.logsumexp(logprobs * (tau0 / tau), dim=-1)  # (n,) one (n, V) temporary
+    if not layout.signals:
+        return
+    if tau0 == 1.0:
+        logp1, entropy = logprobs, out["entropy"][rows]
+    else:  # the teacher's own distribution: log p_1 = log p_tau0 * tau0 - logsumexp(log p_tau0 * tau0)
+        logp1 = logprobs * tau0  # (n, V)
+        logp1 -= torch.logsumexp(logp1, dim=-1, keepdim=True)
+        entropy = -torch.bmm(logp1.exp().unsqueeze(1), logp1.unsqueeze(2)).view(-1)  # (n,)
+    if "entropy" in layout.signals:
+        out["teacher_entropy"][rows] = entropy
+    if "nll" in layout.signals:
+        have = next_ids >= 0  # (n,)
+        nll = -logp1.gather(1, next_ids.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
+        out["teacher_nll"][rows] = torch.where(have, nll, torch.full_like(nll, float("nan")))
 
 
 def _top_entries(logprobs: torch.Tensor, layout: TargetLayout) -> tuple[torch.Tensor, ...]:
@@ -247,6 +327,8 @@ def to_sequence_targets(
 ) -> list[SequenceTargets]:
     """CPU results of ``sparsify`` + the batch's input ids (B, T) -> one ``SequenceTargets`` per row."""
     arrays = {key: sparse[key].numpy() for key in SMALL_KEYS if key in sparse}
+    if "topk_log_z" in arrays:
+        arrays["topk_log_z"] = arrays["topk_log_z"].transpose(0, 2, 1)  # (B, temperatures, T): the column's order
     return [
         SequenceTargets(
             seq_index=int(index), input_ids=np.asarray(input_ids[b]), **{key: value[b] for key, value in arrays.items()}

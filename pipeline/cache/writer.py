@@ -35,6 +35,7 @@ from kdcache.cache.format import (
     TargetLayout,
 )
 from kdcache.cache.rows import encode_table
+from kdcache.cache.signals import merge_signal_stats
 from kdcache.files import (
     UnsafeFileError,
     atomic_dir,
@@ -218,7 +219,7 @@ def seal(
         "bytes_per_token": sum(s.bytes for s in shards) / max(tokens, 1),
         "num_skipped": len(skipped),
         "skipped_sequences": skipped,
-    }
+    } | merge_signal_stats(metas)
     manifest = Manifest(name=out.name, shards=shards, stats=stats, created_by=f"kdcache {__version__}", **header)
     text = manifest.to_json()
     path = out / MANIFEST_NAME

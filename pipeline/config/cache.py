@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,10 @@ class CacheConfig:
     """Draws per token for sampled targets (at most 65,535)."""
     temperature: float = 1.0
     """Teacher temperature applied before log-softmax; recorded in the manifest."""
+    temperatures: tuple[float, ...] = ()
+    """Extra temperatures at which the teacher's full-vocabulary log-normalizer is stored per token (float32,
+    4 bytes/token each), so training at any of them re-tempers top-k + tail targets exactly
+    (``train.temperature``); top-k caches only (sampled ids are drawn at ``temperature``). E.g. [2.0, 4.0]."""
     batch_size: int = 8
     """Sequences per teacher forward. Part of the determinism contract: bf16/fp16 outputs
     depend on batch shape, so a cache is byte-identical only for the same batch size and dtype."""
@@ -53,6 +58,26 @@ class CacheConfig:
         check(0.0 <= self.mass < 1.0, s, "mass", f"must be in [0, 1) (0 = fixed k), got {self.mass}")
         check(1 <= self.samples <= 65535, s, "samples", f"must be in [1, 65535], got {self.samples}")
         check(self.temperature > 0, s, "temperature", "must be > 0")
+        check(
+            all(t > 0 and math.isfinite(t) for t in self.temperatures)
+            and len(set(self.temperatures)) == len(self.temperatures),
+            s,
+            "temperatures",
+            f"must be distinct numbers > 0, got {list(self.temperatures)}",
+        )
+        check(
+            self.temperature not in self.temperatures,
+            s,
+            "temperatures",
+            f"must not repeat cache.temperature {self.temperature} (its log-normalizer is 0: nothing to store)",
+        )
+        check(
+            not self.temperatures or self.targets != "sampled",
+            s,
+            "temperatures",
+            "needs cache.targets topk|both: sampled ids are drawn at one temperature (cache.temperature); "
+            "set temperatures: [] or targets: topk",
+        )
         check(self.batch_size > 0, s, "batch_size", "must be > 0")
         check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")
         check(self.on_nan in ("fail", "skip"), s, "on_nan", "must be 'fail' or 'skip'")
