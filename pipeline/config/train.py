@@ -60,6 +60,24 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class CacheSourceConfig:
+    """One teacher's cache of several (an item of ``train.caches``)."""
+
+    path: str = ""
+    """Cache directory (written by the cache stage or ``kdcache cache``)."""
+    weight: float = 1.0
+    """Relative weight of this teacher (the weights are normalized to sum to 1)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "train.caches[]", "path", "must name a cache directory")
+        check(self.weight >= 0 and self.weight < float("inf"), "train.caches[]", "weight", "must be finite and >= 0")
+
+
+COMBINE = ("mixture", "min_nll", "min_entropy", "nll_softmax")
+"""``train.combine`` choices (``kdcache.multi_teacher``)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Student training (sections ``train`` and ``train_baseline``)."""
 
@@ -105,6 +123,19 @@ class TrainConfig:
     """Seeds the student's initialization and the data order."""
     vocab_map: Literal["none", "exact"] = "none"
     """Student tokenizer differs from the cache's: ``none`` refuses; ``exact`` maps identical token strings."""
+    caches: tuple[CacheSourceConfig, ...] = ()
+    """Several teachers: caches over the same token data, each {path, weight}, combined per token by
+    ``combine``; empty = one cache (paths.cache, or --cache). When set it replaces paths.cache (the first
+    listed cache supplies the tokenizer and the data order). CLI: --cache A --cache B --weights 0.7,0.3."""
+    combine: Literal["mixture", "min_nll", "min_entropy", "nll_softmax"] = "mixture"
+    """How several caches' targets combine per token: mixture (weighted mixture of the teachers'
+    distributions on the union of their top-k ids, each tail spread evenly over its other ids; sampled
+    targets: draws pooled by weight); min_nll (the teacher with the lowest NLL of the actual next token,
+    FuseLLM's MinCE); min_entropy (the most confident teacher); nll_softmax (mixture weights
+    weight * exp(-NLL / combine_temperature), renormalized per token). min_nll, min_entropy and nll_softmax
+    need caches that store per-token teacher signals (manifest targets.signals)."""
+    combine_temperature: float = 1.0
+    """T of combine: nll_softmax (lower: closer to min_nll; higher: closer to the static weights)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """alpha and temperature schedules and a CE-only warm-up (section ``train.schedule``)."""
@@ -123,6 +154,9 @@ class TrainConfig:
         check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0 (0 = off)")
         check(self.vocab_map in ("none", "exact"), s, "vocab_map", "must be 'none' or 'exact'")
+        check(self.combine in COMBINE, s, "combine", f"must be {'|'.join(COMBINE)}, got {self.combine!r}")
+        check(self.combine_temperature > 0, s, "combine_temperature", "must be > 0")
+        check(not self.caches or sum(c.weight for c in self.caches) > 0, s, "caches", "needs a weight > 0 somewhere")
         self._check_schedule()
 
     def _check_schedule(self) -> None:
