@@ -24,6 +24,7 @@ from kdcache.config.cache import CacheConfig
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.generate import GenerateConfig
 from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig
@@ -39,6 +40,7 @@ SECTIONS = {
     CacheConfig: "cache",
     TrainConfig: "train",
     EvaluateConfig: "evaluate",
+    GenerateConfig: "generate",
 }
 
 
@@ -137,6 +139,20 @@ def cmd_cache(args: argparse.Namespace) -> None:
     )
     if out is not None:
         print(out)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from kdcache.generate import generate_corpus
+
+    manifest = generate_corpus(
+        config_from_args(TeacherConfig, args, path=args.teacher),
+        config_from_args(GenerateConfig, args),
+        out_dir=args.out,
+        progress=show_progress(),
+        overwrite=args.overwrite,
+    )
+    stats = manifest["stats"]
+    print(f"{args.out}: {stats['documents']} documents, {stats['new_tokens']} generated tokens")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -313,6 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, CacheConfig)
+
+    sp = command(
+        "generate",
+        cmd_generate,
+        "Sequence-level KD: the teacher (loaded as the cache stage loads it) continues a set of prompts with "
+        "Hugging Face generate; the result is a corpus that prepare reads (--corpus OUT/part-*.jsonl). Prompts: "
+        "the train-split documents of --prompts (default: the standard library's .py files), each cut to its "
+        "first --prompt-tokens tokens. Every prompt samples from its own seeded stream, so the output does not "
+        "depend on the batch it lands in; each batch is one part file, written atomically, and a rerun keeps "
+        "finished parts. OUT/manifest.json records the teacher's sha256, the prompts' sha256, the sampling "
+        "settings and the runtime.",
+    )
+    sp.add_argument("--teacher", required=True, metavar="DIR", help="local Hugging Face causal-LM directory")
+    sp.add_argument("--out", required=True, metavar="DIR", help="output corpus directory (created; resumed if present)")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_config_flags(sp, TeacherConfig, skip=("path",))
+    add_config_flags(sp, GenerateConfig, skip=("enabled",))
 
     sp = command("train", cmd_train, "Train a student from a cache (the teacher is not needed).")
     sp.add_argument("--cache", required=True, metavar="DIR", help="cache directory")

@@ -15,6 +15,7 @@ from kdcache.config.cache import CacheConfig
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.generate import GenerateConfig
 from kdcache.config.paths import PathsConfig
 from kdcache.config.prepare import PrepareConfig
 from kdcache.config.teacher import TeacherConfig
@@ -38,6 +39,7 @@ def main() -> None:
     load_section(TrainConfig, params.get("train"), section="train")
     load_section(TrainConfig, params.get("train_baseline"), section="train_baseline")
     load_section(EvaluateConfig, params.get("evaluate"), section="evaluate")
+    load_section(GenerateConfig, params.get("generate"), section="generate")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "every section of params.yaml is valid\n")
 

@@ -87,6 +87,7 @@ def _section_classes() -> dict[str, type]:
     from kdcache.config.corpus import CorpusConfig
     from kdcache.config.demo_teacher import DemoTeacherConfig
     from kdcache.config.evaluate import EvaluateConfig
+    from kdcache.config.generate import GenerateConfig
     from kdcache.config.prepare import PrepareConfig
     from kdcache.config.teacher import TeacherConfig
     from kdcache.config.train import TrainConfig
@@ -100,6 +101,7 @@ def _section_classes() -> dict[str, type]:
         "train": TrainConfig,
         "train_baseline": TrainConfig,
         "evaluate": EvaluateConfig,
+        "generate": GenerateConfig,
     }
 
 

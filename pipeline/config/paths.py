@@ -15,6 +15,8 @@ class PathsConfig:
     """The demo teacher's model directory (output of the demo_teacher stage)."""
     tokens: str = "data/tokens"
     """Packed token data (output of prepare)."""
+    generated: str = "data/generated"
+    """The teacher-written corpus (output of generate; a marker only unless generate.enabled)."""
     cache: str = "cache/demo"
     """The cache directory (DVC-tracked; share it with `dvc push`)."""
     student: str = "models/student"
