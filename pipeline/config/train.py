@@ -123,6 +123,16 @@ class TrainConfig:
     """Seeds the student's initialization and the data order."""
     vocab_map: Literal["none", "exact"] = "none"
     """Student tokenizer differs from the cache's: ``none`` refuses; ``exact`` maps identical token strings."""
+    cross_tokenizer: Literal["none", "exact", "prefix", "uld"] = "none"
+    """A student with another tokenizer (``student_tokenizer``): each cache row's text is re-tokenized by it
+    and student positions on a byte boundary shared with a teacher position take that position's target
+    (the rest CE only). The targets reach the student's vocabulary by exact (identical token bytes; other
+    mass joins the tail), prefix (the student's first token of each teacher token, mass merged) or uld
+    (sorted-probability distance, no mapping); none = no re-tokenization (see vocab_map). README "Student
+    with another tokenizer"."""
+    student_tokenizer: str = ""
+    """Local tokenizer directory of the student for cross_tokenizer; empty = the tokenizer saved in
+    train.student.path."""
     caches: tuple[CacheSourceConfig, ...] = ()
     """Several teachers: caches over the same token data, each {path, weight}, combined per token by
     ``combine``; empty = one cache (paths.cache, or --cache). When set it replaces paths.cache (the first
@@ -154,6 +164,21 @@ class TrainConfig:
         check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0 (0 = off)")
         check(self.vocab_map in ("none", "exact"), s, "vocab_map", "must be 'none' or 'exact'")
+        crossing = ("none", "exact", "prefix", "uld")
+        check(self.cross_tokenizer in crossing, s, "cross_tokenizer", f"must be {'|'.join(crossing)}")
+        check(
+            self.cross_tokenizer == "none" or self.vocab_map == "none",
+            s,
+            "cross_tokenizer",
+            "re-tokenizes the text, vocab_map maps ids: set one of them (vocab_map: none)",
+        )
+        check(
+            self.cross_tokenizer == "none" or bool(self.student_tokenizer or self.student.path),
+            s,
+            "student_tokenizer",
+            "cross_tokenizer needs the student's tokenizer: set train.student_tokenizer to a local tokenizer "
+            "directory (or train.student.path to a pretrained student)",
+        )
         check(self.combine in COMBINE, s, "combine", f"must be {'|'.join(COMBINE)}, got {self.combine!r}")
         check(self.combine_temperature > 0, s, "combine_temperature", "must be > 0")
         check(not self.caches or sum(c.weight for c in self.caches) > 0, s, "caches", "needs a weight > 0 somewhere")
