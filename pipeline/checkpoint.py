@@ -249,26 +249,41 @@ def record_run(out_dir: str | Path, identity: dict[str, Any]) -> None:
     atomic_write_text(Path(out_dir) / RUN_JSON, json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
-def check_same_run(out_dir: str | Path, checkpoint: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume ``checkpoint`` when its run had other settings than ``identity``, naming each difference."""
+RUNTIME_KEYS = ("code", "torch")
+"""Identity keys that change no setting but may change numbers (kdcache's source, torch's version): an
+explicit resume across them warns; an automatic resume (``dvc repro``) starts fresh instead."""
+
+
+def run_differences(out_dir: str | Path, identity: dict[str, Any]) -> list[tuple[str, Any, Any]] | None:
+    """``(key, this run's value, the recorded value)`` for every difference between ``identity`` and the
+    run record (``RUN_JSON``) in ``out_dir``; None when there is no record (written by an older kdcache)."""
     path = Path(out_dir) / RUN_JSON
-    fresh = "rerun without --resume to start fresh (the previous run is moved aside, not deleted)"
     if not path.exists():
-        log.warning("%s: no %s (written by an older kdcache): cannot check the run's settings", out_dir, RUN_JSON)
-        return
+        return None
+    fix = "rerun without --resume to start fresh (the previous run is moved aside, not deleted)"
     try:
-        recorded = read_json_file(path, what="the run record", fix=fresh)
+        recorded = read_json_file(path, what="the run record", fix=fix)
     except InputFileError as e:
         raise CheckpointError(str(e)) from e
-    diffs = [
-        f"{key} {recorded_value!r} (this run: {value!r})"
-        for key, value, recorded_value in _differences(identity, recorded if isinstance(recorded, dict) else {})
-    ]
+    return _differences(identity, recorded if isinstance(recorded, dict) else {})
+
+
+def check_same_run(out_dir: str | Path, checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` when its run had other settings than ``identity``, naming each
+    difference; a difference in ``RUNTIME_KEYS`` alone is logged, not refused (the user asked to resume)."""
+    fresh = "rerun without --resume to start fresh (the previous run is moved aside, not deleted)"
+    found = run_differences(out_dir, identity)
+    if found is None:
+        log.warning("%s: no %s (written by an older kdcache): cannot check the run's settings", out_dir, RUN_JSON)
+        return
+    diffs = [f"{key} {old!r} (this run: {new!r})" for key, new, old in found if key.split(".")[0] not in RUNTIME_KEYS]
     if diffs:
         raise CheckpointError(
             f"{checkpoint}: written by a run with other settings — {'; '.join(diffs)}; resume with the "
             f"run's settings, or {fresh}"
         )
+    for key, new, old in found:
+        log.warning("%s: resuming across a %s change (%r -> %r): numbers may differ", checkpoint, key, old, new)
 
 
 def _differences(new: dict[str, Any], old: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:

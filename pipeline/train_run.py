@@ -4,6 +4,7 @@ final model and its summary (``training.json``, written last: the run finished).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -12,13 +13,15 @@ import resource
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kdcache import __version__
 from kdcache.cache.reader import CacheReader
 from kdcache.checkpoint import (
+    RUNTIME_KEYS,
+    TRAINER_JSON,
     check_position,
     check_same_run,
     latest_checkpoint,
@@ -27,13 +30,15 @@ from kdcache.checkpoint import (
     move_previous_run,
     record_run,
     rng_state,
+    run_differences,
     save_checkpoint,
     set_rng_state,
 )
 from kdcache.config.base import to_dict
 from kdcache.config.train import TrainConfig
-from kdcache.distributed import mean_over_ranks
+from kdcache.distributed import barrier, mean_over_ranks
 from kdcache.files import atomic_write_text, fsync_dir, fsync_file
+from kdcache.outputs import BOOKKEEPING, MOVED_TAG, hold_output_dir, moved_aside_name
 from kdcache.student import (
     count_parameters,
 )
@@ -64,7 +69,19 @@ def run_identity(cfg: TrainConfig, reader: CacheReader, world: int) -> dict[str,
         "train": {k: v for k, v in to_dict(cfg).items() if k not in ("log_every", "checkpoint_every", "chunk_tokens")},
         "world_size": world,
         "cache": cache_identity(reader),
+        "code": code_fingerprint(),
+        "torch": torch.__version__,
     }
+
+
+def code_fingerprint() -> str:
+    """sha256 over kdcache's own source files (path and bytes): a run resumed automatically under
+    ``dvc repro`` after a code change (which is why DVC reruns the stage) must not reuse old checkpoints."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def cache_identity(reader: CacheReader) -> dict[str, Any]:
@@ -117,10 +134,15 @@ LOG_FIELDS = (
 ``alpha`` / ``temperature``: the step's KD weight (0 for CE alone) and temperature (``train.schedule``)."""
 
 
+Resume = bool | Literal["auto"]
+"""``False``: start fresh (a previous run is moved aside); ``True``: continue the newest checkpoint, refusing
+one of another run; ``"auto"`` (the DVC stages): continue it when its run matches, else move it aside."""
+
+
 def start_run(
     out: Path,
     *,
-    resume: bool,
+    resume: Resume,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -130,13 +152,25 @@ def start_run(
     batches_per_epoch: int,
 ) -> Position:
     """Restore the newest checkpoint (resume: only one of a run with the same ``identity`` and a step in
-    range), or start fresh, moving a previous run aside (never deleting it); drop a stale finish marker."""
+    range), or start fresh, moving a previous run aside (never deleting it); drop a stale finish marker.
+
+    ``resume="auto"`` resumes exactly when ``resume=True`` would, and otherwise starts fresh, moving the
+    previous run aside to ``run.moved-<UTC time>-<why>`` (``changed-train.lr``, ``changed-code``, ...).
+    """
     ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None and resume == "auto":
+        why = _why_not_resume(out, ckpt, identity, max_steps=max_steps)
+        barrier()  # every rank has looked before rank 0 moves anything
+        if why is not None:
+            log.warning("%s: not resuming %s (%s): starting fresh", out, ckpt, why)
+            ckpt = None
+    else:
+        why = None if resume else "started-without-resume"
     if ckpt is None:
-        if resume:
+        if resume and why is None:
             log.info("%s: no checkpoint to resume from; starting at step 0", out)
         if is_main:
-            move_previous_run(out, "nothing-to-resume" if resume else "started-without-resume")
+            move_previous_run(out, why or "nothing-to-resume")
             record_run(out, identity)
         return Position()
     check_same_run(out, ckpt, identity)
@@ -153,6 +187,21 @@ def start_run(
     return pos
 
 
+def _why_not_resume(out: Path, ckpt: Path, identity: dict[str, Any], *, max_steps: int) -> str | None:
+    """Why an automatic resume must start fresh instead, as a name part (``changed-train.lr``); None: resume."""
+    found = run_differences(out, identity)
+    if found is None:
+        return "no-run-record"
+    if found:
+        keys = sorted({key.split(".")[0] if key.split(".")[0] in RUNTIME_KEYS else key for key, _, _ in found})
+        return "changed-" + "-".join(keys[:3]) + ("-and-more" if len(keys) > 3 else "")
+    try:
+        step = int(json.loads((ckpt / TRAINER_JSON).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged: load_checkpoint / check_position name it
+    return None if 0 < step <= max_steps else "step-out-of-range"
+
+
 def save_state(
     out: Path,
     *,
@@ -167,6 +216,51 @@ def save_state(
     if is_main:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
         save_checkpoint(out, step=pos.step, model=unwrap(model), state=state, trainer=asdict(pos))
+
+
+def publish_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Put the final model of the finished run in ``run_dir`` (weights, config and tokenizer files, the log,
+    ``training.json`` last) into the student directory ``out_dir``: what the DVC train stages do, so that
+    DVC may delete ``out_dir`` before a rerun while the run directory (``persist``) keeps the checkpoints.
+
+    Files that are only ever replaced, never rewritten (the weights), are hard-linked when the filesystem
+    allows; the log (appended on resume) is copied. A file of an earlier publication that this run does not
+    have is moved aside (``run.moved-<UTC time>-republished/``), never deleted.
+    """
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / SUMMARY_NAME).is_file():
+        raise TrainError(f"{run}: no {SUMMARY_NAME}, so the run has not finished — rerun training to finish it")
+    files = [p for p in sorted(run.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != SUMMARY_NAME]
+    with hold_output_dir(out, kind=OUTPUT_KIND, inputs={"training run": run}, legacy=is_student_dir):
+        names = {p.name for p in files} | {SUMMARY_NAME}
+        stale = [
+            p for p in out.iterdir() if p.name not in names and p.name not in BOOKKEEPING and MOVED_TAG not in p.name
+        ]
+        if stale:
+            dest = moved_aside_name(out / "run", "republished")
+            dest.mkdir()
+            for path in stale:
+                os.replace(path, dest / path.name)
+            log.warning("%s: moved %d file(s) of an earlier model aside to %s", out, len(stale), dest)
+        for path in [*files, run / SUMMARY_NAME]:
+            _place(path, out / path.name, link=path.name != LOG_NAME)
+        fsync_dir(out)
+    log.info("published the final model of %s to %s", run, out)
+    return out
+
+
+def _place(src: Path, dst: Path, *, link: bool) -> None:
+    """``dst`` becomes ``src``'s content in one rename: a hard link when ``link`` and possible, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        if not link:
+            raise OSError("copy")
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        fsync_file(tmp)
+    os.replace(tmp, dst)
 
 
 def _truncate_log(path: Path, step: int) -> None:

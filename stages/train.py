@@ -3,6 +3,13 @@
 `--section train` is the KD student; `--section train_baseline` the CE-only baseline with the
 same architecture, steps and data order. Under `torchrun --nproc_per_node N stages/train.py ...`
 training runs data-parallel (DDP; gloo on CPU, nccl on CUDA) with `batch_size` sequences per rank.
+
+The run (checkpoints, log, final model) lives in `paths.student_run` / `paths.baseline_run`, a
+`persist` output that DVC keeps between runs; the finished model is then published to
+`paths.student` / `paths.baseline`, which DVC deletes before each rerun. A rerun resumes the newest
+checkpoint when its run had the same settings, cache and code (a `dvc repro` killed mid-training
+continues where it stopped), and otherwise moves that run aside (`run.moved-<UTC time>-<why>/`
+inside the run directory, never deleted) and starts fresh.
 """
 
 import argparse
@@ -11,23 +18,26 @@ import sys
 from kdcache.config.base import load_params, load_section
 from kdcache.config.paths import PathsConfig
 from kdcache.config.train import TrainConfig
-from kdcache.distributed import process_group
+from kdcache.distributed import env_rank_world, process_group
 from kdcache.entry import run, setup_logging, show_progress
 from kdcache.train import train
+from kdcache.train_run import publish_run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--section", default="train", choices=["train", "train_baseline"])
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = ap.parse_args()
     params = load_params(args.params)
     paths = load_section(PathsConfig, params.get("paths"), section="paths")
     cfg = load_section(TrainConfig, params.get(args.section), section=args.section)
-    out = paths.student if args.section == "train" else paths.baseline
+    kd = args.section == "train"
+    out, run_dir = (paths.student, paths.student_run) if kd else (paths.baseline, paths.baseline_run)
     with process_group("auto"):
-        train(cfg, cache_dir=paths.cache, out_dir=out, resume=args.resume, progress=show_progress())
+        train(cfg, cache_dir=paths.cache, out_dir=run_dir, resume="auto", progress=show_progress())
+    if env_rank_world()[0] == 0:
+        publish_run(run_dir, out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ class PathsConfig:
     """The KD student (output of train)."""
     baseline: str = "models/baseline"
     """The CE-only baseline (output of train_baseline)."""
+    student_run: str = "models/student-run"
+    """The KD student's training run: checkpoints, log and final model (a DVC ``persist`` output, kept
+    between runs so that a killed ``dvc repro`` resumes; the train stage publishes the model to ``student``)."""
+    baseline_run: str = "models/baseline-run"
+    """The baseline's training run (as ``student_run``, for train_baseline)."""
     metrics: str = "metrics/eval.json"
     """Evaluation metrics (DVC metrics file)."""
     plots: str = "plots"
