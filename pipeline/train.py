@@ -60,6 +60,7 @@ from kdcache.tokenizer import tokenizer_vocab_size
 from kdcache.train_data import (
     PREFETCH_BATCHES,
     Position,
+    batch_keys,
     batch_stream,
     loss_spec,
     open_inputs,
@@ -233,11 +234,15 @@ def _loop(
         log.info("student head not fused (%s): the loss computes its full (B, T, V) logits", why)
     stream = Prefetcher(
         batch_stream(
-            reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=TARGET_KEYS[spec.kind]
+            reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=batch_keys(cfg, spec)
         ),
         depth=PREFETCH_BATCHES,
         transform=functools.partial(
-            prepare_batch, vmap=vmap, pin=dev.type == "cuda", packing=packing_of(reader.meta.corpus)
+            prepare_batch,
+            vmap=vmap,
+            pin=dev.type == "cuda",
+            packing=packing_of(reader.meta.corpus),
+            token_filter=cfg.token_filter,
         ),
     )
     bar = tqdm(total=stop, initial=pos.step, desc="train", unit="step", disable=not progress or rank != 0)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from kdcache.cache.format import TOKENIZER_DIR
+from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, missing_feature
 from kdcache.cache.prefetch import pin_batch
 from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.config.base import ConfigError
+from kdcache.config.token_filter import TokenFilterConfig
 from kdcache.config.train import TrainConfig
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.losses import (
@@ -34,6 +35,7 @@ from kdcache.student import (
     load_student_tokenizer,
     mapping_coverage,
 )
+from kdcache.token_filter import apply_token_filter, signal_key
 from kdcache.tokenizer import tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ def open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, A
     """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ."""
     cache_tok = load_cache_tokenizer(cache_dir)
     student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
-    reader = open_cache(cache_dir, expect_tokenizer=tokenizer_fingerprint(cache_tok))
+    reader = open_cache(cache_dir, temperature=cfg.temperature)
+    check_cache_tokenizer(reader, cache_tok, cache_dir=cache_dir)
     if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(cache_tok):
         return reader, student_tok, None, None
     student_vocab = tokenizer_vocab_size(student_tok)
@@ -88,6 +91,18 @@ def open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, A
     return reader, student_tok, vmap, report
 
 
+def check_cache_tokenizer(reader: CacheReader, cache_tok: Any, *, cache_dir: str | Path) -> None:
+    """The cache's own ``tokenizer/`` must be the one its manifest records (a cache-internal check, not
+    about the student): a mismatch means a damaged or hand-edited cache."""
+    have, recorded = tokenizer_fingerprint(cache_tok), reader.meta.tokenizer.get("fingerprint")
+    if have != recorded:
+        raise TrainError(
+            f"{Path(cache_dir) / TOKENIZER_DIR}/: the cache's own tokenizer files load to fingerprint {have}, but "
+            f"{Path(cache_dir) / MANIFEST_NAME} records tokenizer.fingerprint {recorded} — the cache is damaged or "
+            f"was edited by hand; run `kdcache verify {cache_dir}` and pull (or rebuild) the cache again"
+        )
+
+
 def load_cache_tokenizer(cache_dir: str | Path) -> Any:
     path = Path(cache_dir) / TOKENIZER_DIR
     if not path.is_dir():
@@ -109,6 +124,7 @@ def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -
             f"train.loss={kind} needs the teacher's tail mass, but {cache_dir} holds renormalized top-k targets "
             f"(targets.renormalized, imported from {tool}: no tail); set train.loss: topk_renorm (or hard, or auto)"
         )
+    check_cache_features(cfg, reader, kind=kind, cache_dir=cache_dir)
     needs = {k[: k.index("_")] for k in TARGET_KEYS[kind] if k in REQUIRED_KEYS}  # {"topk"} / {"sample"} / {}
     if ("topk" in needs and not layout.has_topk) or ("sample" in needs and not layout.has_samples):
         other = "sampled" if "topk" in needs else "topk_tail"
@@ -128,6 +144,30 @@ def loss_spec(cfg: TrainConfig, reader: CacheReader, *, cache_dir: str | Path) -
         )
     except ValueError as e:
         raise ConfigError(f"train: {e}") from e
+
+
+def check_cache_features(cfg: TrainConfig, reader: CacheReader, *, kind: str, cache_dir: str | Path) -> None:
+    """Refuse settings the cache cannot serve: a tail loss at a temperature whose log-normalizer it does not
+    store (``targets.temperatures``), a token filter on a cache without teacher signals (``targets.signals``)."""
+    layout = reader.layout
+    tau = cfg.temperature
+    if kind in TAIL_KINDS and layout.has_topk and tau != layout.temperature and tau not in layout.temperatures:
+        stored = ", ".join(f"{t:g}" for t in (layout.temperature, *layout.temperatures))
+        raise ConfigError(
+            f"train.temperature={tau:g} with train.loss={kind}: {Path(cache_dir) / MANIFEST_NAME} "
+            f"stores the teacher's log-normalizer only at temperature(s) {stored} (cache.temperature, "
+            "cache.temperatures), and re-tempering top-k + tail is exact only there; train at one of them, "
+            f"use train.loss: topk_renorm (any temperature), or rebuild the cache with cache.temperatures: [{tau:g}]"
+        )
+    by = cfg.token_filter.by
+    if by != "none" and by not in layout.signals:
+        raise ConfigError(f"train.token_filter.by={by}: " + missing_feature(reader.meta, cache_dir, f"teacher_{by}"))
+
+
+def batch_keys(cfg: TrainConfig, spec: KDLossSpec) -> tuple[str, ...]:
+    """Batch keys the trainer needs from the reader: the loss's targets and the token filter's signal."""
+    key = signal_key(cfg.token_filter)
+    return (*TARGET_KEYS[spec.kind], *([key] if key else []))
 
 
 def batch_stream(
@@ -174,13 +214,17 @@ def prepare_batch(
     vmap: VocabMap | None,
     pin: bool,
     packing: dict[str, Any] | None = None,
+    token_filter: TokenFilterConfig | None = None,
 ) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
     """On the loader thread: mask document padding (``documents`` packing: a position whose next token is
-    padding is neither a KD nor a CE target), map the batch to the student's vocabulary, pin it for CUDA."""
+    padding is neither a KD nor a CE target), keep KD only where ``token_filter`` says (``kdcache.token_filter``),
+    map the batch to the student's vocabulary, pin it for CUDA."""
     position, batch = item
     if packing is not None and packing.get("mode") == "documents":
         real = torch.nn.functional.pad(target_mask(batch["input_ids"], packing), (0, 1), value=False)  # (B, T)
         batch = {**batch, "loss_mask": real, "ce_mask": real}
+    if token_filter is not None:
+        batch = apply_token_filter(batch, token_filter)  # narrows loss_mask only: CE keeps every position
     if vmap is not None:
         batch = vmap.apply(batch)
     return position, pin_batch(batch) if pin else batch

@@ -299,7 +299,9 @@ def test_loss_the_cache_cannot_feed_is_refused(caches: dict, tmp_path: Path) -> 
 def test_a_temperature_the_cache_cannot_represent_is_refused_naming_the_fix(caches: dict, tmp_path: Path) -> None:
     """A v1 cache stores no log-normalizer: the tail of the tempered teacher is unknown, so tau != 1 is refused
     for tail losses and sampled, while topk_renorm (which needs no tail) trains."""
-    with pytest.raises(ValueError, match="needs topk_log_z.*train at temperature 1, use kind='topk_renorm'"):
+    with pytest.raises(
+        ConfigError, match=r"stores the teacher's log-normalizer only at temperature\(s\) 1 .*topk_renorm"
+    ):
         train(cfg_for(loss="topk_tail", temperature=2.0, max_steps=1), cache_dir=caches["topk"], out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match="supports only the cache's temperature 1.0, got 2.0"):
         train(cfg_for(loss="sampled", temperature=2.0), cache_dir=caches["sampled"], out_dir=tmp_path / "b")

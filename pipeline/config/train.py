@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kdcache.config.base import check
+from kdcache.config.token_filter import TokenFilterConfig
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class TrainConfig:
     student_tokenizer: str = ""
     """Local tokenizer directory of the student for cross_tokenizer; empty = the tokenizer saved in
     train.student.path."""
+    token_filter: TokenFilterConfig = field(default_factory=TokenFilterConfig)
+    """Train the KD term only on positions chosen by the teacher's per-token NLL or entropy (section
+    ``train.token_filter``: by, keep, fraction; needs a cache with teacher signals, format 2); CE keeps all."""
     caches: tuple[CacheSourceConfig, ...] = ()
     """Several teachers: caches over the same token data, each {path, weight}, combined per token by
     ``combine``; empty = one cache (paths.cache, or --cache). When set it replaces paths.cache (the first
