@@ -28,6 +28,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--section", default="train", choices=["train", "train_baseline"])
+    ap.add_argument(
+        "--resume", action="store_true", help="resume, refusing a checkpoint of another run instead of moving it aside"
+    )
     args = ap.parse_args()
     params = load_params(args.params)
     paths = load_section(PathsConfig, params.get("paths"), section="paths")
@@ -35,7 +38,8 @@ def main() -> None:
     kd = args.section == "train"
     out, run_dir = (paths.student, paths.student_run) if kd else (paths.baseline, paths.baseline_run)
     with process_group("auto"):
-        train(cfg, cache_dir=paths.cache, out_dir=run_dir, resume="auto", progress=show_progress())
+        resume = True if args.resume else "auto"
+        train(cfg, cache_dir=paths.cache, out_dir=run_dir, resume=resume, progress=show_progress())
     if env_rank_world()[0] == 0:
         publish_run(run_dir, out)
 

@@ -180,7 +180,7 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     (ddp / "checkpoints" / "step-000006").rmdir()
     (ddp / "training.json").unlink()
     params = world["root"] / "train-params.yaml"
-    paths = {"cache": str(two_rank_cache), "student": str(ddp)}
+    paths = {"cache": str(two_rank_cache), "student_run": str(ddp), "student": str(world["root"] / "published")}
     params.write_text(yaml.safe_dump({"paths": paths, "train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
     proc = torchrun(str(ROOT / "stages" / "train.py"), "--params", str(params), "--resume", cwd=world["root"])
     assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
