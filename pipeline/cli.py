@@ -194,6 +194,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2, default=str))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from kdcache.report import build_report
+
+    pairs = [r.partition("=") for r in args.run]
+    runs = {name: path for name, _, path in pairs}
+    if any(not (name and eq and path) for name, eq, path in pairs) or len(runs) != len(pairs):
+        raise ConfigError(f"--run {' '.join(args.run)}: each must be NAME=DIR, with distinct names")
+    print(
+        build_report(
+            metrics=args.metrics,
+            calibration=args.calibration,
+            runs=runs,
+            cache=args.cache,
+            out_dir=args.out,
+            overwrite=args.overwrite,
+        )
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from kdcache.cache.format import Manifest
 
@@ -382,6 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, EvaluateConfig)
+
+    sp = command(
+        "report",
+        cmd_report,
+        "One page (report.md + PNG plots) comparing teacher, KD student and CE-only baseline from what evaluate, "
+        "train and cache wrote: val CE/perplexity, KL to teacher, top-1 agreement, calibration, tokens/s, sizes, "
+        "training curves, the cache's bytes/token and teacher signals. Loads no model; prints the page's path.",
+    )
+    sp.add_argument("--metrics", default="metrics/eval.json", help="the metrics JSON evaluate wrote")
+    sp.add_argument(
+        "--calibration", metavar="CSV_OR_DIR", help="evaluate's calibration.csv or its --plots directory (optional)"
+    )
+    sp.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a training run (student directory with train_log.jsonl; NAME as in the metrics) (repeat)",
+    )
+    sp.add_argument("--cache", metavar="DIR", help="the cache the students learned from (optional)")
+    sp.add_argument("--out", default="report", metavar="DIR", help="output report directory (default: report)")
+    sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")
     sp.add_argument("cache", metavar="DIR")

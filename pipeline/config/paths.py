@@ -32,6 +32,8 @@ class PathsConfig:
     """Evaluation metrics (DVC metrics file)."""
     plots: str = "plots"
     """Plot data directory (DVC plots)."""
+    report: str = "report"
+    """The report: report.md, its PNG plots and the training curves as CSV (output of report; DVC plots)."""
 
     def __post_init__(self) -> None:
         for key, value in vars(self).items():
