@@ -26,6 +26,7 @@ from kdcache.config.teacher import TeacherConfig
 from kdcache.config.token_filter import TokenFilterConfig
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.divergences import tempered_topk_targets
+from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.train import train
 
 V1_CACHE = Path(__file__).parent / "data" / "v1_cache"
@@ -157,6 +158,48 @@ def test_a_v2_cache_trains_at_a_stored_temperature_with_a_token_filter(world, tm
     assert summary["complete"]
     with pytest.raises(ConfigError, match=r"only at temperature\(s\) 1, 2 .*cache.temperatures: \[4\]"):
         train(_train_cfg(loss="topk_tail", temperature=4.0), cache_dir=out, out_dir=tmp_path / "t")
+
+
+TEXTS = ["naïve café — ünïcödé 🙂 tokens", "def f(x):\n    return x  # 数据", "  spaces\tand\ttabs  ", "plain ascii"]
+
+
+def test_byte_lengths_spell_each_row_with_a_byte_level_bpe_teacher(tmp_path: Path) -> None:
+    from conftest import bpe_tokenizer, tiny_llama
+
+    from kdcache.token_data import write_tokens
+    from kdcache.tokenizer import token_bytes
+
+    tok = bpe_tokenizer([t * 3 for t in TEXTS] * 5, 300)
+    teacher = tmp_path / "teacher"
+    tiny_llama(len(tok), max_positions=64).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    T = 48
+    rows = np.full((len(TEXTS), T), tok.eos_token_id)
+    for r, text in enumerate(TEXTS):
+        ids = tok(text)["input_ids"][:T]
+        rows[r, : len(ids)] = ids
+    fp = tokenizer_fingerprint(tok)
+    write_tokens(tmp_path / "tok", {"train": rows, "val": rows[:1]}, vocab_size=len(tok), tokenizer_fingerprint=fp)
+    cfg = CacheConfig(targets="sampled", samples=2, batch_size=2)
+    cache_corpus(
+        TeacherConfig(path=str(teacher), device="cpu"), cfg, tokens_dir=tmp_path / "tok", out_dir=tmp_path / "c"
+    )
+    manifest = Manifest.load(tmp_path / "c")
+    spelled = token_bytes(tok)
+    assert manifest.tokenizer["bytes"] == {
+        "normalization": "none",
+        "max_token_bytes": max(len(b) for b in spelled),
+        "prefix_space": False,
+    }
+    with open_cache(tmp_path / "c") as reader:
+        batch = next(iter(reader.batches(len(TEXTS), seed=0, shuffle=False)))
+    lengths = batch["byte_lengths"]  # (B, T) int32
+    assert lengths.dtype == torch.int32 and lengths[batch["input_ids"] == tok.eos_token_id].eq(0).all()
+    for r, text in enumerate(TEXTS):
+        ids = batch["input_ids"][r].tolist()
+        assert lengths[r].tolist() == [len(spelled[i]) for i in ids]
+        assert int(lengths[r].sum()) == len(text.encode())  # the row spells its text, byte for byte
+        assert b"".join(spelled[i] for i in ids) == text.encode()
 
 
 def test_temperatures_are_refused_for_sampled_caches() -> None:

@@ -23,7 +23,7 @@ import torch
 
 from kdcache.cache.format import SHARD_PATTERN, SIGNALS, Manifest, SequenceTargets, TargetLayout
 from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
-from kdcache.cache.signals import add_signal_stats, shard_signal_stats
+from kdcache.cache.signals import add_signal_stats, byte_spans, shard_signal_stats
 from kdcache.cache.targets import cache_chunk_tokens, next_token_ids, sparsify_rows, to_sequence_targets
 from kdcache.cache.writer import (
     CACHE_KIND,
@@ -211,6 +211,7 @@ def _build_cache(
             tokens,
             cfg,
             layout=layout,
+            spans=byte_spans(teacher.tokenizer)[1] if layout.max_token_bytes else None,
             out=out,
             shards=[(i, *ranges[i]) for i in todo],
             build_key=build_key,
@@ -283,6 +284,7 @@ def _score_shards(
     cfg: CacheConfig,
     *,
     layout: TargetLayout,
+    spans: np.ndarray | None,
     out: Path,
     shards: list[tuple[int, int, int]],
     build_key: str,
@@ -310,7 +312,9 @@ def _score_shards(
             }
             for b0 in range(start, end, cfg.batch_size):
                 seqs = np.arange(b0, min(end, b0 + cfg.batch_size))
-                rows = _score_batch(teacher, tokens, cfg, layout=layout, seqs=seqs, chunk=chunk, meta=meta, timer=timer)
+                rows = _score_batch(
+                    teacher, tokens, cfg, layout=layout, seqs=seqs, chunk=chunk, meta=meta, timer=timer, spans=spans
+                )
                 writer.write(index, rows)
                 bar.update(len(seqs) * tokens.seq_len)
             skipped = set(meta["skipped"])
@@ -343,6 +347,7 @@ def _score_batch(
     chunk: int,
     meta: dict[str, Any],
     timer: dict[str, float],
+    spans: np.ndarray | None = None,
 ) -> list[SequenceTargets]:
     """Forward + sparsify one batch; drop (``skip``) or refuse (``fail``) sequences with non-finite logits."""
     ids = np.asarray(tokens.ids[seqs[0] : seqs[-1] + 1], dtype=np.int64)  # (B, T)
@@ -382,6 +387,8 @@ def _score_batch(
     meta["topk_mass_sum"] += float(sparse["topk_mass"].numpy()[keep].sum(dtype=np.float64))
     signals = [sparse[f"teacher_{s}"].numpy()[keep] if f"teacher_{s}" in sparse else None for s in SIGNALS]
     add_signal_stats(meta, shard_signal_stats(*signals))
+    if spans is not None:
+        sparse["byte_lengths"] = torch.from_numpy(spans[ids])  # (B, T) bytes each input token spells
     kept = {key: value[torch.from_numpy(keep)] for key, value in sparse.items()}
     rows = to_sequence_targets(kept, ids[keep], seqs[keep])
     timer["forward"] += t1 - t0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.format import MANIFEST_NAME, SIGNALS, Manifest, TargetLayout
+from kdcache.cache.signals import byte_spans
 from kdcache.cache.writer import CacheWriteError
 from kdcache.config.cache import CacheConfig
 from kdcache.devices import runtime_key
@@ -129,10 +130,14 @@ def manifest_header(
             f"token data declares vocab_size {tokens.vocab_size} > the teacher's "
             f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer"
         )
-    layout = target_layout(cfg, vocab_size=vocab, seq_len=tokens.seq_len)
+    spans, _ = byte_spans(teacher.tokenizer)
+    layout = target_layout(
+        cfg, vocab_size=vocab, seq_len=tokens.seq_len, max_token_bytes=spans["max_token_bytes"] if spans else 0
+    )
     return {
         "teacher": dict(teacher.info),
-        "tokenizer": {"fingerprint": fingerprint, "vocab_size": vocab, "model_vocab_size": teacher.vocab_size},
+        "tokenizer": {"fingerprint": fingerprint, "vocab_size": vocab, "model_vocab_size": teacher.vocab_size}
+        | ({"bytes": spans} if spans else {}),
         "corpus": {
             "fingerprint": tokens.fingerprint,
             "split": tokens.split,

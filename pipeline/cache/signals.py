@@ -1,4 +1,5 @@
-"""Per-token teacher signals (NLL of the next token, entropy; format v2) summarized for the manifest.
+"""Per-token teacher signals (NLL of the next token, entropy; format v2) summarized for the manifest, and
+the tokenizer's byte spans (``byte_spans``: what the ``byte_lengths`` column stores per token).
 
 Each shard's footer carries fixed-bin histograms and sums (``shard_signal_stats``); ``seal`` adds
 them up (``merge_signal_stats``) into ``stats.mean_nll``, ``stats.nll_histogram`` and
@@ -8,9 +9,14 @@ are fixed (``SIGNAL_BINS``), so histograms of any shards merge by adding counts.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+
+from kdcache.tokenizer import UnsupportedTokenizerError, prefix_space, text_normalization, token_bytes
+
+log = logging.getLogger(__name__)
 
 SIGNAL_BINS = tuple(0.5 * i for i in range(33))
 """Histogram edges in nats: 32 bins of 0.5 nats over [0, 16]; the last bin also holds everything above."""
@@ -74,3 +80,20 @@ def histogram_lines(histogram: Any, *, width: int = 40) -> list[str]:
         bar = "#" * round(width * counts[i] / top)
         lines.append(f"  [{edges[i]:4.1f}, {upper}) {100 * counts[i] / total:5.1f}% {bar}")
     return lines
+
+
+def byte_spans(tokenizer: Any) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """(manifest ``tokenizer.bytes`` {normalization, max_token_bytes, prefix_space}, (vocab,) UTF-8 byte length
+    of each token id), or (None, None) for a tokenizer whose tokens do not spell the text (word-level,
+    WordPiece): such a cache stores no ``byte_lengths`` column (logged)."""
+    try:
+        table = np.array([len(b) for b in token_bytes(tokenizer)], np.int64)
+    except UnsupportedTokenizerError as e:
+        log.warning("cache without byte spans (byte_lengths): %s", e)
+        return None, None
+    spans = {
+        "normalization": text_normalization(tokenizer),
+        "max_token_bytes": max(1, int(table.max(initial=0))),
+        "prefix_space": prefix_space(tokenizer),
+    }
+    return spans, table

@@ -33,6 +33,7 @@ SMALL_KEYS = (
     "topk_log_z",
     "teacher_nll",
     "teacher_entropy",
+    "byte_lengths",
 )
 """Keys of ``sparsify``'s result that become ``SequenceTargets`` fields."""
 

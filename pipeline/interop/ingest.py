@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.cache.format import MANIFEST_NAME, MAX_TOP_K, SequenceTargets, TargetLayout
+from kdcache.cache.signals import byte_spans
 from kdcache.cache.writer import CACHE_KIND, CacheWriteError, ShardWriter, build_key_of, is_cache_dir, save_tokenizer
 from kdcache.cache.writer import seal as seal_cache
 from kdcache.fingerprint import sha256_file, tokenizer_fingerprint
@@ -90,6 +91,7 @@ def import_cache(
         raise SourceError(
             f"{source}: --seq-len {T} is shorter than its longest row ({shape.max_len}); omit it or raise it"
         )
+    spans, table = byte_spans(tok)  # byte_lengths when the tokenizer spells text; no teacher signals to import
     layout = TargetLayout(
         kind="topk",
         vocab_size=vocab,
@@ -97,15 +99,19 @@ def import_cache(
         top_k=shape.max_k,
         mass=NOMINAL_MASS if shape.ragged or shape.min_len < T else 0.0,
         temperature=temperature,
+        max_token_bytes=spans["max_token_bytes"] if spans else 0,
     )
     header = _header(source, fmt, tok, layout, shape, pad_id=pad_id, rows_per_shard=rows_per_shard, split=split)
+    header["tokenizer"] |= {"bytes": spans} if spans else {}
     out = Path(out)
     inputs = {"source": source, "tokenizer": tokenizer}
     with hold_output_dir(
         out, kind=CACHE_KIND, inputs=inputs, overwrite=overwrite, legacy=is_cache_dir, check=_refuse_existing
     ):
         header["tokenizer"]["files"] = save_tokenizer(out, tok, header["tokenizer"]["fingerprint"])
-        written = _write_shards(source, fmt, out, layout, header, pad_id=pad_id, rows_per_shard=rows_per_shard)
+        written = _write_shards(
+            source, fmt, out, layout, header, pad_id=pad_id, rows_per_shard=rows_per_shard, spans=table
+        )
         manifest = seal_cache(out, header, build_key=build_key_of(header), num_shards=len(written), known=written)
     from kdcache.cache.verify import verify_cache
 
@@ -213,9 +219,10 @@ def _write_shards(
     *,
     pad_id: int,
     rows_per_shard: int,
+    spans: np.ndarray | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Second pass: rows -> ``SequenceTargets`` -> shards of ``rows_per_shard`` rows; returns the writer's
-    record of each shard (size, sha256, statistics)."""
+    record of each shard (size, sha256, statistics). ``spans``: (vocab,) byte length of each token id."""
     key, meta, batch = build_key_of(header), None, []
     with ShardWriter(out, layout) as writer:
         for seq, row in enumerate(read_rows(source, fmt)):
@@ -225,6 +232,8 @@ def _write_shards(
                     writer.finish(meta["shard"], meta)
                 meta, batch = _shard_meta(key, seq // rows_per_shard, first_seq=seq), []
             targets, _ = to_sequence_targets(row, seq, layout, pad_id=pad_id)
+            if spans is not None:
+                targets.byte_lengths = spans[targets.input_ids]  # (T,) bytes each input token spells
             meta["entropy_sum"] += _entropy(targets)
             meta["topk_mass_sum"] += float(-np.expm1(targets.topk_log_tail).sum())
             batch.append(targets)
