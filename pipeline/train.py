@@ -269,12 +269,14 @@ def _loop(
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 if pos.step % cfg.log_every == 0:
                     log.info(
-                        "step %d loss %.4f kd %.4f ce %.4f lr %.2e %.0f tok/s, waited %.3f s for data",
+                        "step %d loss %.4f kd %.4f ce %.4f lr %.2e alpha %.3g tau %.3g %.0f tok/s, data wait %.3f s",
                         pos.step,
                         last["loss"],
                         last["kd"],
                         last["ce"],
                         lr,
+                        last["alpha"],
+                        last["temperature"],
                         last["tokens_per_s"],
                         last["data_wait_s"],
                     )
