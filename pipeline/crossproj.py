@@ -21,12 +21,14 @@ Methods (teacher id t spells bytes ``b_t``, :func:`kdcache.tokenizer.token_bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from kdcache.losses import KDLossSpec, LossOutput, kd_loss
 
 METHODS = ("exact", "prefix", "uld")
 
@@ -217,3 +219,18 @@ def uld_loss(
     mask = loss_mask.to(top.device)
     count = mask.sum()
     return (per_position * mask).sum() / count.clamp_min(1), count
+
+
+def uld_output(logits: Tensor, *, input_ids: Tensor, spec: KDLossSpec, batch: dict[str, Tensor]) -> LossOutput:
+    """The trainer's loss for ``train.cross_tokenizer: uld``: ``(1 - alpha) * CE + alpha * ULD`` as a
+    ``kdcache.losses.LossOutput`` (``kd`` = the ULD term; needs the full (B, T, V) ``logits``)."""
+    dev = logits.device
+    masks = {k: batch[k].to(dev, non_blocking=True) for k in ("ce_mask", "loss_mask") if k in batch}
+    ce = kd_loss(logits, input_ids=input_ids, spec=replace(spec, kind="ce"), ce_mask=masks.get("ce_mask"))
+    uld, count = uld_loss(
+        logits,
+        **{k: batch[k].to(dev, non_blocking=True) for k in ("uld_probs", "uld_tail", "uld_mask")},
+        loss_mask=masks["loss_mask"],
+    )
+    loss = (1 - spec.alpha) * ce.loss + spec.alpha * uld
+    return LossOutput(loss=loss, kd=uld.detach(), ce=ce.ce, kd_count=count, ce_count=ce.ce_count)

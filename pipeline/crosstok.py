@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.cache.reader import CacheReader
 from kdcache.crossproj import METHODS, build_projection, project_batch_targets
-from kdcache.packing import valid_lengths
+from kdcache.packing import packing_of, valid_lengths
 from kdcache.tokenizer import token_bytes, tokenizer_vocab_size
 
 __all__ = ["METHODS", "Aligner", "CrossTokenizerBatches", "RowAlignment", "utf8_pieces"]
@@ -305,3 +306,30 @@ class CrossTokenizerBatches:
                 "unspelled_tokens": c.unspelled_tokens,
                 "projection": self.projection.summary(),
             }
+
+
+MEASURE_ROWS = 256
+"""Cache rows aligned at start to fit the student row length and report what the alignment keeps."""
+
+
+def cross_tokenizer_batches(
+    reader: CacheReader, teacher_tokenizer: Any, student_tokenizer: Any, *, method: str, batch_size: int = 16
+) -> tuple[CrossTokenizerBatches, dict[str, Any]]:
+    """The batch transform for ``train.cross_tokenizer: method`` on ``reader``'s cache, and what it keeps
+    on the cache's first ``MEASURE_ROWS`` rows (``CrossTokenizerBatches.report``)."""
+    packing = packing_of(reader.meta.corpus)
+    aligner = Aligner(teacher_tokenizer, student_tokenizer)
+    rows = min(len(reader), MEASURE_ROWS)
+    sample = reader.batches(max(rows, 1), seed=0, shuffle=False, drop_last=False)
+    first = next(iter(sample), None)
+    lengths = valid_lengths(first["input_ids"], packing).tolist() if first is not None else []
+    real = [first["input_ids"][b, :n].numpy() for b, n in enumerate(lengths)]
+    length = student_row_length(aligner, real)
+    cross = CrossTokenizerBatches(
+        teacher_tokenizer, student_tokenizer, method=method, student_seq_len=length, packing=packing
+    )
+    if first is not None:
+        cross.apply(first)
+    report = cross.report() | {"student_seq_len": length, "rows_measured": rows}
+    cross.counts = _Counts()
+    return cross, report

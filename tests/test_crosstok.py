@@ -448,3 +448,27 @@ def test_batches_carry_student_ids_masks_and_projected_targets(teacher, student)
         else:
             assert out["topk_ids"].max() < len(student) and 0 < report["teacher_mass_kept_ratio"] <= 1.0 + 1e-6
     assert event_map(teacher, student, token_bytes(teacher))[teacher.eos_token_id] == student.eos_token_id
+
+
+def test_uld_output_mixes_ce_and_uld_with_alpha():
+    from kdcache.crossproj import uld_output
+
+    rng = np.random.default_rng(7)
+    B, T, V, k = 2, 5, 12, 4
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ids = torch.from_numpy(rng.integers(0, V, size=(B, T)))
+    top = torch.from_numpy(-np.sort(-rng.dirichlet(np.ones(V), size=(B, T)), -1)[..., :k]).float()
+    batch = {
+        "uld_probs": top,
+        "uld_tail": 1 - top.sum(-1),
+        "uld_mask": torch.ones(B, T, k, dtype=torch.bool),
+        "loss_mask": torch.rand(B, T, generator=torch.Generator().manual_seed(2)) > 0.3,
+        "ce_mask": torch.ones(B, T, dtype=torch.bool),
+    }
+    out = uld_output(logits, input_ids=ids, spec=KDLossSpec(kind="sampled", alpha=0.3), batch=batch)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    uld, count = uld_loss(logits, **{k: batch[k] for k in ("uld_probs", "uld_tail", "uld_mask", "loss_mask")})
+    assert float(out.loss) == pytest.approx(float(0.7 * ce + 0.3 * uld), rel=1e-5)
+    assert float(out.kd) == pytest.approx(float(uld), rel=1e-6) and int(out.kd_count) == int(count)
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all()
