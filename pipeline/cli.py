@@ -214,6 +214,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from kdcache.cache.describe import describe_manifest
     from kdcache.cache.format import Manifest
 
     manifest = Manifest.load(args.cache)
@@ -226,7 +227,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             )
         )
     else:
-        print(describe_manifest(manifest))
+        print(describe_manifest(manifest, cache_dir=Path(args.cache)))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -241,38 +242,6 @@ def cmd_verify(args: argparse.Namespace) -> None:
             "fix or rebuild the listed files (rerun the cache stage) or pull the cache again"
         )
     print(f"OK {args.cache}: the manifest's counts add up; every shard and tokenizer file matches it; nothing unlisted")
-
-
-SHOWN_ABOVE = frozenset({"num_rows", "num_tokens", "total_bytes", "bytes_per_token"})
-"""Manifest stats that ``describe_manifest`` already prints in its sequences/size lines."""
-
-
-def describe_manifest(m: Any) -> str:
-    """Everything a receiving team needs to decide whether a cache fits its student."""
-    t, layout = m.targets, m.layout
-    kind = f"{layout.kind}, k={layout.top_k}" + (f" (adaptive, mass {layout.mass})" if layout.adaptive else "")
-    if layout.has_samples:
-        kind += f", samples={layout.samples}, seed={layout.seed}"
-    size = sum(s.bytes for s in m.shards)
-    stats = m.stats
-    lines = [
-        f"cache          {m.name}  (format {m.format} {m.format_version}, written by {m.created_by})",
-        f"teacher        {m.teacher.get('path')}  {m.teacher.get('model_type')} {m.teacher.get('num_parameters')} "
-        f"params, {m.teacher.get('dtype')}, sha256 {m.teacher.get('sha256')}",
-        f"tokenizer      {m.tokenizer.get('fingerprint')}  vocab {m.tokenizer.get('vocab_size')}",
-        f"corpus         {m.corpus.get('fingerprint')}  split {m.corpus.get('split')}, "
-        f"seq_len {m.corpus.get('seq_len')}",
-        f"sequences      {m.num_rows} in {len(m.shards)} shards, {m.num_tokens} tokens",
-        f"targets        {kind}, temperature {layout.temperature}, values {layout.values} ({layout.value_encoding}), "
-        f"batch_size {t.get('batch_size')}, compute {t.get('compute_dtype')}",
-        f"size           {size} bytes, {size / max(m.num_tokens, 1):.2f} bytes/token",
-    ]
-    lines += [
-        f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}"
-        for k, v in stats.items()
-        if not isinstance(v, (list, dict)) and k not in SHOWN_ABOVE
-    ]
-    return "\n".join(lines)
 
 
 def _student_config(spec: str) -> StudentConfig:

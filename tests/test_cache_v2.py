@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,22 @@ def test_what_a_v1_cache_lacks_is_refused_naming_its_manifest_and_the_rebuild(tm
         train(_train_cfg(token_filter=filt), cache_dir=cache, out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"only at temperature\(s\) 1 .*cache.temperatures: \[2\]"):
         train(_train_cfg(loss="topk_tail", temperature=2.0), cache_dir=cache, out_dir=tmp_path / "b")
+
+
+def test_a_cache_whose_own_tokenizer_differs_from_its_manifest_is_called_damaged_not_a_student_mismatch(
+    tmp_path: Path,
+) -> None:
+    from kdcache.train_data import TrainError
+
+    cache = shutil.copytree(V1_CACHE, tmp_path / "v1")
+    path = cache / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text().replace('"w47"', '"zz47"'))  # a hand edit: the manifest's sha256 no longer holds
+    with pytest.raises(TrainError) as info:
+        train(_train_cfg(), cache_dir=cache, out_dir=tmp_path / "s")
+    message = str(info.value)
+    assert "v1/tokenizer/: the cache's own tokenizer files load to fingerprint" in message
+    assert "v1/manifest.json records tokenizer.fingerprint b68c30a3" in message
+    assert "damaged or was edited by hand; run `kdcache verify" in message and "student" not in message
 
 
 def test_an_unknown_major_is_refused_naming_the_file_and_the_versions_read(tmp_path: Path) -> None:
@@ -158,6 +175,29 @@ def test_a_v2_cache_trains_at_a_stored_temperature_with_a_token_filter(world, tm
     assert summary["complete"]
     with pytest.raises(ConfigError, match=r"only at temperature\(s\) 1, 2 .*cache.temperatures: \[4\]"):
         train(_train_cfg(loss="topk_tail", temperature=4.0), cache_dir=out, out_dir=tmp_path / "t")
+    import contextlib
+    import io
+
+    from kdcache.cli import main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["inspect", str(out)]) == 0
+    text = buffer.getvalue()
+    for needle in (
+        "format kdcache 2.0",
+        "log-normalizers 2 ",
+        "signals        nll, entropy",
+        "bytes/token    ids ",
+        "top-k ",
+        "staged shard(s)",
+        "mean_nll",
+        "teacher NLL of the next token (nats, tau = 1; share of positions):",
+        "teacher entropy (nats",
+    ):
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+    assert "#" in text.split("teacher entropy")[1]  # text bars
+    assert re.search(r"bytes/token    ids [0-9.]+, log-normalizers [0-9.]+, signals [0-9.]+, top-k [0-9.]+", text)
 
 
 TEXTS = ["naïve café — ünïcödé 🙂 tokens", "def f(x):\n    return x  # 数据", "  spaces\tand\ttabs  ", "plain ascii"]

@@ -81,6 +81,11 @@ def cache_corpus(
     if cfg.deterministic:
         use_deterministic_algorithms()
     with process_group("gloo", device=teacher_cfg.device, timeout_s=CACHE_TIMEOUT_S) as (rank, world):
+        if teacher_cfg.tp_plan:  # every rank would have to run every batch; the build deals shards to ranks
+            raise CacheWriteError(
+                "teacher.tp_plan: the cache build scores data-parallel (each rank its own shards); tensor-parallel "
+                "scoring is not wired into it yet — span GPUs with teacher.device_map, or set teacher.tp_plan: null"
+            )
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(tokens_dir, cfg.split)
         build_cache(
             teacher,

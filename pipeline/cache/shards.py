@@ -135,3 +135,29 @@ def content_problems(staged: StagedRows, layout: TargetLayout, info: ShardInfo, 
                 f"sample_counts: {int(np.sum(sums != layout.samples))} positions do not sum to {layout.samples} draws"
             )
     return out
+
+
+COLUMN_GROUPS = {
+    "seq_index": "ids",
+    "input_ids": "ids",
+    "topk_log_z": "log-normalizers",
+    "byte_lengths": "byte spans",
+}
+"""Column -> the group ``column_bytes`` counts it in (else by prefix: ``topk_`` top-k, ``sample_`` samples,
+``teacher_`` signals)."""
+
+
+def column_bytes(root: Path, shards: list[ShardInfo]) -> dict[str, int]:
+    """Compressed bytes per column group over ``shards``, read from the Parquet footers only (no data pages)."""
+    prefixes = {"topk_": "top-k", "sample_": "samples", "teacher_": "signals", "hidden_": "hidden states"}
+    out: dict[str, int] = {}
+    for info in shards:
+        meta = pq.read_metadata(check_shard_file(root, info))
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema
+                kind = COLUMN_GROUPS.get(name) or next((v for k, v in prefixes.items() if name.startswith(k)), name)
+                out[kind] = out.get(kind, 0) + column.total_compressed_size
+    return out
