@@ -26,6 +26,7 @@ import torch
 
 from kdcache.config.teacher import TeacherConfig
 from kdcache.devices import resolve_device, resolve_dtype
+from kdcache.files import InputFileError, loading
 from kdcache.fingerprint import model_dir_fingerprint
 from kdcache.tokenizer import tokenizer_vocab_size
 
@@ -92,9 +93,10 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.trust_remote_code:
         log.warning("teacher.trust_remote_code is on: executing modelling code shipped in %s", path)
+    placement = _placement(cfg, device, config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **_placement(cfg, device)
+            path, dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code, **placement
         )
     except (OSError, ValueError) as e:
         raise TeacherError(f"teacher.path '{path}': cannot load the model ({e})") from e
@@ -129,13 +131,17 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, info=info, head=head)
 
 
-def _placement(cfg: TeacherConfig, device: torch.device) -> dict[str, Any]:
+def _placement(cfg: TeacherConfig, device: torch.device, config: Any) -> dict[str, Any]:
     """``from_pretrained`` arguments that put the weights where they compute, streamed from safetensors.
 
-    With ``teacher.device_map`` accelerate spreads the model over the visible GPUs (then CPU, then a
-    temporary offload folder) within ``teacher.max_memory``; otherwise the whole model loads straight
-    to ``device`` (on a GPU box: the rank's GPU, never a full copy in CPU RAM per rank first).
+    With ``teacher.tp_plan`` transformers shards every layer over the torchrun ranks by the model type's
+    own tensor-parallel plan (``_tp_arguments``). With ``teacher.device_map`` accelerate spreads the model
+    over the visible GPUs (then CPU, then a temporary offload folder) within ``teacher.max_memory``;
+    otherwise the whole model loads straight to ``device`` (on a GPU box: the rank's GPU, never a full
+    copy in CPU RAM per rank first).
     """
+    if cfg.tp_plan:
+        return _tp_arguments(cfg, config)
     if cfg.device_map:
         memory = dict(item.split("=", 1) for item in cfg.max_memory)
         memory = {int(k) if k.isdigit() else k: v for k, v in memory.items()}
@@ -143,6 +149,33 @@ def _placement(cfg: TeacherConfig, device: torch.device) -> dict[str, Any]:
         atexit.register(shutil.rmtree, offload, ignore_errors=True)
         return {"device_map": cfg.device_map, "max_memory": memory or None, "offload_folder": offload}
     return {"device_map": {"": device.index}} if device.type == "cuda" else {}  # accelerate: GPU index
+
+
+def _tp_arguments(cfg: TeacherConfig, config: Any) -> dict[str, Any]:
+    """transformers' tensor parallelism (``tp_plan="auto"``), refused where it cannot run: outside a
+    torchrun process group of several ranks, or for a model type without a tensor-parallel plan."""
+    import torch.distributed as dist
+
+    where = f"teacher.tp_plan: {cfg.tp_plan}"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "base_model_tp_plan", None):
+        import transformers
+
+        raise TeacherError(
+            f"{where}, but model_type {getattr(config, 'model_type', '?')!r} has no tensor-parallel plan in "
+            f"transformers {transformers.__version__} — set teacher.tp_plan: null and span GPUs with teacher.device_map"
+        )
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world < 2:
+        raise TeacherError(
+            f"{where} shards the teacher over torchrun's ranks, but this process is not one of several ranks — "
+            "launch with `torchrun --nproc_per_node N ...` (one rank per GPU), or set teacher.tp_plan: null"
+        )
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:  # transformers < 5: the plan is a from_pretrained argument of its own
+        return {"tp_plan": cfg.tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=cfg.tp_plan)}
 
 
 def _input_device(model: Any, device: torch.device) -> torch.device:
@@ -174,9 +207,10 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
     if not trust_remote_code:
         _refuse_shipped_code(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise TeacherError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
+        with loading(path / "config.json", what="the model config", fix=CONFIG_FIX):
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except InputFileError as e:
+        raise TeacherError(str(e)) from e
     model_type = getattr(config, "model_type", "")
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     archs = list(getattr(config, "architectures", None) or [])
@@ -192,14 +226,19 @@ def _check_model_dir(path: Path, *, trust_remote_code: bool) -> Any:
     return config
 
 
+CONFIG_FIX = "replace it with the model's own config.json (copy the model directory again)"
+"""What to do about a config.json that cannot be read (malformed, nested too deep, unreadable)."""
+
+
 def _refuse_shipped_code(path: Path) -> None:
     """A config whose model type exists only as code shipped in the directory needs trust_remote_code: say so."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TeacherError(f"{path / 'config.json'}: cannot read the model config ({e})") from e
+        with loading(path / "config.json", what="the model config", fix=CONFIG_FIX):
+            raw = json.loads((path / "config.json").read_bytes())
+    except InputFileError as e:
+        raise TeacherError(str(e)) from e
     auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
     if auto_map and raw.get("model_type") not in CONFIG_MAPPING_NAMES:
         raise TeacherError(

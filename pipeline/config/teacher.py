@@ -24,6 +24,10 @@ class TeacherConfig:
     Under torchrun each rank places its own copy: give each rank its GPUs (CUDA_VISIBLE_DEVICES)."""
     max_memory: tuple[str, ...] = ()
     """With device_map: memory per device as DEVICE=SIZE items, e.g. [0=70GiB, 1=70GiB, cpu=200GiB]."""
+    tp_plan: Literal["auto"] | None = None
+    """Tensor parallelism under torchrun: ``auto`` shards every layer of the teacher over the ranks with
+    transformers' own tensor-parallel plan for its model type (one process per GPU, all ranks run every
+    batch). Null: each rank loads the whole model (or its device_map). Exclusive with device_map."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped in the model dir. Off unless you trust that code."""
 
@@ -36,6 +40,13 @@ class TeacherConfig:
                 "=" in item, "teacher", "max_memory", f"items are DEVICE=SIZE (e.g. 0=70GiB, cpu=200GiB), got {item!r}"
             )
         check(not self.max_memory or bool(self.device_map), "teacher", "max_memory", "needs teacher.device_map")
+        check(
+            not (self.tp_plan and self.device_map),
+            "teacher",
+            "tp_plan",
+            "and device_map are exclusive: tp_plan shards each layer over the torchrun ranks, device_map places "
+            "whole layers on one rank's devices — set one of them",
+        )
         check(
             self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "teacher",

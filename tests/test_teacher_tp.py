@@ -1,0 +1,133 @@
+"""teacher.tp_plan (transformers' own tensor parallelism) and the loader's one-line refusals.
+
+Tensor parallelism runs here for real: 2 ranks under `torchrun` with gloo on the CPU, a tiny Llama
+loaded with ``tp_plan: auto`` (its weights become DTensors sharded over the ranks), compared with
+the same model loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_world
+
+from kdcache.config.base import ConfigError, load_section
+from kdcache.config.teacher import TeacherConfig
+from kdcache.teacher import TeacherError, load_teacher
+
+BIN = Path(sys.executable).parent
+PROBE = """
+import json, sys
+import torch
+from kdcache.config.teacher import TeacherConfig
+from kdcache.distributed import process_group
+from kdcache.teacher import load_teacher, logit_rows, teacher_hidden, teacher_logits
+
+path, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+with process_group("gloo", device="cpu") as (rank, world):
+    tp = load_teacher(TeacherConfig(path=path, device="cpu", tp_plan="auto"))  # the head probe runs in here
+    whole = load_teacher(TeacherConfig(path=path, device="cpu"))
+    ids = (torch.arange(48) * 7919 % 48).reshape(3, 16)
+    want = teacher_logits(whole, ids).float()  # (3, 16, V)
+    got = teacher_logits(tp, ids).float()
+    rows = logit_rows(tp, teacher_hidden(tp, ids))(slice(0, 48))  # (48, V): the cache path, chunked head
+    weight = tp.model.get_output_embeddings().weight
+    json.dump({
+        "world": world,
+        "sharded": type(weight).__name__,
+        "local_rows": int(weight.to_local().shape[0]) if hasattr(weight, "to_local") else None,
+        "forward": float((got - want).abs().max()),
+        "head": float((rows - want.reshape(48, -1)).abs().max()),
+        "vocab": tp.vocab_size,
+        "params": [tp.info["num_parameters"], whole.info["num_parameters"]],
+    }, open(f"{out}/rank{rank}.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_world(tmp_path_factory.mktemp("tp"), vocab_size=48, seq=16)
+
+
+def test_tp_plan_auto_shards_the_teacher_over_two_gloo_ranks_and_computes_the_same_logits(world, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_NO_PROGRESS": "1"}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(tmp_path / "probe.py")]
+    proc = subprocess.run(
+        [*cmd, str(world["teacher"]), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["world"] == 2 and r["sharded"] == "DTensor" and r["local_rows"] == 24  # half the head per rank
+        assert r["forward"] < 1e-5 and r["head"] < 1e-5, r  # fp32: sharded matmuls sum in another order
+        assert r["vocab"] == 48 and r["params"][0] == r["params"][1]
+
+
+def test_tp_plan_outside_torchrun_is_refused_naming_the_launch(world) -> None:
+    with pytest.raises(TeacherError, match=r"^teacher.tp_plan: auto shards .* not one of several ranks — launch"):
+        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu", tp_plan="auto"))
+
+
+def test_tp_plan_of_a_model_type_without_a_plan_is_refused(tmp_path) -> None:
+    from conftest import word_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=16, n_layer=1, n_head=2, n_positions=16)).save_pretrained(tmp_path)
+    word_tokenizer(48).save_pretrained(tmp_path)
+    with pytest.raises(
+        TeacherError, match=r"model_type 'gpt2' has no tensor-parallel plan in transformers .* teacher.device_map$"
+    ):
+        load_teacher(TeacherConfig(path=str(tmp_path), device="cpu", tp_plan="auto"))
+
+
+def test_tp_plan_with_a_device_map_or_an_unknown_plan_is_refused() -> None:
+    with pytest.raises(ConfigError, match="teacher.tp_plan: and device_map are exclusive"):
+        load_section(TeacherConfig, {"tp_plan": "auto", "device_map": "auto"}, section="teacher")
+    with pytest.raises(ConfigError, match="teacher.tp_plan: .*fits none"):
+        load_section(TeacherConfig, {"tp_plan": "colwise"}, section="teacher")
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_config_json_nested_too_deep_is_one_line_naming_the_file_and_the_fix(world, tmp_path, trust) -> None:
+    import shutil
+
+    teacher = shutil.copytree(world["teacher"], tmp_path / "teacher")
+    (teacher / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(TeacherError) as e:
+        load_teacher(TeacherConfig(path=str(teacher), device="cpu", trust_remote_code=trust))
+    msg = str(e.value)
+    assert msg.startswith(f"{teacher / 'config.json'}: cannot load the model config (RecursionError: ")
+    assert msg.endswith("replace it with the model's own config.json (copy the model directory again)")
+    assert "\n" not in msg
+
+
+def test_a_bare_cuda_device_under_torchrun_is_refused_before_the_teacher_loads(world, monkeypatch) -> None:
+    """Issue 9.4: under torchrun each rank takes cuda:LOCAL_RANK (or spans GPUs with device_map/tp_plan)."""
+    from kdcache.cache.build import cache_corpus
+    from kdcache.config.cache import CacheConfig
+    from kdcache.distributed import DistributedError
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = TeacherConfig(path=str(world["teacher"]), device="cuda:1", tp_plan="auto")
+    with pytest.raises(DistributedError, match="'cuda:1' under torchrun with 2 ranks would put every rank on one GPU"):
+        cache_corpus(cfg, CacheConfig(), tokens_dir=world["tokens"], out_dir=world["root"] / "never")
+    assert not (world["root"] / "never").exists()
+
+
+def test_the_cache_build_refuses_a_tensor_parallel_teacher_until_it_scores_in_lockstep(world) -> None:
+    from kdcache.cache.build import cache_corpus
+    from kdcache.cache.writer import CacheWriteError
+    from kdcache.config.cache import CacheConfig
+
+    cfg = TeacherConfig(path=str(world["teacher"]), device="cpu", tp_plan="auto")
+    with pytest.raises(CacheWriteError, match="teacher.tp_plan: the cache build scores data-parallel"):
+        cache_corpus(cfg, CacheConfig(), tokens_dir=world["tokens"], out_dir=world["root"] / "never")
+    assert not (world["root"] / "never").exists()
