@@ -29,17 +29,60 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from kdcache.cache.reader import CacheReader
 from kdcache.crossproj import METHODS, build_projection, project_batch_targets
 from kdcache.packing import packing_of, valid_lengths
-from kdcache.tokenizer import token_bytes, tokenizer_vocab_size
+from kdcache.tokenizer import TokenizerError, token_bytes, tokenizer_vocab_size
 
-__all__ = ["METHODS", "Aligner", "CrossTokenizerBatches", "RowAlignment", "utf8_pieces"]
+__all__ = [
+    "METHODS",
+    "Aligner",
+    "CrossTokenizerBatches",
+    "CrossTokenizerError",
+    "RowAlignment",
+    "cross_tokenizer_batches",
+    "load_student_tokenizer_dir",
+    "utf8_pieces",
+]
+
+
+class CrossTokenizerError(ValueError):
+    """The student's tokenizer cannot be loaded or aligned with the cache's."""
+
+
+def load_student_tokenizer_dir(path: str | Path) -> Any:
+    """The student's own tokenizer (``train.student_tokenizer``, else ``train.student.path``): a local
+    directory, never the Hub; a kind whose tokens do not spell bytes is refused here, before training."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: not a directory; save the student's tokenizer there with "
+            "save_pretrained (or set train.student.path to a pretrained student)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: cannot load a tokenizer ({e}); the directory needs the "
+            "tokenizer files saved with save_pretrained"
+        ) from e
+    try:
+        token_bytes(tokenizer)
+    except TokenizerError as e:
+        raise CrossTokenizerError(f"train.student_tokenizer={root}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: the tokenizer has no EOS token to stand for the cache's "
+            "document boundaries; set eos_token in its tokenizer_config.json"
+        )
+    return tokenizer
 
 
 def utf8_pieces(data: bytes) -> list[tuple[int, int]]:
