@@ -1,6 +1,6 @@
 """Held-out comparison of a teacher and its students on the val split.
 
-For every model: next-token cross-entropy (nats/token) and perplexity, KL(teacher || model) with
+For every model: next-token cross-entropy (nats/token) and perplexity, bits per byte, KL(teacher || model) with
 full-vocabulary distributions, top-1 agreement with the teacher, top-1 accuracy, expected
 calibration error of top-1 predictions (equal-width bins) with reliability-diagram data, forward
 throughput, parameter count and size on disk. All models see the same batches side by side, so
@@ -9,6 +9,11 @@ in the teacher tokenizer's id space (padded logit rows dropped).
 
 Positions 0..T-2 of each sequence are scored (position t predicts token t+1), except those whose
 next token is padding (``kdcache.packing``).
+
+Bits per byte, the tokenizer-neutral measure: the NLL summed over scored positions whose target
+spells text, divided by ln 2 times the UTF-8 bytes those targets spell (``kdcache.tokenizer.token_bytes``).
+Special tokens (EOS, BOS, padding) spell no bytes and are left out of both sums, as in nanochat's bpb.
+A tokenizer whose tokens cannot spell text (word-level, WordPiece) gets none.
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from kdcache.losses import dense_kl
 from kdcache.packing import packing_of, target_mask
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.token_data import TokenSplit
-from kdcache.tokenizer import TOKENIZER_FILES, TokenizerError, load_tokenizer, tokenizer_vocab_size
+from kdcache.tokenizer import (
+    TOKENIZER_FILES,
+    TokenizerError,
+    UnsupportedTokenizerError,
+    load_tokenizer,
+    token_bytes,
+    tokenizer_vocab_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,7 @@ CHUNK_POSITIONS = 1024
 SCALARS = (
     "ce",
     "ppl",
+    "bits_per_byte",
     "kl_to_teacher",
     "top1_agreement",
     "top1_accuracy",
@@ -67,6 +80,8 @@ class Tally:
     bins: int
     n: int = 0
     ce: float = 0.0
+    text_nll: float = 0.0  # nats at positions whose target token spells text
+    text_bytes: int = 0  # UTF-8 bytes those targets spell
     kl: float = 0.0
     agree: int = 0
     correct: int = 0
@@ -140,6 +155,7 @@ def evaluate(
     loaded_teacher = load_teacher(teacher)
     dev, vocab = loaded_teacher.device, tokenizer_vocab_size(loaded_teacher.tokenizer)
     fingerprint = tokenizer_fingerprint(loaded_teacher.tokenizer)
+    byte_counts = _byte_counts(loaded_teacher.tokenizer, device=dev)
     _check_tokens(tokens, loaded_teacher, vocab=vocab, fingerprint=fingerprint)
     paths = {"teacher": Path(teacher.path), **{name: Path(p) for name, p in models.items()}}
     trained = {name: trained_against(paths[name]) for name in models}
@@ -164,7 +180,8 @@ def evaluate(
         teacher_logits = _timed_forward(loaded["teacher"], ids, dev, tallies["teacher"])[..., :vocab]  # (B, T, V)
         for name, model in loaded.items():
             logits = teacher_logits if name == "teacher" else _timed_forward(model, ids, dev, tallies[name])
-            _score(tallies[name], logits[..., :vocab], teacher_logits, ids, scored, is_teacher=name == "teacher")
+            is_teacher = name == "teacher"
+            _score(tallies[name], logits[..., :vocab], teacher_logits, ids, scored, byte_counts, is_teacher=is_teacher)
             del logits
     results = {name: _finish(tallies[name], loaded[name], paths[name]) for name in loaded}
     n_tokens = tallies["teacher"].n
@@ -177,6 +194,7 @@ def evaluate(
         "teacher_sha256": loaded_teacher.info["sha256"],
         "num_sequences": count,
         "num_tokens": n_tokens,
+        "num_bytes": tallies["teacher"].text_bytes if byte_counts is not None else None,
         "trained_against": trained,
         "models": results,
     }
@@ -327,10 +345,12 @@ def _score(
     teacher_logits: torch.Tensor,
     ids: torch.Tensor,
     scored: torch.Tensor,
+    byte_counts: torch.Tensor | None,
     *,
     is_teacher: bool,
 ) -> None:
-    """Add one batch's scored positions (``scored`` (B, T-1): t predicts t+1) to ``tally``, in chunks."""
+    """Add one batch's scored positions (``scored`` (B, T-1): t predicts t+1) to ``tally``, in chunks;
+    ``byte_counts`` (V,): the UTF-8 bytes each id spells, for bits per byte (None: not computed)."""
     vocab = logits.shape[-1]
     keep = scored.reshape(-1)  # (B*(T-1),)
     flat = logits[:, :-1].reshape(-1, vocab)[keep]  # (N, V)
@@ -342,8 +362,13 @@ def _score(
         logp = F.log_softmax(flat_teacher[rows].float(), dim=-1)  # (c, V)
         conf, pred = logq.max(dim=-1)  # (c,), (c,)
         correct = pred == labels[rows]  # (c,)
+        nll = -logq.gather(1, labels[rows, None]).squeeze(1)  # (c,) nats
         tally.n += int(labels[rows].numel())
-        tally.ce += float(F.nll_loss(logq, labels[rows], reduction="sum"))
+        tally.ce += float(nll.sum())
+        if byte_counts is not None:
+            nbytes = byte_counts[labels[rows]]  # (c,) 0 for special tokens, which spell no text
+            tally.text_nll += float(nll[nbytes > 0].sum())
+            tally.text_bytes += int(nbytes.sum())
         if not is_teacher:
             tally.kl += float(dense_kl(logp, flat[rows].float()).sum())
         tally.agree += int((pred == logp.argmax(dim=-1)).sum())
@@ -357,6 +382,7 @@ def _finish(tally: Tally, model: PreTrainedModel, path: Path) -> dict[str, Any]:
         "path": str(path),
         "ce": ce,
         "ppl": math.exp(min(ce, 700.0)),
+        "bits_per_byte": tally.text_nll / (math.log(2) * tally.text_bytes) if tally.text_bytes else None,
         "kl_to_teacher": tally.kl / max(tally.n, 1),
         "top1_agreement": tally.agree / max(tally.n, 1),
         "top1_accuracy": tally.correct / max(tally.n, 1),
@@ -368,6 +394,17 @@ def _finish(tally: Tally, model: PreTrainedModel, path: Path) -> dict[str, Any]:
     }
 
 
+def _byte_counts(tokenizer: Any, *, device: torch.device) -> torch.Tensor | None:
+    """(V,) int64: the UTF-8 bytes each id spells (``kdcache.tokenizer.token_bytes``; special tokens 0),
+    or None for a tokenizer whose tokens cannot spell text (word-level, WordPiece): no bits per byte."""
+    try:
+        spelled = token_bytes(tokenizer)
+    except UnsupportedTokenizerError as e:
+        log.info("no bits per byte: %s", e)
+        return None
+    return torch.tensor([len(b) for b in spelled], dtype=torch.int64, device=device)
+
+
 def model_size_bytes(path: str | Path) -> int:
     """Bytes of the weight files in a model directory."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
@@ -377,7 +414,7 @@ def write_metrics(metrics: dict[str, Any], *, metrics_path: str | Path, plots_di
     """A flat JSON for ``dvc metrics show`` and ``calibration.csv`` (model,bin,confidence,accuracy,count)
     for ``dvc plots show``; both written atomically."""
     models = metrics["models"]
-    flat: dict[str, Any] = {name: {k: m[k] for k in SCALARS} for name, m in models.items()}
+    flat: dict[str, Any] = {name: {k: m[k] for k in SCALARS if m.get(k) is not None} for name, m in models.items()}
     if "student" in models and "baseline" in models:
         flat["kd_minus_baseline_ce"] = models["student"]["ce"] - models["baseline"]["ce"]
         flat["kd_minus_baseline_kl"] = models["student"]["kl_to_teacher"] - models["baseline"]["kl_to_teacher"]

@@ -358,3 +358,64 @@ def test_a_damaged_training_record_is_refused_naming_it(setup: dict, tmp_path: P
     (copy / "training.json").write_text("[" * 100_000)
     with pytest.raises(EvaluateError, match=rf"{copy / 'training.json'}.*retrain the model"):
         evaluate(EvaluateConfig(), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={"student": copy})
+
+
+# ----------------------------------------------------------------------------- bits per byte
+
+
+def test_bits_per_byte_matches_a_hand_computation_in_float64(tmp_path: Path) -> None:
+    """bits/byte = sum of NLL (nats) over positions whose target spells text / (ln 2 * the bytes they spell);
+    <eos> targets spell nothing and count in neither sum."""
+    from conftest import bpe_tokenizer
+
+    docs = ["def add(x, y):\n    return x + y\n", "class A:\n    pass\n", "for i in range(3):\n    print(i)\n"] * 4
+    tok = bpe_tokenizer(docs, 300)
+    eos = tok.convert_tokens_to_ids("<eos>")
+    stream = [i for d in docs for i in [*tok(d, add_special_tokens=False)["input_ids"], eos]]
+    ids = np.asarray(stream[: len(stream) // SEQ * SEQ], dtype=np.int32).reshape(-1, SEQ)
+    vocab = len(tok)
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    write_tokens(tmp_path / "tokens", {"val": ids}, vocab_size=vocab, tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    m = evaluate(
+        EvaluateConfig(batch_size=3),
+        tokens=open_tokens(tmp_path / "tokens", "val"),
+        teacher=TeacherConfig(path=str(teacher), device="cpu"),
+        models={},
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(teacher).double()
+    t = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=t).logits.double(), dim=-1)  # (N, T, V) float64
+    nats = bytes_ = 0.0
+    for row in range(t.shape[0]):
+        for pos in range(SEQ - 1):
+            target = int(t[row, pos + 1])
+            if target == eos:
+                continue
+            spelled = tok.decode([target]).encode("utf-8")  # ASCII text: every token decodes whole
+            assert spelled, target
+            nats += -float(logp[row, pos, target])
+            bytes_ += len(spelled)
+    assert m["num_bytes"] == bytes_
+    assert m["models"]["teacher"]["bits_per_byte"] == pytest.approx(nats / (math.log(2) * bytes_), rel=1e-5)
+    text = "".join(tok.decode([int(i)]) for i in t[:, 1:].reshape(-1) if int(i) != eos)
+    assert m["num_bytes"] == len(text.encode())  # the bytes of the scored text, every target once
+
+
+def test_a_tokenizer_that_cannot_spell_text_gets_no_bits_per_byte(setup: dict, tmp_path: Path) -> None:
+    m = evaluate(EvaluateConfig(batch_size=5), tokens=setup["tokens"], teacher=teacher_cfg(setup), models={})
+    assert m["num_bytes"] is None and m["models"]["teacher"]["bits_per_byte"] is None  # word-level tokens
+    write_metrics(m, metrics_path=tmp_path / "eval.json", plots_dir=tmp_path / "plots")
+    assert "bits_per_byte" not in json.loads((tmp_path / "eval.json").read_text())["teacher"]
