@@ -69,6 +69,7 @@ from kdcache.train_data import (
 from kdcache.train_run import (
     LOG_NAME,
     OUTPUT_KIND,
+    Resume,
     is_student_dir,
     run_identity,
     run_summary,
@@ -86,7 +87,7 @@ def train(
     *,
     cache_dir: str | Path,
     out_dir: str | Path,
-    resume: bool = False,
+    resume: Resume = False,
     device: str = "auto",
     progress: bool = False,
     max_steps: int | None = None,
@@ -99,7 +100,8 @@ def train(
     the job holds its lock until it returns (rank 0 for all ranks under torchrun).
     ``resume`` continues from the newest checkpoint in ``out_dir`` (a fresh start if there is none),
     refusing one whose run had other settings or whose step is out of range; without ``resume`` a
-    previous run there is moved aside to ``run.moved-<UTC time>-started-without-resume/``, never deleted.
+    previous run there is moved aside to ``run.moved-<UTC time>-started-without-resume/``, never deleted;
+    ``resume="auto"`` (the DVC stages) resumes a matching run and moves any other aside, naming why.
     ``max_steps`` stops early at that step (the LR schedule still spans ``cfg.max_steps``), as if
     interrupted; the model is saved but ``training.json`` records ``complete: false``.
     Returns the summary written to ``training.json``.
@@ -130,7 +132,7 @@ def _train(
     *,
     cache_dir: str | Path,
     out: Path,
-    resume: bool,
+    resume: Resume,
     device: str,
     progress: bool,
     max_steps: int | None,
