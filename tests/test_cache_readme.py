@@ -12,7 +12,7 @@ import torch
 from conftest import bpe_tokenizer
 
 from kdcache.cache.build import build_cache
-from kdcache.cache.format import Manifest, TargetLayout
+from kdcache.cache.format import Manifest
 from kdcache.cache.reader import open_cache
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
@@ -23,7 +23,7 @@ from kdcache.token_data import open_tokens, write_tokens
 README = Path(__file__).resolve().parents[1] / "cache" / "README.md"
 N, T, VOCAB = 6, 16, 300
 CONFIGS = {
-    "topk": CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=4),
+    "topk": CacheConfig(targets="topk", top_k=8, temperatures=(2.0, 0.5), batch_size=3, rows_per_shard=4),
     "adaptive": CacheConfig(targets="topk", top_k=8, mass=0.5, batch_size=3, rows_per_shard=4),
     "sampled": CacheConfig(targets="sampled", samples=16, batch_size=3, rows_per_shard=4),
     "both": CacheConfig(targets="both", top_k=4, samples=8, batch_size=3, rows_per_shard=4),
@@ -86,7 +86,8 @@ def test_the_readme_decoder_reads_a_real_cache_exactly_like_the_reader(caches, n
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - the README's own example, on our own cache
     with open_cache(caches[name], staging_dir=caches[name].parent / "staging") as reader:
         want = reader[0]
-    layout = TargetLayout.from_dict(Manifest.load(caches[name]).targets)
+    manifest = Manifest.load(caches[name])
+    layout = manifest.layout
     np.testing.assert_array_equal(scope["input_ids"], want["input_ids"])
     if layout.has_topk:
         keep = np.isfinite(want["topk_logprobs"])  # (T, k)
@@ -96,6 +97,11 @@ def test_the_readme_decoder_reads_a_real_cache_exactly_like_the_reader(caches, n
         keep = want["sample_counts"] > 0
         np.testing.assert_array_equal(scope["sample_ids"], want["sample_ids"][keep])
         np.testing.assert_array_equal(scope["sample_counts"], want["sample_counts"][keep])
+    assert manifest.format_version == "2.0" and layout.signals == ("nll", "entropy") and layout.max_token_bytes
+    assert bool(layout.temperatures) == (name == "topk")
+    for key in ("teacher_nll", "teacher_entropy", "byte_lengths") + (("log_z",) if layout.temperatures else ()):
+        reader_key = "topk_log_z" if key == "log_z" else key
+        np.testing.assert_array_equal(np.asarray(scope[key], want[reader_key].dtype), want[reader_key])
 
 
 def test_the_readme_documents_every_column_and_manifest_field(caches) -> None:
