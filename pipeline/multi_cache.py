@@ -30,9 +30,10 @@ from kdcache.cache.format import Manifest, TargetLayout, missing_feature
 from kdcache.cache.prefetch import pin_batch
 from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.cache.shards import CacheError
+from kdcache.config.base import ConfigError
 from kdcache.multi_teacher import PICKS, SIGNAL_OF, combine_batches, normalized_weights
 
-__all__ = ["MultiCacheReader", "open_caches"]
+__all__ = ["MultiCacheReader", "cache_sources", "open_caches"]
 
 SAME_DATA: tuple[tuple[str, Any], ...] = (
     ("tokenizer.fingerprint", lambda m: m.tokenizer.get("fingerprint")),
@@ -71,6 +72,20 @@ def open_caches(
         for r in readers:
             r.close()
         raise
+
+
+def cache_sources(paths: Sequence[str], weights: str | None) -> list[dict[str, Any]]:
+    """``train.caches`` entries from the command line: cache paths and comma-separated weights ("0.7,0.3";
+    none: equal weights).  One path without weights gives [] -- the single-cache path."""
+    if weights is None:
+        return [{"path": p, "weight": 1.0} for p in paths] if len(paths) > 1 else []
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--weights {weights}: must be comma-separated numbers, e.g. 0.7,0.3") from e
+    if len(values) != len(paths):
+        raise ConfigError(f"--weights {weights}: one weight per --cache ({len(paths)} caches, {len(values)} weights)")
+    return [{"path": p, "weight": w} for p, w in zip(paths, values, strict=True)]
 
 
 class MultiCacheReader:

@@ -169,3 +169,16 @@ def test_a_signal_combiner_refuses_a_cache_without_the_signal(world, tmp_path) -
         open_caches([world["a"], copy], [1, 1], combine="min_nll")
     with open_caches([world["a"], copy], [1, 1], combine="mixture") as multi:
         assert multi.layout.signals == ()
+
+
+def test_command_line_weights_become_cache_sources() -> None:
+    from kdcache.config.base import ConfigError
+    from kdcache.multi_cache import cache_sources
+
+    assert cache_sources(["a"], None) == []  # one cache: the single-cache path, unchanged
+    assert cache_sources(["a", "b"], None) == [{"path": "a", "weight": 1.0}, {"path": "b", "weight": 1.0}]
+    assert cache_sources(["a", "b"], "0.7,0.3") == [{"path": "a", "weight": 0.7}, {"path": "b", "weight": 0.3}]
+    with pytest.raises(ConfigError, match=r"--weights 0.7: one weight per --cache \(2 caches, 1 weights\)"):
+        cache_sources(["a", "b"], "0.7")
+    with pytest.raises(ConfigError, match="--weights 0.7,x: must be comma-separated numbers"):
+        cache_sources(["a", "b"], "0.7,x")
