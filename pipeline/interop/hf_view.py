@@ -55,7 +55,8 @@ def to_hf_dataset(
             f"{Path(cache) / 'manifest.json'}: datasets loaded {raw.num_rows} rows with columns {raw.column_names}, "
             f"the manifest says {manifest.num_rows} rows of {layout.columns()}; verify the cache (kdcache verify)"
         )
-    return raw.with_transform(RowDecoder(layout.to_dict(), padded=padded, where=str(cache)))
+    spans = {"bytes": manifest.tokenizer["bytes"]} if "bytes" in manifest.tokenizer else {}
+    return raw.with_transform(RowDecoder(layout.to_dict(), padded=padded, where=str(cache), tokenizer=spans))
 
 
 def decoded_features(cache: str | Path) -> Any:
@@ -70,15 +71,17 @@ def decoded_features(cache: str | Path) -> Any:
 class RowDecoder:
     """The transform: a batch of raw columns (lists of ``bytes``) -> decoded rows. Pickles as plain data."""
 
-    def __init__(self, layout: dict[str, Any], *, padded: bool, where: str) -> None:
-        self.layout_dict, self.padded, self.where = layout, padded, where
-        self.layout = TargetLayout.from_dict(layout)
+    def __init__(
+        self, layout: dict[str, Any], *, padded: bool, where: str, tokenizer: dict[str, Any] | None = None
+    ) -> None:
+        self.layout_dict, self.padded, self.where, self.tokenizer = layout, padded, where, tokenizer or {}
+        self.layout = TargetLayout.from_dict(layout, tokenizer=self.tokenizer)  # tokenizer.bytes: byte_lengths
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"layout": self.layout_dict, "padded": self.padded, "where": self.where}
+        return {"layout": self.layout_dict, "padded": self.padded, "where": self.where, "tokenizer": self.tokenizer}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["layout"], padded=state["padded"], where=state["where"])
+        self.__init__(state["layout"], padded=state["padded"], where=state["where"], tokenizer=state.get("tokenizer"))
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         layout = self.layout

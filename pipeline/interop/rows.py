@@ -9,6 +9,10 @@ One row per packed sequence, T = seq_len, per position the kept entries in ascen
 - ``topk_log_tail``  list<float32>          (T,) log of the probability outside the kept ids (-inf: none)
 - ``sample_ids``     list<list<int32>>      (T, m_t) distinct sampled ids
 - ``sample_counts``  list<list<int32>>      (T, m_t) draws of each (they sum to ``targets.samples``)
+- ``topk_log_z``     list<list<float32>>    format 2: (Z, T) log-normalizers at ``targets.temperatures``
+- ``teacher_nll``    list<float32>          format 2: (T,) teacher NLL of the next token, nats at tau = 1 (NaN: none)
+- ``teacher_entropy`` list<float32>         format 2: (T,) teacher entropy, nats at tau = 1
+- ``byte_lengths``   list<int32>            format 2: (T,) UTF-8 bytes each input token spells
 
 Values are exactly what ``kdcache.open_cache(path)[i]`` returns (same decoder, same float32
 arithmetic), without its padding. The shards are read only after their sha256 matches the manifest.
@@ -17,7 +21,7 @@ arithmetic), without its padding. The shards are read only after their sha256 ma
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +30,7 @@ import pyarrow as pa
 
 from kdcache.cache.codec import decode_log_mass, decode_log_tail, padded, value_table
 from kdcache.cache.format import Manifest, TargetLayout, decode_topk_logprobs
-from kdcache.cache.rows import StagedRows
+from kdcache.cache.rows import StagedRows, position_shapes
 from kdcache.cache.shards import CacheError, check_shard_file, decode_shard, read_shard, sha_error
 from kdcache.fingerprint import sha256_file
 
@@ -43,6 +47,7 @@ class DecodedRows:
     input_ids: np.ndarray  # (R, T) int32
     ragged: dict[str, tuple[np.ndarray, np.ndarray]]
     topk_log_tail: np.ndarray | None = None  # (R, T) float32
+    positional: dict[str, np.ndarray] = field(default_factory=dict)  # format 2: (R, T) or (R, Z, T) per column
 
 
 def decoded_schema(layout: TargetLayout) -> pa.Schema:
@@ -57,6 +62,9 @@ def decoded_schema(layout: TargetLayout) -> pa.Schema:
         ]
     if layout.has_samples:
         fields += [pa.field("sample_ids", nested["int32"]), pa.field("sample_counts", nested["int32"])]
+    for name in position_shapes(layout):
+        kind = pa.int32() if name == "byte_lengths" else pa.float32()
+        fields.append(pa.field(name, nested["float32"] if name == "topk_log_z" else pa.list_(kind)))
     return pa.schema(fields)
 
 
@@ -81,7 +89,11 @@ def decode_staged(layout: TargetLayout, staged: StagedRows, *, float64: bool = F
         lengths = a["sample_lengths"].astype(np.int64)
         ragged["sample_ids"] = (a["sample_ids"].astype(np.int32), lengths)
         ragged["sample_counts"] = (a["sample_counts"].astype(np.int32), lengths)
-    return DecodedRows(layout, staged.seq_index, staged.input_ids.astype(np.int32), ragged, tail)
+    positional = {
+        name: a[name].astype(np.int32 if name == "byte_lengths" else np.float32).reshape(R, *shape)
+        for name, shape in position_shapes(layout).items()
+    }
+    return DecodedRows(layout, staged.seq_index, staged.input_ids.astype(np.int32), ragged, tail, positional)
 
 
 def topk_logprobs_float64(codes: np.ndarray, tail_codes: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -104,6 +116,13 @@ def to_arrow(rows: DecodedRows) -> pa.Table:
         columns[name] = pa.ListArray.from_arrays(pa.array(per_row), pa.ListArray.from_arrays(pa.array(inner), values))
         if name == "topk_logprobs":
             columns["topk_log_tail"] = _lists(rows.topk_log_tail, per_row)
+    for name, values in rows.positional.items():
+        if values.ndim == 2:  # (R, T)
+            columns[name] = _lists(values, per_row)
+        else:  # (R, Z, T)
+            Z = values.shape[1]
+            outer = np.arange(R + 1, dtype=np.int32) * Z
+            columns[name] = pa.ListArray.from_arrays(pa.array(outer), _lists(values, np.arange(R * Z + 1) * T))
     schema = decoded_schema(rows.layout)
     return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
 
@@ -122,7 +141,7 @@ def to_padded(rows: DecodedRows) -> dict[str, np.ndarray]:
         out[name] = padded(values, lengths, width, fills[name], dtype).reshape(R, T, width)
     if rows.topk_log_tail is not None:
         out["topk_log_tail"] = rows.topk_log_tail
-    return out
+    return out | rows.positional
 
 
 def _lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
