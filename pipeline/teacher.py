@@ -321,6 +321,15 @@ def teacher_hidden(teacher: Teacher, input_ids: torch.Tensor) -> torch.Tensor:
         return _hidden(teacher.model, input_ids.to(teacher.device, non_blocking=True), where=teacher.info["path"])
 
 
+def context_hidden(teacher: Teacher, input_ids: torch.Tensor, context: tuple[int, ...] = ()) -> torch.Tensor:
+    """``teacher_hidden`` of ``[context; row]`` for each row, cut to the rows' positions: (B, T, H), position t
+    the state after row[: t + 1] given the context (``kdcache.teacher_context``). Empty context: ``teacher_hidden``."""
+    if not context:
+        return teacher_hidden(teacher, input_ids)
+    prefix = torch.tensor(context, dtype=input_ids.dtype).expand(input_ids.shape[0], -1)  # (B, C)
+    return teacher_hidden(teacher, torch.cat([prefix, input_ids], dim=1))[:, len(context) :]  # (B, T, H)
+
+
 def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of (n, H) final hidden states: (n, V) float32, the LM head then its transform in fp32.
 

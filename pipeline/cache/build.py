@@ -47,7 +47,8 @@ from kdcache.distributed import (
     process_group,
 )
 from kdcache.outputs import hold_output_dir
-from kdcache.teacher import Teacher, load_teacher, logit_rows, teacher_hidden
+from kdcache.teacher import Teacher, context_hidden, load_teacher, logit_rows
+from kdcache.teacher_context import TeacherContext, load_teacher_context
 from kdcache.token_data import TokenSplit, open_tokens
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def build_cache(
     """
     group = group_rank_world()
     out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
-    header = manifest_header(teacher, tokens, cfg)
+    context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    header = manifest_header(teacher, tokens, cfg, teacher_context=context and context.record)
     with hold_output_dir(
         out,
         kind=CACHE_KIND,
@@ -157,6 +159,7 @@ def build_cache(
             rank=rank,
             world_size=world_size,
             progress=progress,
+            context=context,
         )
 
 
@@ -170,6 +173,7 @@ def _build_cache(
     rank: int | None,
     world_size: int | None,
     progress: bool,
+    context: TeacherContext | None = None,
 ) -> Manifest | None:
     """``build_cache`` in its claimed and locked directory ``out_dir``."""
     group = group_rank_world()
@@ -182,7 +186,7 @@ def _build_cache(
     out = out_dir
     ranges = shard_ranges(len(tokens), cfg.rows_per_shard)
     try:
-        header = manifest_header(teacher, tokens, cfg)
+        header = manifest_header(teacher, tokens, cfg, teacher_context=context and context.record)
         check_cache_dir(out, header, content_named=content_named)
         layout = TargetLayout.from_dict(header["targets"], tokenizer=header["tokenizer"])
         build_key = build_key_of(header)
@@ -221,6 +225,7 @@ def _build_cache(
             shards=[(i, *ranges[i]) for i in todo],
             build_key=build_key,
             progress=progress,
+            context=context.ids if context else (),
         )
     except Exception:
         if group:
@@ -294,6 +299,7 @@ def _score_shards(
     shards: list[tuple[int, int, int]],
     build_key: str,
     progress: bool,
+    context: tuple[int, ...] = (),
 ) -> dict[int, dict[str, Any]]:
     """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer."""
     from tqdm.auto import tqdm
@@ -318,7 +324,16 @@ def _score_shards(
             for b0 in range(start, end, cfg.batch_size):
                 seqs = np.arange(b0, min(end, b0 + cfg.batch_size))
                 rows = _score_batch(
-                    teacher, tokens, cfg, layout=layout, seqs=seqs, chunk=chunk, meta=meta, timer=timer, spans=spans
+                    teacher,
+                    tokens,
+                    cfg,
+                    layout=layout,
+                    seqs=seqs,
+                    chunk=chunk,
+                    meta=meta,
+                    timer=timer,
+                    spans=spans,
+                    context=context,
                 )
                 writer.write(index, rows)
                 bar.update(len(seqs) * tokens.seq_len)
@@ -353,6 +368,7 @@ def _score_batch(
     meta: dict[str, Any],
     timer: dict[str, float],
     spans: np.ndarray | None = None,
+    context: tuple[int, ...] = (),
 ) -> list[SequenceTargets]:
     """Forward + sparsify one batch; drop (``skip``) or refuse (``fail``) sequences with non-finite logits."""
     ids = np.asarray(tokens.ids[seqs[0] : seqs[-1] + 1], dtype=np.int64)  # (B, T)
@@ -362,7 +378,7 @@ def _score_batch(
             f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer"
         )
     t0 = time.perf_counter()
-    hidden = teacher_hidden(teacher, torch.from_numpy(ids))  # (B, T, H): the full (B, T, V) logits never exist
+    hidden = context_hidden(teacher, torch.from_numpy(ids), context)  # (B, T, H) the rows' positions; no (B, T, V)
     t1 = time.perf_counter()
     sparse = sparsify_rows(
         logit_rows(teacher, hidden),  # LM head + soft-cap per chunk of `chunk` positions, sparsified in turn

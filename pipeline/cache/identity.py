@@ -16,6 +16,7 @@ from kdcache.devices import runtime_key
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.packing import packing_of
 from kdcache.teacher import Teacher
+from kdcache.teacher_context import load_teacher_context
 from kdcache.token_data import TokenSplit
 from kdcache.tokenizer import tokenizer_vocab_size
 
@@ -44,7 +45,12 @@ def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int, max_token_
     )
 
 
-def default_cache_name(teacher_info: dict[str, Any], tokens: TokenSplit, layout: TargetLayout) -> str:
+def default_cache_name(
+    teacher_info: dict[str, Any],
+    tokens: TokenSplit,
+    layout: TargetLayout,
+    teacher_context: dict[str, Any] | None = None,
+) -> str:
     """A content-addressed directory name: same teacher, corpus and targets -> same name.
 
     e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``.
@@ -58,6 +64,8 @@ def default_cache_name(teacher_info: dict[str, Any], tokens: TokenSplit, layout:
         parts.append(f"t{layout.temperature:g}")
     if layout.temperatures:
         parts.append("z" + "+".join(f"{t:g}" for t in layout.temperatures))
+    if teacher_context:
+        parts.append("ctx" + teacher_context["sha256"][:8])
     return "-".join([teacher_info["sha256"][:8], tokens.fingerprint[:8], tokens.split, *parts])
 
 
@@ -73,7 +81,8 @@ def cache_dir_for(
     if out_dir is not None:
         return Path(out_dir)
     layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
-    return Path(cache_root) / default_cache_name(teacher.info, tokens, layout)
+    context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    return Path(cache_root) / default_cache_name(teacher.info, tokens, layout, context and context.record)
 
 
 def check_cache_dir(out: Path, header: dict[str, Any], *, content_named: bool) -> None:

@@ -45,6 +45,11 @@ class CacheConfig:
     the manifest (targets.runtime)."""
     split: Literal["train", "val"] = "train"
     """Token split to score (one cache per split)."""
+    teacher_context: str = ""
+    """Context distillation: text the teacher sees before every row and the student never does (a system prompt,
+    few-shot examples, a reference document) — the text itself, or the path of a UTF-8 file holding it. Targets
+    are stored for the rows' own positions; the manifest records the context's sha256, token count and source
+    (corpus.teacher_context), and the cache's name and resume key change with it. Empty: no context."""
 
     def __post_init__(self) -> None:
         s = "cache"
