@@ -27,9 +27,10 @@ class CacheConfig:
     temperature: float = 1.0
     """Teacher temperature applied before log-softmax; recorded in the manifest."""
     temperatures: tuple[float, ...] = ()
-    """Extra temperatures at which the teacher's full-vocabulary log-normalizer is stored per token (float32,
-    4 bytes/token each), so training at any of them re-tempers top-k + tail targets exactly
-    (``train.temperature``); top-k caches only (sampled ids are drawn at ``temperature``). E.g. [2.0, 4.0]."""
+    """Extra temperatures at which the teacher's log normalizer over the whole vocabulary is stored per token.
+    float32, about 3 bytes/token each after compression: training at any of them (``train.temperature``)
+    re-tempers top-k + tail targets exactly. Top-k caches only (sampled ids are drawn at ``temperature``);
+    e.g. [2.0, 4.0]."""
     batch_size: int = 8
     """Sequences per teacher forward. Part of the determinism contract: bf16/fp16 outputs
     depend on batch shape, so a cache is byte-identical only for the same batch size and dtype."""
