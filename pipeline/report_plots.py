@@ -101,7 +101,7 @@ def draw_training(runs: dict[str, Run], path: Path) -> bool:
             _curve(kd_ax, run, "kd", colour(run.name, i))
     ce_ax.set(xlabel="step", ylabel="nats/token")
     ce_ax.set_title("training CE (hard labels)", fontsize=10)
-    kd_ax.set(xlabel="step", ylabel="tau² · divergence")
+    kd_ax.set(xlabel="step", ylabel="nats/token (the logged kd)")
     kd_ax.set_title("KD term" if distilled else "KD term (no run distils)", fontsize=10)
     for ax in (ce_ax, kd_ax):
         if ax.lines:

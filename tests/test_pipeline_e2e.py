@@ -105,6 +105,10 @@ def test_dvc_repro_writes_metrics_for_teacher_student_and_baseline(repo: tuple[P
     shown = _run([*DVC, "metrics", "show", "--json"], work, env).stdout
     assert "kl_to_teacher" in shown
     assert (work / "cache" / "demo" / "manifest.json").is_file()
+    assert "## Training" in (work / "report" / "report.md").read_text()
+    plots = json.loads(_run([*DVC, "plots", "show", "--json"], work, env).stdout)
+    assert {"train_ce", "train_loss", "train_schedule", "report/training.png"} <= set(plots["data"])
+    assert not plots.get("errors"), plots["errors"]
     assert _changed_stages(work, env) == set(), "a fresh repro must leave every stage up to date"
 
 
@@ -116,7 +120,7 @@ def test_changing_train_lr_reruns_only_training_and_evaluation(repo: tuple[Path,
     assert _changed_stages(work, env) == {"check_params", "train"}  # check_params reads every section
     out = _run([*DVC, "repro"], work, env).stdout
     ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == {"check_params", "train", "evaluate"}, out  # its output is unchanged: nothing else reruns
+    assert ran == {"check_params", "train", "evaluate", "report"}, out  # check_params' output is unchanged
 
 
 def test_changing_cache_top_k_invalidates_the_cache_stage(repo: tuple[Path, dict[str, str]]) -> None:
