@@ -220,7 +220,7 @@ def test_byte_lengths_spell_each_row_with_a_byte_level_bpe_teacher(tmp_path: Pat
         rows[r, : len(ids)] = ids
     fp = tokenizer_fingerprint(tok)
     write_tokens(tmp_path / "tok", {"train": rows, "val": rows[:1]}, vocab_size=len(tok), tokenizer_fingerprint=fp)
-    cfg = CacheConfig(targets="sampled", samples=2, batch_size=2)
+    cfg = CacheConfig(targets="both", top_k=4, samples=2, batch_size=2)
     cache_corpus(
         TeacherConfig(path=str(teacher), device="cpu"), cfg, tokens_dir=tmp_path / "tok", out_dir=tmp_path / "c"
     )
@@ -240,6 +240,17 @@ def test_byte_lengths_spell_each_row_with_a_byte_level_bpe_teacher(tmp_path: Pat
         assert lengths[r].tolist() == [len(spelled[i]) for i in ids]
         assert int(lengths[r].sum()) == len(text.encode())  # the row spells its text, byte for byte
         assert b"".join(spelled[i] for i in ids) == text.encode()
+    # an import (here: our own NeMo export) stores the same spans, and no teacher signals
+    from kdcache.interop.export import export_cache
+    from kdcache.interop.ingest import import_cache
+
+    export_cache(tmp_path / "c", to="nemo", out=tmp_path / "nemo")
+    back = import_cache(tmp_path / "nemo", fmt="nemo", out=tmp_path / "back", tokenizer=teacher)
+    imported = Manifest.load(back)
+    assert imported.tokenizer["bytes"] == manifest.tokenizer["bytes"] and imported.targets["signals"] == []
+    with open_cache(back) as reader:
+        again = next(iter(reader.batches(len(TEXTS), seed=0, shuffle=False)))
+    assert torch.equal(again["byte_lengths"], lengths) and "teacher_nll" not in again
 
 
 def test_temperatures_are_refused_for_sampled_caches() -> None:
