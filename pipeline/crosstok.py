@@ -29,60 +29,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
-from kdcache.cache.reader import CacheReader
 from kdcache.crossproj import METHODS, build_projection, project_batch_targets
-from kdcache.packing import packing_of, valid_lengths
-from kdcache.tokenizer import TokenizerError, token_bytes, tokenizer_vocab_size
+from kdcache.packing import valid_lengths
+from kdcache.tokenizer import token_bytes, tokenizer_vocab_size
 
-__all__ = [
-    "METHODS",
-    "Aligner",
-    "CrossTokenizerBatches",
-    "CrossTokenizerError",
-    "RowAlignment",
-    "cross_tokenizer_batches",
-    "load_student_tokenizer_dir",
-    "utf8_pieces",
-]
-
-
-class CrossTokenizerError(ValueError):
-    """The student's tokenizer cannot be loaded or aligned with the cache's."""
-
-
-def load_student_tokenizer_dir(path: str | Path) -> Any:
-    """The student's own tokenizer (``train.student_tokenizer``, else ``train.student.path``): a local
-    directory, never the Hub; a kind whose tokens do not spell bytes is refused here, before training."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: not a directory; save the student's tokenizer there with "
-            "save_pretrained (or set train.student.path to a pretrained student)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: cannot load a tokenizer ({e}); the directory needs the "
-            "tokenizer files saved with save_pretrained"
-        ) from e
-    try:
-        token_bytes(tokenizer)
-    except TokenizerError as e:
-        raise CrossTokenizerError(f"train.student_tokenizer={root}: {e}") from e
-    if tokenizer.eos_token_id is None:
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: the tokenizer has no EOS token to stand for the cache's "
-            "document boundaries; set eos_token in its tokenizer_config.json"
-        )
-    return tokenizer
+__all__ = ["METHODS", "Aligner", "CrossTokenizerBatches", "RowAlignment", "student_row_length", "utf8_pieces"]
 
 
 def utf8_pieces(data: bytes) -> list[tuple[int, int]]:
@@ -307,6 +263,8 @@ class CrossTokenizerBatches:
             teacher_pos[b, :n] = torch.from_numpy(np.where(has_target, row.teacher_pos, -1))
             ce_mask[b, : max(n - 1, 0)] = True
         loss_mask = teacher_pos >= 0  # (B, L)
+        if "loss_mask" in batch:  # the teacher positions' own mask (document padding, train.token_filter)
+            loss_mask &= torch.gather(batch["loss_mask"], 1, teacher_pos.clamp_min(0))
         out = {"input_ids": student, "ce_mask": ce_mask, "loss_mask": loss_mask}
         if "seq_index" in batch:
             out["seq_index"] = batch["seq_index"]
@@ -316,6 +274,10 @@ class CrossTokenizerBatches:
         out.update(targets)
         self._count(rows, int(loss_mask.sum()), kept, cached)
         return out
+
+    def reset(self) -> None:
+        """Forget what earlier batches kept (``report`` starts again from zero)."""
+        self.counts = _Counts()
 
     def _count(self, rows: list[RowAlignment], soft: int, kept: float, cached: float) -> None:
         c = self.counts
@@ -349,30 +311,3 @@ class CrossTokenizerBatches:
                 "unspelled_tokens": c.unspelled_tokens,
                 "projection": self.projection.summary(),
             }
-
-
-MEASURE_ROWS = 256
-"""Cache rows aligned at start to fit the student row length and report what the alignment keeps."""
-
-
-def cross_tokenizer_batches(
-    reader: CacheReader, teacher_tokenizer: Any, student_tokenizer: Any, *, method: str, batch_size: int = 16
-) -> tuple[CrossTokenizerBatches, dict[str, Any]]:
-    """The batch transform for ``train.cross_tokenizer: method`` on ``reader``'s cache, and what it keeps
-    on the cache's first ``MEASURE_ROWS`` rows (``CrossTokenizerBatches.report``)."""
-    packing = packing_of(reader.meta.corpus)
-    aligner = Aligner(teacher_tokenizer, student_tokenizer)
-    rows = min(len(reader), MEASURE_ROWS)
-    sample = reader.batches(max(rows, 1), seed=0, shuffle=False, drop_last=False)
-    first = next(iter(sample), None)
-    lengths = valid_lengths(first["input_ids"], packing).tolist() if first is not None else []
-    real = [first["input_ids"][b, :n].numpy() for b, n in enumerate(lengths)]
-    length = student_row_length(aligner, real)
-    cross = CrossTokenizerBatches(
-        teacher_tokenizer, student_tokenizer, method=method, student_seq_len=length, packing=packing
-    )
-    if first is not None:
-        cross.apply(first)
-    report = cross.report() | {"student_seq_len": length, "rows_measured": rows}
-    cross.counts = _Counts()
-    return cross, report

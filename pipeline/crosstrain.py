@@ -1,0 +1,110 @@
+"""The trainer's entry to cross-tokenizer distillation (``train.cross_tokenizer``, README "Student with
+another tokenizer"): the student's own tokenizer, the batch transform fitted to the cache
+(:mod:`kdcache.crosstok`, :mod:`kdcache.crossproj`), the settings it refuses, and its start-up report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from kdcache.cache.reader import CacheReader
+from kdcache.config.base import ConfigError
+from kdcache.crosstok import CrossTokenizerBatches, student_row_length
+from kdcache.packing import packing_of, valid_lengths
+from kdcache.tokenizer import TokenizerError, text_normalization, token_bytes
+
+log = logging.getLogger(__name__)
+
+
+class CrossTokenizerError(ValueError):
+    """The student's tokenizer cannot be loaded or aligned with the cache's."""
+
+
+def load_student_tokenizer_dir(path: str | Path) -> Any:
+    """The student's own tokenizer (``train.student_tokenizer``, else ``train.student.path``): a local
+    directory, never the Hub; a kind whose tokens do not spell bytes is refused here, before training."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: not a directory; save the student's tokenizer there with "
+            "save_pretrained (or set train.student.path to a pretrained student)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: cannot load a tokenizer ({e}); the directory needs the "
+            "tokenizer files saved with save_pretrained"
+        ) from e
+    try:
+        token_bytes(tokenizer)
+    except TokenizerError as e:
+        raise CrossTokenizerError(f"train.student_tokenizer={root}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise CrossTokenizerError(
+            f"train.student_tokenizer={root}: the tokenizer has no EOS token to stand for the cache's "
+            "document boundaries; set eos_token in its tokenizer_config.json"
+        )
+    return tokenizer
+
+
+MEASURE_ROWS = 256
+"""Cache rows aligned at start to fit the student row length and report what the alignment keeps."""
+
+
+def cross_tokenizer_batches(
+    reader: CacheReader, teacher_tokenizer: Any, student_tokenizer: Any, *, method: str
+) -> tuple[CrossTokenizerBatches, dict[str, Any]]:
+    """The batch transform for ``train.cross_tokenizer: method`` on ``reader``'s cache, its student row
+    length fitted to the cache's first ``MEASURE_ROWS`` rows, and what it keeps on them
+    (``CrossTokenizerBatches.report``, plus ``student_seq_len`` and ``rows_measured``)."""
+    packing = packing_of(reader.meta.corpus)
+    cross = CrossTokenizerBatches(
+        teacher_tokenizer, student_tokenizer, method=method, student_seq_len=1, packing=packing
+    )
+    rows = min(len(reader), MEASURE_ROWS)
+    first = next(iter(reader.batches(max(rows, 1), seed=0, shuffle=False, drop_last=False)), None)
+    if first is not None:
+        lengths = valid_lengths(first["input_ids"], packing).tolist()  # (rows,) real tokens per row
+        real = [first["input_ids"][b, :n].numpy() for b, n in enumerate(lengths)]
+        cross.seq_len = student_row_length(cross.aligner, real)
+        cross.apply(first)
+    report = cross.report() | {"student_seq_len": cross.seq_len, "rows_measured": rows}
+    cross.reset()
+    return cross, report
+
+
+def check_cross_temperature(method: str, *, loss: str, temperature: float, cache_temperature: float) -> None:
+    """Projected targets cannot be re-tempered (``exact``/``prefix`` merge and drop teacher entries, so the
+    cache's full-vocabulary log-normalizer no longer describes them): a KD loss other than ``topk_renorm``
+    trains at the cache's temperature."""
+    if method in ("exact", "prefix") and loss not in ("topk_renorm", "ce") and temperature != cache_temperature:
+        raise ConfigError(
+            f"train.temperature={temperature:g} with train.cross_tokenizer={method}: targets projected to the "
+            f"student's vocabulary cannot be re-tempered; train at the cache's temperature {cache_temperature:g} "
+            "or use train.loss: topk_renorm"
+        )
+
+
+def log_cross_report(report: dict[str, Any], *, teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """One start-up line: what the alignment and the projection keep on the measured rows."""
+    norms = (text_normalization(teacher_tokenizer), text_normalization(student_tokenizer))
+    log.log(
+        logging.WARNING
+        if report["soft_target_fraction"] < 0.5 or report["teacher_mass_kept_ratio"] < 0.8
+        else logging.INFO,
+        "train.cross_tokenizer: %s: on %d cache rows %.1f%% of the student's tokens get a soft target (the rest "
+        "CE only), the projection keeps %.1f%% of the cached teacher mass there; student rows of %d tokens "
+        "(%.2f%% of the text's bytes cut off); normalizers teacher %s, student %s",
+        report["method"],
+        report["rows_measured"],
+        100 * report["soft_target_fraction"],
+        100 * report["teacher_mass_kept_ratio"],
+        report["student_seq_len"],
+        100 * report["lost_byte_fraction"],
+        *norms,
+    )
