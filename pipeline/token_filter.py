@@ -38,9 +38,11 @@ def kept_positions(signal: Tensor, cfg: TokenFilterConfig, loss_mask: Tensor | N
 
 def apply_token_filter(batch: dict[str, Tensor], cfg: TokenFilterConfig) -> dict[str, Tensor]:
     """``batch`` with ``loss_mask`` narrowed to ``kept_positions`` (``ce_mask`` untouched: CE keeps every
-    position it had). A no-op for ``by: none``."""
+    position it had). A no-op for ``by: none``, and for a batch without the signal: the trainer asks the
+    reader for it whenever there is a KD term (``kdcache.train_data.batch_keys``; not for ``loss: ce``, e.g.
+    a baseline inheriting the section), and ``loss_spec`` refuses a cache that lacks it."""
     key = signal_key(cfg)
-    if key is None:
+    if key is None or key not in batch:
         return batch
     loss_mask = batch.get("loss_mask")
     return {**batch, "loss_mask": kept_positions(batch[key], cfg, loss_mask)}

@@ -160,13 +160,13 @@ def check_cache_features(cfg: TrainConfig, reader: CacheReader, *, kind: str, ca
             f"use train.loss: topk_renorm (any temperature), or rebuild the cache with cache.temperatures: [{tau:g}]"
         )
     by = cfg.token_filter.by
-    if by != "none" and by not in layout.signals:
+    if by != "none" and by not in layout.signals and kind != "ce":  # ce: no KD term to filter
         raise ConfigError(f"train.token_filter.by={by}: " + missing_feature(reader.meta, cache_dir, f"teacher_{by}"))
 
 
 def batch_keys(cfg: TrainConfig, spec: KDLossSpec) -> tuple[str, ...]:
     """Batch keys the trainer needs from the reader: the loss's targets and the token filter's signal."""
-    key = signal_key(cfg.token_filter)
+    key = signal_key(cfg.token_filter) if spec.kind != "ce" else None
     return (*TARGET_KEYS[spec.kind], *([key] if key else []))
 
 

@@ -72,6 +72,7 @@ def test_what_a_v1_cache_lacks_is_refused_naming_its_manifest_and_the_rebuild(tm
         train(_train_cfg(token_filter=filt), cache_dir=cache, out_dir=tmp_path / "a")
     with pytest.raises(ConfigError, match=r"only at temperature\(s\) 1 .*cache.temperatures: \[2\]"):
         train(_train_cfg(loss="topk_tail", temperature=2.0), cache_dir=cache, out_dir=tmp_path / "b")
+    assert train(_train_cfg(loss="ce", token_filter=filt), cache_dir=cache, out_dir=tmp_path / "c")["complete"]
 
 
 def test_a_cache_whose_own_tokenizer_differs_from_its_manifest_is_called_damaged_not_a_student_mismatch(
