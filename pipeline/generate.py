@@ -312,6 +312,8 @@ def generate_corpus(
         ]
         if done:
             log.info("%s: %d of %d parts already done", out, len(done), len(batches))
+        if len(done) < len(batches):  # a manifest exists only while it describes every part
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
         bar.update(sum(len(batches[i]) for i in done))
         start, new_tokens = time.perf_counter(), 0

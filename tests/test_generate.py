@@ -246,3 +246,28 @@ def test_config_refuses_bad_sampling_settings() -> None:
     for values, key in [({"top_p": 0.0}, "top_p"), ({"temperature": 0}, "temperature"), ({"top_k": -1}, "top_k")]:
         with pytest.raises(ConfigError, match=f"generate.{key}"):
             load_section(GenerateConfig, values, section="generate")
+
+
+def test_a_damaged_part_is_written_again_and_the_manifest_only_describes_complete_runs(world, tmp_path) -> None:
+    teacher, cfg, out = TeacherConfig(path=str(world["teacher"])), cfg_for(world, max_prompts=4, batch_size=2), tmp_path
+    generate_corpus(teacher, cfg, out_dir=out / "gen")
+    want = digests(out / "gen")
+    (out / "gen" / "part-00001.jsonl").write_text('{"index": 2, "te', encoding="utf-8")  # torn by hand
+    proc = cli(
+        *[
+            "generate",
+            "--teacher",
+            str(world["teacher"]),
+            "--prompts",
+            str(world["prompts"]),
+            "--out",
+            str(out / "gen"),
+        ],
+        *["--prompt-tokens", "4", "--max-new-tokens", "10", "--val-fraction", "0.1", "--max-prompts", "4"],
+        *["--batch-size", "2"],
+        fault="after_part:1",
+    )
+    assert killed(proc) and "unreadable" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "gen" / MANIFEST_NAME).exists()  # the old manifest went before the part was rewritten
+    generate_corpus(teacher, cfg, out_dir=out / "gen")
+    assert digests(out / "gen") == want
