@@ -146,7 +146,7 @@ class TargetLayout:
             raise CacheFormatError(f"targets.signals must be distinct names from {list(SIGNALS)}, got {self.signals!r}")
         if not isinstance(self.max_token_bytes, int) or not 0 <= self.max_token_bytes < 1 << 16:
             raise CacheFormatError(
-                f"tokenizer.bytes.max_token_bytes must be in [1, 65535], got {self.max_token_bytes!r}"
+                f"tokenizer.bytes.max_token_bytes must be in [1, 65535] (0: none), got {self.max_token_bytes!r}"
             )
         if self.values != "logprob" or self.value_encoding != VALUE_ENCODING:
             raise CacheFormatError(
