@@ -364,6 +364,13 @@ def _with(path: str, value) -> dict:
     "path,value,message",
     [
         ("format_version", "3.0", "not supported"),
+        ("targets.temperatures", [0.0], "targets.temperatures must be a list of numbers > 0"),
+        ("targets.temperatures", [2.0, 2.0], "must be distinct and differ from targets.temperature"),
+        ("targets.signals", ["loss"], "targets.signals must be distinct names from"),
+        ("targets.hidden", {"layers": [-1], "dim": 64}, "targets.hidden is set: the cache holds hidden-state"),
+        ("tokenizer.bytes", {"normalization": "none"}, "tokenizer.bytes must be"),
+        ("tokenizer.bytes", {"max_token_bytes": 70000}, "max_token_bytes must be in"),
+        ("corpus.teacher_context", {"sha256": "x"}, "corpus.teacher_context must be"),
         ("format_version", "1", "bad format_version"),
         ("format", "other", "format is"),
         ("shards.0.file", "/etc/passwd", "not of the form"),
@@ -396,6 +403,19 @@ def _with(path: str, value) -> dict:
 def test_manifest_refuses_bad_fields(path: str, value, message: str) -> None:
     with pytest.raises(CacheFormatError, match=message):
         Manifest.from_dict(_with(path, value), source="cache/x/manifest.json")
+
+
+def test_v1_manifests_parse_and_v2_fields_round_trip() -> None:
+    v1 = _with("format_version", "1.0")
+    m = Manifest.from_dict(v1)
+    assert m.major == 1 and m.layout.temperatures == () and m.layout.signals == () and not m.layout.max_token_bytes
+    v2 = _with("targets.temperatures", [2.0, 4.0])
+    v2["targets"]["signals"] = ["nll", "entropy"]
+    v2["tokenizer"]["bytes"] = {"normalization": "none", "max_token_bytes": 300, "prefix_space": False}
+    layout = Manifest.from_dict(v2).layout
+    assert layout.temperatures == (2.0, 4.0) and layout.signals == ("nll", "entropy")
+    assert layout.columns()[-4:] == ["topk_log_z", "teacher_nll", "teacher_entropy", "byte_lengths"]
+    assert layout.blob_dtypes()["byte_lengths"] == np.dtype("<u2") and "max_token_bytes" not in layout.to_dict()
 
 
 def test_manifest_refuses_duplicate_files_and_non_objects() -> None:
