@@ -41,6 +41,13 @@ class Projection:
     to_student: np.ndarray | None
     student_vocab_size: int
 
+    def map(self, ids: np.ndarray) -> np.ndarray:
+        """Student ids of teacher ``ids`` (any shape); -1 where none, and for ids past the tokenizer's id
+        space (a model vocabulary padded beyond it)."""
+        table = self.to_student
+        inside = ids < table.size
+        return np.where(inside, table[np.where(inside, ids, 0)], -1)
+
     def summary(self) -> dict[str, Any]:
         if self.to_student is None:
             return {"method": self.method}
@@ -156,7 +163,7 @@ def project_batch_targets(
         if projection.to_student is None:
             return uld_targets(torch.from_numpy(share), torch.zeros(pos.shape, dtype=torch.float64)), cached, cached
         B, T, S = ids.shape
-        mapped = projection.to_student[ids.numpy()].reshape(B * T, S)
+        mapped = projection.map(ids.numpy()).reshape(B * T, S)
         merged_ids, merged_counts = merge_by_row(
             mapped, counts.numpy().astype(np.float64).reshape(B * T, S), vocab_size=projection.student_vocab_size
         )
@@ -174,7 +181,7 @@ def _project_topk(
     ids: np.ndarray, p: np.ndarray, log_tail: Tensor | None, projection: Projection
 ) -> tuple[dict[str, Tensor], np.ndarray]:
     B, T, k = ids.shape
-    mapped = projection.to_student[ids].reshape(B * T, k)  # (N, k)
+    mapped = projection.map(ids).reshape(B * T, k)  # (N, k)
     flat_p = p.reshape(B * T, k)
     merged_ids, merged_p = merge_by_row(mapped, flat_p, vocab_size=projection.student_vocab_size)  # (N, k')
     dropped = np.where(mapped < 0, flat_p, 0.0).sum(-1)  # (N,) mass on ids the student lacks
