@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from kdcache.distributed import all_gather_bytes, rank_world
+from kdcache.distributed import all_gather_bytes, is_sharded, load_full_model_state, rank_world
 from kdcache.files import InputFileError, atomic_write_text, crash_point, fsync_dir, fsync_file, read_json_file
 from kdcache.outputs import BOOKKEEPING, MOVED_TAG, moved_aside_name
 
@@ -151,12 +151,14 @@ def save_checkpoint(
     out_dir: str | Path,
     *,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     state: dict[str, Any],
     trainer: dict[str, Any],
     keep: int = 2,
 ) -> Path:
     """Write ``<out_dir>/checkpoints/step-NNNNNN`` atomically; prune to the newest ``keep``.
+
+    ``model`` is the module, or its full weights as ``{name: tensor}`` (an FSDP student's, gathered).
 
     A failed write raises ``CheckpointError`` naming the directory and leaves no partial files;
     the previous checkpoints are untouched.
@@ -169,7 +171,10 @@ def save_checkpoint(
         for stale in root.glob(".step-*.incomplete"):  # left by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
+        if isinstance(model, dict):
+            save_file(model, str(tmp / MODEL_FILE))
+        else:
+            save_model(model, str(tmp / MODEL_FILE))
         crash_point(f"checkpoint_write:{step}")
         skeleton, tensors = flatten_state(state)
         save_file(tensors, str(tmp / STATE_FILE))
@@ -220,7 +225,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into ``model``; return (state, trainer) as saved by :func:`save_checkpoint`."""
+    """Load weights into ``model`` (an FSDP student: each rank its shards); return (state, trainer) as saved by
+    :func:`save_checkpoint`."""
     path = Path(path)
     missing = [n for n in FILES if not (path / n).is_file()]
     if missing:
@@ -228,11 +234,14 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module) -> tuple[dict[s
             f"{path}: missing {', '.join(missing)}; delete this checkpoint dir to resume from the previous one"
         )
     try:
-        load_model(model, str(path / MODEL_FILE), strict=True)
+        if is_sharded(model):
+            load_full_model_state(model, load_file(str(path / MODEL_FILE)))
+        else:
+            load_model(model, str(path / MODEL_FILE), strict=True)
         skeleton = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
         trainer = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
         state = unflatten_state(skeleton, load_file(str(path / STATE_FILE)))
-    except (OSError, RuntimeError, SafetensorError, json.JSONDecodeError) as e:
+    except (OSError, RuntimeError, KeyError, SafetensorError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot load checkpoint ({e}); delete it to resume from the previous one") from e
     return state, trainer
 

@@ -5,6 +5,9 @@
 when CUDA is available, unless told otherwise), pins each rank to GPU ``LOCAL_RANK`` and tears the
 group down on exit. A plain single-process run (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) creates no
 group, so library code asks :func:`rank_world` and works the same either way.
+
+A student too big to replicate is sharded with FSDP2 (:func:`shard_student`, ``train.parallel: fsdp``);
+its checkpoints gather full state dicts (:func:`full_model_state`, :func:`full_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -197,3 +200,114 @@ def check_same_on_all_ranks(value: int, *, what: str) -> None:
             f"ranks disagree on {what} (between {low} and {high}); every rank must see the same "
             "files — put the output directory on storage shared by all nodes"
         )
+
+
+# ----------------------------------------------------------------------------- FSDP2 students (train.parallel: fsdp)
+#
+# Each decoder layer is one ``fully_shard`` unit and the root (embeddings, final norm, LM head) another, so a
+# rank holds 1/world of every layer's weights, gradients and AdamW moments; a layer is all-gathered just for
+# its forward and its backward. FSDP2 keeps the root unsharded from its forward until its backward (the root
+# is never resharded after forward): the fused KD loss (``kdcache.lm_head``) takes the head weight *after*
+# the forward and so multiplies by the full (V, H) matrix, whose gradient FSDP reduce-scatters at the end of
+# the backward like any other. Checkpoints hold full (gathered) state dicts: the same ``model.safetensors`` a
+# DDP run writes, and the optimizer state keyed by parameter name (``torch.distributed.checkpoint.state_dict``).
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was sharded by :func:`shard_student` (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_student(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer of a transformers causal LM, then the whole model (in place), over
+    all ranks of the default group on ``dev``'s device type; the shards move to ``dev`` (the full model
+    never has to fit there). Returns ``model``; build the optimizer afterwards (it must see the shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise DistributedError(
+            f"train.parallel: fsdp shards a decoder's `layers` list, which {type(model).__name__} lacks; "
+            "use train.parallel: ddp for this student"
+        )
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{dropped name: kept name} for parameters reachable under several names (a tied LM head); the kept name
+    is the first in sorted order, as ``safetensors.torch.save_model`` keeps it, so both writers agree."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: sorted(group)[0] for group in names.values() if len(group) > 1 for n in sorted(group)[1:]}
+
+
+def full_model_state(model: torch.nn.Module, *, tied_once: bool = True) -> dict[str, torch.Tensor]:
+    """The sharded ``model``'s full weights as CPU tensors on rank 0 ({} on the others); ``tied_once``: a tied
+    head's weight under one name, as ``safetensors.torch.save_model`` writes it (else under every name, one
+    shared tensor, as transformers' ``save_pretrained(state_dict=...)`` expects: it drops tied names itself).
+
+    A collective: every rank calls it. Holds one full copy in rank 0's host memory.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    aliases = _tied_aliases(model)
+    if tied_once:
+        return {k: v.contiguous() for k, v in full.items() if k not in aliases}
+    # every name, a tied one sharing its kept name's tensor (separate copies would be written twice)
+    return {k: full[aliases.get(k, k)].contiguous() for k in full}
+
+
+def load_full_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load full weights (as :func:`full_model_state` wrote them) into the sharded ``model``: each rank keeps
+    its shards. Every name must be there (tied aliases are filled in); raises ``KeyError`` naming those missing."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tensors = dict(tensors)
+    for alias, kept in _tied_aliases(model).items():
+        if kept in tensors:
+            tensors.setdefault(alias, tensors[kept])
+    want = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    want |= {name for name, _ in model.named_buffers() if name in tensors}
+    if missing := sorted(want - set(tensors)):
+        raise KeyError(f"weights missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of the sharded ``model``, gathered and keyed by parameter name, on rank 0 ({} on
+    the others). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore :func:`full_optimizer_state`'s gathered state into the sharded ``model``'s optimizer (every rank
+    passes the full state and keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes DTensor (FSDP) gradients: the total norm over all
+    shards (a collective), returned as a plain device tensor. Without DTensors it is ``clip_grad_norm_``."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the partial norms of every rank's shards, reduced
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

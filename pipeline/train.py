@@ -40,7 +40,16 @@ from kdcache.cache.reader import CacheReader
 from kdcache.config.base import ConfigError
 from kdcache.config.train import ANY_TEMPERATURE_LOSSES, RampConfig, TrainConfig
 from kdcache.devices import resolve_device
-from kdcache.distributed import any_rank_failed, barrier, check_same_on_all_ranks, rank_world
+from kdcache.distributed import (
+    any_rank_failed,
+    barrier,
+    check_same_on_all_ranks,
+    clip_grad_norm,
+    full_model_state,
+    is_sharded,
+    rank_world,
+    shard_student,
+)
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
 from kdcache.losses import (
     TAIL_KINDS,
@@ -145,7 +154,9 @@ def _train(
     check_schedule(cfg, spec, reader.layout, cache_dir=cache_dir)
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
-    model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok).to(dev)
+    model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok)
+    fsdp = cfg.parallel == "fsdp" and world > 1  # sharded before the optimizer sees its parameters
+    model = shard_student(model, dev) if fsdp else model.to(dev)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_scheduler(
         optimizer, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
@@ -197,8 +208,9 @@ def _train(
             out=out,
         )
     summary["vocab_map"], summary["loss"] = mapping, asdict(spec)
+    weights = full_model_state(model, tied_once=False) if is_sharded(model) else None  # every rank: a collective
     if rank == 0:
-        save_final(model, student_tok, out=out, summary=summary)
+        save_final(model, student_tok, out=out, summary=summary, state_dict=weights)
     barrier()  # every rank returns once the final model is on disk
     log.info(
         "trained %d steps: %.0f tokens/s, peak %s",
@@ -327,6 +339,8 @@ def _step(
             with amp:
                 if head is not None:
                     hidden = final_hidden_states(model, input_ids)  # (B, T, H)
+                    if is_sharded(model):  # the root is unsharded from its forward to its backward: the full head
+                        head = fused_head(model)[0]
                     out = kd_loss_from_hidden(hidden, head, input_ids=input_ids, spec=spec, **targets)
                 else:
                     logits = model(input_ids=input_ids).logits  # (B, T, V)
@@ -336,7 +350,7 @@ def _step(
         sums += torch.stack([out.loss.detach(), out.kd, out.ce]).to(sums.dtype) / cfg.grad_accum
         tokens += input_ids.numel()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # a device scalar: no sync
+    grad_norm = clip_grad_norm(model.parameters(), clip)  # a device scalar: no sync
     optimizer.step()
     values = torch.cat([sums, grad_norm.detach().reshape(1).to(sums)])  # (4,)
     return {"values": values, "tokens": tokens, "data_wait_s": waited}
@@ -386,7 +400,7 @@ def check_schedule(cfg: TrainConfig, spec: KDLossSpec, layout: TargetLayout, *, 
 
 
 def _maybe_ddp(model: torch.nn.Module, dev: torch.device, world: int) -> torch.nn.Module:
-    if world == 1:
+    if world == 1 or is_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel
 

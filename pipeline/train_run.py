@@ -36,7 +36,14 @@ from kdcache.checkpoint import (
 )
 from kdcache.config.base import to_dict
 from kdcache.config.train import TrainConfig
-from kdcache.distributed import barrier, mean_over_ranks
+from kdcache.distributed import (
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_optimizer_state,
+    mean_over_ranks,
+)
 from kdcache.files import atomic_write_text, fsync_dir, fsync_file
 from kdcache.outputs import BOOKKEEPING, MOVED_TAG, hold_output_dir, moved_aside_name
 from kdcache.student import (
@@ -176,7 +183,10 @@ def start_run(
     check_same_run(out, ckpt, identity)
     state, trainer = load_checkpoint(ckpt, model=model)
     check_position(ckpt, trainer, max_steps=max_steps, batches_per_epoch=batches_per_epoch)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     pos = Position(**{k: trainer[k] for k in asdict(Position())})
@@ -211,11 +221,18 @@ def save_state(
     pos: Position,
     is_main: bool,
 ) -> None:
-    """Called on every rank (the RNG states of all ranks are gathered); rank 0 writes."""
+    """Called on every rank (the RNG states of all ranks are gathered, an FSDP student's shards too); rank 0 writes.
+
+    An FSDP student's checkpoint holds its full weights (the ``model.safetensors`` of a DDP run) and its
+    optimizer state gathered and keyed by parameter name (``kdcache.distributed.full_optimizer_state``)."""
     rng = rng_state()
+    sharded = is_sharded(model)
+    weights = full_model_state(model) if sharded else unwrap(model)
+    optim = full_optimizer_state(model, optimizer) if sharded else None
     if is_main:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-        save_checkpoint(out, step=pos.step, model=unwrap(model), state=state, trainer=asdict(pos))
+        optim = optimizer.state_dict() if optim is None else optim
+        state = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}
+        save_checkpoint(out, step=pos.step, model=weights, state=state, trainer=asdict(pos))
 
 
 def publish_run(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -280,11 +297,19 @@ def _logged_step(line: str) -> float:
         return math.inf  # a line cut short by a crash
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, *, out: Path, summary: dict[str, Any]) -> None:
-    """``save_pretrained`` model + tokenizer into ``out`` via a temp dir; ``training.json`` last."""
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    out: Path,
+    summary: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """``save_pretrained`` model + tokenizer into ``out`` via a temp dir; ``training.json`` last. ``state_dict``:
+    the weights to write instead of the model's own (an FSDP student's, gathered by ``full_model_state``)."""
     tmp = out / ".final.incomplete"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     for path in tmp.iterdir():
         fsync_file(path)

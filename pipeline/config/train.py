@@ -103,6 +103,11 @@ class TrainConfig:
     """Sequences per micro-batch (per rank under torchrun)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How a student is spread over torchrun's ranks: ddp (a full replica per rank, gradients all-reduced) or
+    fsdp (FSDP2 ``fully_shard`` per decoder layer: each rank holds 1/world of the weights, gradients and AdamW
+    state, for students that do not fit replicated). The same loss curve either way; one process ignores it.
+    README "Students on several GPUs"."""
     lr: float = 3e-3
     """Peak AdamW learning rate."""
     weight_decay: float = 0.01
@@ -167,6 +172,7 @@ class TrainConfig:
         check(self.warmup_steps >= 0, s, "warmup_steps", "must be >= 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, s, "min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip >= 0, s, "grad_clip", "must be >= 0 (0 = off)")
+        check(self.parallel in ("ddp", "fsdp"), s, "parallel", f"must be ddp|fsdp, got {self.parallel!r}")
         check(self.vocab_map in ("none", "exact"), s, "vocab_map", "must be 'none' or 'exact'")
         crossing = ("none", "exact", "prefix", "uld")
         check(self.cross_tokenizer in crossing, s, "cross_tokenizer", f"must be {'|'.join(crossing)}")
