@@ -68,7 +68,8 @@ def test_fsdp_follows_ddp_to_1e5_writes_the_same_weights_and_resumes(world, monk
     monkeypatch.setenv("KDCACHE_NO_PROGRESS", "1")
     ddp, fsdp = world["root"] / "ddp", world["root"] / "fsdp"
     _train_torchrun(world, ddp)
-    _train_torchrun(world, fsdp, "--parallel", "fsdp")
+    stderr = _train_torchrun(world, fsdp, "--parallel", "fsdp")
+    assert "not fused" not in stderr, "the fused head + loss ran on the root's unsharded head weight"
     assert len(_losses(fsdp)) == 6, "rank 0 alone writes the log"
     assert np.allclose(_losses(fsdp), _losses(ddp), rtol=0, atol=1e-5), (_losses(fsdp), _losses(ddp))
     assert np.allclose(_log(fsdp, "grad_norm"), _log(ddp, "grad_norm"), rtol=1e-5, atol=0)
