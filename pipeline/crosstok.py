@@ -97,7 +97,8 @@ class Aligner:
         return [self._student_row(plan, encoded, max_len) for plan in plans]
 
     def _plan(self, ids: np.ndarray) -> dict[str, Any]:
-        """Teacher keys of a row and the items the student must spell: ("text", start, str) / ("event", id)."""
+        """A row's teacher keys ({(bytes so far, events so far): position}) and the items the student spells
+        in order: ("text", start offset, text, byte length) and ("event", student id, offset)."""
         keys: dict[tuple[int, int], int] = {}
         items: list[tuple] = []
         offset = events = 0
