@@ -221,3 +221,17 @@ def sp_cached(builder):
     if builder not in _SP:
         _SP[builder] = builder(sp_corpus(), 300)
     return _SP[builder]
+
+
+def test_byte_level_with_add_prefix_space_spells_the_dummy_space():
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        tiny_texts(),
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert prefix_space(tok)
+    assert spelled(tok, "héllo 🎉") == " héllo 🎉".encode()
+    assert spelled(tok, " already") == b" already"
