@@ -367,7 +367,12 @@ def _with(path: str, value) -> dict:
         ("targets.temperatures", [0.0], "targets.temperatures must be a list of numbers > 0"),
         ("targets.temperatures", [2.0, 2.0], "must be distinct and differ from targets.temperature"),
         ("targets.signals", ["loss"], "targets.signals must be distinct names from"),
-        ("targets.hidden", {"layers": [-1], "dim": 64}, "targets.hidden is set: the cache holds hidden-state"),
+        ("targets.hidden", {"layers": [-1], "dim": 64}, r"targets.hidden must be \{layers, dim, projection"),
+        (
+            "targets.hidden",
+            {"layers": [-1], "dim": 64, "projection": {"kind": "orthogonal", "seed": 0, "sha256": "a" * 64}},
+            r"targets.hidden must be \{layers \(distinct integers >= 0\)",
+        ),
         ("tokenizer.bytes", {"normalization": "none"}, "tokenizer.bytes must be"),
         ("tokenizer.bytes", {"max_token_bytes": 70000}, "max_token_bytes must be in"),
         ("corpus.teacher_context", {"sha256": "x"}, "corpus.teacher_context must be"),

@@ -105,8 +105,8 @@ def test_reserved_features_are_refused_by_name_and_teacher_context_is_accepted(t
     original = json.loads(path.read_text())
     data = json.loads(path.read_text())
     data["targets"]["hidden"] = {"layers": [-1], "dim": 64, "projection": {"kind": "orthogonal", "seed": 0}}
-    path.write_text(json.dumps(data))
-    with pytest.raises(CacheError, match=r"targets.hidden is set: the cache holds hidden-state targets.*upgrade"):
+    path.write_text(json.dumps(data))  # hidden-state targets are read since issue 11.3; a malformed record is not
+    with pytest.raises(CacheError, match=r"manifest.json: targets.hidden must be .*sha256 \(64 hex digits\)"):
         open_cache(cache)
     data = original | {"corpus": original["corpus"] | {"teacher_context": {"sha256": "a" * 64, "num_tokens": 7}}}
     path.write_text(json.dumps(data))

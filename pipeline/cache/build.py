@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from kdcache.cache.format import SHARD_PATTERN, SIGNALS, Manifest, SequenceTargets, TargetLayout
+from kdcache.cache.hidden import forward_with_layers, hidden_targets, project_quantize
+from kdcache.cache.hidden_format import save_projection
 from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
 from kdcache.cache.signals import add_signal_stats, byte_spans, shard_signal_stats
 from kdcache.cache.targets import cache_chunk_tokens, next_token_ids, sparsify_rows, to_sequence_targets
@@ -215,6 +217,9 @@ def _build_cache(
             (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
         if rank == 0:
             header["tokenizer"]["files"] = save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
+        hidden = hidden_targets(cfg, teacher)  # (spec, (H, dim) projection) or None
+        if rank == 0 and hidden:
+            save_projection(out, hidden[1])
         written = _score_shards(
             teacher,
             tokens,
@@ -226,6 +231,7 @@ def _build_cache(
             build_key=build_key,
             progress=progress,
             context=context.ids if context else (),
+            projection=torch.from_numpy(hidden[1]).to(teacher.device) if hidden else None,
         )
     except Exception:
         if group:
@@ -300,6 +306,7 @@ def _score_shards(
     build_key: str,
     progress: bool,
     context: tuple[int, ...] = (),
+    projection: torch.Tensor | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer."""
     from tqdm.auto import tqdm
@@ -334,6 +341,7 @@ def _score_shards(
                     timer=timer,
                     spans=spans,
                     context=context,
+                    projection=projection,
                 )
                 writer.write(index, rows)
                 bar.update(len(seqs) * tokens.seq_len)
@@ -369,8 +377,10 @@ def _score_batch(
     timer: dict[str, float],
     spans: np.ndarray | None = None,
     context: tuple[int, ...] = (),
+    projection: torch.Tensor | None = None,
 ) -> list[SequenceTargets]:
-    """Forward + sparsify one batch; drop (``skip``) or refuse (``fail``) sequences with non-finite logits."""
+    """Forward + sparsify one batch (+ project and quantize ``layout.hidden``'s layers with ``projection``);
+    drop (``skip``) or refuse (``fail``) sequences with non-finite logits (or hidden states)."""
     ids = np.asarray(tokens.ids[seqs[0] : seqs[-1] + 1], dtype=np.int64)  # (B, T)
     if ids.max(initial=0) >= layout.vocab_size or ids.min(initial=0) < 0:
         raise CacheWriteError(
@@ -378,7 +388,14 @@ def _score_batch(
             f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer"
         )
     t0 = time.perf_counter()
-    hidden = context_hidden(teacher, torch.from_numpy(ids), context)  # (B, T, H) the rows' positions; no (B, T, V)
+    features: dict[str, torch.Tensor] = {}
+    if layout.hidden and projection is not None:  # one forward: the LM head's input and the stored layers
+        hidden, states = forward_with_layers(teacher, torch.from_numpy(ids), layout.hidden.layers, context)
+        for (name, scale_name), state in zip(layout.hidden.columns().items(), states, strict=True):
+            features[name], features[scale_name], features[f"bad_{name}"] = project_quantize(state, projection)
+        del states
+    else:
+        hidden = context_hidden(teacher, torch.from_numpy(ids), context)  # (B, T, H) the rows' positions
     t1 = time.perf_counter()
     sparse = sparsify_rows(
         logit_rows(teacher, hidden),  # LM head + soft-cap per chunk of `chunk` positions, sparsified in turn
@@ -393,6 +410,9 @@ def _score_batch(
     sparse = {key: value.cpu() for key, value in sparse.items()}  # the one device->host copy (small tensors)
     t2 = time.perf_counter()  # on CUDA the forward is async: its time lands in "sparsify", which waits for it
     bad = sparse.pop("nonfinite").numpy()  # (B,)
+    features = {key: value.cpu().numpy() for key, value in features.items()}
+    for key in [k for k in features if k.startswith("bad_")]:
+        bad = bad | features.pop(key)
     if bad.any():
         names = seqs[bad].tolist()
         if cfg.on_nan == "fail":
@@ -412,6 +432,9 @@ def _score_batch(
         sparse["byte_lengths"] = torch.from_numpy(spans[ids])  # (B, T) bytes each input token spells
     kept = {key: value[torch.from_numpy(keep)] for key, value in sparse.items()}
     rows = to_sequence_targets(kept, ids[keep], seqs[keep])
+    features = {key: value[keep] for key, value in features.items()}
+    for r, row in enumerate(rows):
+        row.hidden = {key: value[r] for key, value in features.items()} if features else None
     timer["forward"] += t1 - t0
     timer["sparsify"] += t2 - t1
     timer["host"] += time.perf_counter() - t2

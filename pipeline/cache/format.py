@@ -48,6 +48,7 @@ from kdcache.cache.codec import (  # noqa: F401  re-exported: the format's codec
     to_planes,
     value_table,
 )
+from kdcache.cache.hidden_format import HIDDEN_COLUMN, HIDDEN_SCALE_COLUMN, HiddenSpec, dequantized  # noqa: F401
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = "2.0"
@@ -60,15 +61,9 @@ SIGNALS = ("nll", "entropy")
 SIGNAL_DTYPE = np.dtype("<f2")
 LOG_Z_DTYPE = np.dtype("<f4")
 """``topk_log_z``: float32 (fp16's 1e-3 relative step on log Z ~ 10 would move tempered probabilities ~1%)."""
-RESERVED_TARGETS = {
-    "hidden": "hidden-state targets (columns hidden_<layer> int8 + hidden_scale_<layer> fp16; issue 11.3)",
-}
+RESERVED_TARGETS: dict[str, str] = {}
 """v2 manifest ``targets`` fields reserved for features this kdcache does not read yet: a cache that sets one
-(non-empty) is refused, naming it. The byte layout is fixed in cache/README.md so later kdcaches fill it in."""
-HIDDEN_COLUMN = "hidden_{layer}"
-"""Reserved (issue 11.3): (T, dim) int8 projected hidden states of teacher layer ``layer``, byte planes."""
-HIDDEN_SCALE_COLUMN = "hidden_scale_{layer}"
-"""Reserved (issue 11.3): (T,) float16 per-position scale of ``hidden_<layer>`` (value = int8 * scale)."""
+(non-empty) is refused, naming it (``hidden`` is read since issue 11.3: ``hidden_format``)."""
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 """The teacher's tokenizer, saved inside the cache so that a cache is self-contained."""
@@ -106,6 +101,7 @@ class TargetLayout:
     temperatures: tuple[float, ...] = ()  # v2: extra temperatures whose full-vocab log-normalizer is stored
     signals: tuple[str, ...] = ()  # v2: per-token teacher signals stored (subset of SIGNALS)
     max_token_bytes: int = 0  # v2: byte_lengths column (from manifest tokenizer.bytes); 0 = none
+    hidden: HiddenSpec | None = None  # v2: projected teacher hidden states (manifest targets.hidden)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "seq_len", "top_k", "samples", "seed", "mass", "temperature"):
@@ -194,7 +190,7 @@ class TargetLayout:
             }
         out |= {f"teacher_{s}": SIGNAL_DTYPE for s in self.signals}
         out |= {"byte_lengths": self.byte_dtype} if self.max_token_bytes else {}
-        return out
+        return out | (self.hidden.blob_dtypes() if self.hidden else {})
 
     def columns(self) -> list[str]:
         return ["seq_index", *self.blob_dtypes()]
@@ -207,7 +203,8 @@ class TargetLayout:
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``targets`` section (``max_token_bytes`` lives in ``tokenizer.bytes``)."""
         d = asdict(self) | {"temperatures": list(self.temperatures), "signals": list(self.signals)}
-        del d["max_token_bytes"]
+        del d["max_token_bytes"], d["hidden"]  # targets.hidden: absent (not empty) without hidden states
+        d |= {"hidden": self.hidden.to_dict()} if self.hidden else {}
         return d | {"id_dtype": self.id_dtype.name, "adaptive": self.adaptive}
 
     @classmethod
@@ -221,7 +218,7 @@ class TargetLayout:
                     f"targets.{key} is set: the cache holds {what}, which this kdcache cannot read; upgrade kdcache"
                 )
         known = {f for f in cls.__dataclass_fields__} - {"max_token_bytes"}
-        fields = {k: v for k, v in d.items() if k in known}
+        fields = {k: v for k, v in d.items() if k in known} | {"hidden": HiddenSpec.from_dict(d.get("hidden"))}
         for key in ("temperatures", "signals"):
             if isinstance(fields.get(key), list):
                 fields[key] = tuple(fields[key])
@@ -256,9 +253,12 @@ class SequenceTargets:
     teacher_nll: np.ndarray | None = None  # (T,) float32 nats at tau = 1 of input_ids[t + 1]; NaN at t = T - 1
     teacher_entropy: np.ndarray | None = None  # (T,) float32 nats at tau = 1
     byte_lengths: np.ndarray | None = None  # (T,) UTF-8 bytes each input token contributes to the text
+    hidden: dict[str, np.ndarray] | None = None  # hidden_<L> (T, dim) int8 codes, hidden_scale_<L> (T,) float16
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """The fields set; ``hidden`` as ``hidden_<L>`` (T, dim) float32 values (codes x scale)."""
+        out = {k: v for k, v in self.__dict__.items() if v is not None and k != "hidden"}
+        return out | dequantized(self.hidden or {})
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format import MANIFEST_NAME, SIGNALS, Manifest, TargetLayout
+from kdcache.cache.format import MANIFEST_NAME, SIGNALS, HiddenSpec, Manifest, TargetLayout
+from kdcache.cache.hidden import hidden_targets
 from kdcache.cache.signals import byte_spans
 from kdcache.cache.writer import CacheWriteError
 from kdcache.config.cache import CacheConfig
@@ -25,9 +26,12 @@ class CacheDirError(CacheWriteError):
     """The output directory already holds a cache made from other inputs or settings."""
 
 
-def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int, max_token_bytes: int = 0) -> TargetLayout:
-    """The cache layout for ``cfg`` (every v2 cache built here stores the teacher signals ``SIGNALS``, and
-    byte spans when ``max_token_bytes`` > 0); fields that do not apply to the chosen kind are zeroed."""
+def target_layout(
+    cfg: CacheConfig, *, vocab_size: int, seq_len: int, max_token_bytes: int = 0, hidden: HiddenSpec | None = None
+) -> TargetLayout:
+    """The cache layout for ``cfg`` (every v2 cache built here stores the teacher signals ``SIGNALS``, byte spans
+    when ``max_token_bytes`` > 0 and ``hidden`` states when given: ``kdcache.cache.hidden.hidden_targets``);
+    fields that do not apply to the chosen kind are zeroed."""
     topk = cfg.targets in ("topk", "both")
     sampled = cfg.targets in ("sampled", "both")
     return TargetLayout(
@@ -42,6 +46,7 @@ def target_layout(cfg: CacheConfig, *, vocab_size: int, seq_len: int, max_token_
         temperatures=tuple(float(t) for t in cfg.temperatures) if topk else (),
         signals=SIGNALS,
         max_token_bytes=max_token_bytes,
+        hidden=hidden,
     )
 
 
@@ -53,7 +58,8 @@ def default_cache_name(
 ) -> str:
     """A content-addressed directory name: same teacher, corpus and targets -> same name.
 
-    e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``.
+    e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``; hidden-state
+    targets add ``h<layers>d<dim>p<projection sha256[:8]>``, e.g. ``…-h2d64p1c0ffee0``.
     """
     parts = []
     if layout.has_topk:
@@ -66,6 +72,9 @@ def default_cache_name(
         parts.append("z" + "+".join(f"{t:g}" for t in layout.temperatures))
     if teacher_context:
         parts.append("ctx" + teacher_context["sha256"][:8])
+    if layout.hidden:
+        h = layout.hidden
+        parts.append(f"h{'+'.join(map(str, h.layers))}d{h.dim}p{h.sha256[:8]}")
     return "-".join([teacher_info["sha256"][:8], tokens.fingerprint[:8], tokens.split, *parts])
 
 
@@ -80,7 +89,10 @@ def cache_dir_for(
     """``out_dir``, or ``cache_root / default_cache_name(...)`` when it is None."""
     if out_dir is not None:
         return Path(out_dir)
-    layout = target_layout(cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len)
+    hidden = hidden_targets(cfg, teacher)
+    layout = target_layout(
+        cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len, hidden=hidden and hidden[0]
+    )
     context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
     return Path(cache_root) / default_cache_name(teacher.info, tokens, layout, context and context.record)
 
@@ -140,8 +152,13 @@ def manifest_header(
             f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer"
         )
     spans, _ = byte_spans(teacher.tokenizer)
+    hidden = hidden_targets(cfg, teacher)
     layout = target_layout(
-        cfg, vocab_size=vocab, seq_len=tokens.seq_len, max_token_bytes=spans["max_token_bytes"] if spans else 0
+        cfg,
+        vocab_size=vocab,
+        seq_len=tokens.seq_len,
+        max_token_bytes=spans["max_token_bytes"] if spans else 0,
+        hidden=hidden and hidden[0],
     )
     return {
         "teacher": dict(teacher.info),

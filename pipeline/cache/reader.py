@@ -24,6 +24,8 @@ import torch
 
 from kdcache.cache.codec import decode_log_tail
 from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs
+from kdcache.cache.gather import gather_hidden, gather_positions, gather_ragged
+from kdcache.cache.hidden_format import load_projection
 from kdcache.cache.mapped import MappedShard, staged_columns
 from kdcache.cache.prefetch import pin_batch
 from kdcache.cache.rows import unpack_row
@@ -104,6 +106,12 @@ class CacheReader:
         if not self.meta.shards or self.meta.num_rows == 0:
             raise CacheError(f"{self.path / 'manifest.json'}: the cache holds no sequences; rerun the cache stage")
         self._check_tokenizer(expect_tokenizer)
+        self.projection: np.ndarray | None = None  # hidden-state targets' (H, dim) projection, when stored
+        if self.layout.hidden:  # a projection that is not the one the targets were made with is refused
+            try:
+                self.projection = load_projection(self.path, self.layout.hidden)  # (H, dim) float32
+            except CacheFormatError as e:
+                raise CacheError(str(e)) from e
         self._files = [check_shard_file(self.path, s) for s in self.meta.shards]
         if verify == "full":
             for f, s in zip(self._files, self.meta.shards, strict=True):
@@ -229,7 +237,8 @@ class CacheReader:
         Padded entries (adaptive top-k, fewer unique draws) hold id 0, log-prob -inf and count 0, as
         ``reader[i]`` does. v2 caches add ``topk_log_z`` (B, T) float32 at the reader's ``temperature`` (when
         stored), ``teacher_nll`` / ``teacher_entropy`` (B, T) float32 (NaN: no next token in the row) and
-        ``byte_lengths`` (B, T) int32, each where the cache holds it. ``keys`` limits which target
+        ``byte_lengths`` (B, T) int32, each where the cache holds it, and ``hidden_<L>`` (B, T, dim) float32 (codes x
+        scale) for each stored teacher layer L (``layout.hidden``). ``keys`` limits which target
         tensors are decoded (e.g. ``kdcache.losses.TARGET_KEYS[kind]``; ``input_ids`` and
         ``seq_index`` always come); None decodes every kind the cache holds.
 
@@ -278,7 +287,7 @@ class CacheReader:
             out["input_ids"][sel] = shard.fixed["input_ids"][local]
             out["seq_index"][sel] = shard.seq_index[local]
         if lay.has_topk and (want is None or any(k.startswith("topk_") for k in want)):
-            out["topk_ids"], codes, keep = _gather_ragged(
+            out["topk_ids"], codes, keep = gather_ragged(
                 parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive, dtypes=staged_columns(lay)
             )
             tail = np.empty((B, T), np.uint16)
@@ -290,7 +299,7 @@ class CacheReader:
             out["topk_mask"] = keep
         if lay.has_samples and (want is None or any(k.startswith("sample_") for k in want)):
             width = max((int(p[0].fixed["sample_lengths"][p[2]].max(initial=0)) for p in parts), default=0)
-            ids, counts, _ = _gather_ragged(
+            ids, counts, _ = gather_ragged(
                 parts, "sample", (B, T, max(width, 1)), fixed=False, dtypes=staged_columns(lay)
             )
             if int(counts.sum(axis=-1, dtype=np.int64).max(initial=0)) > lay.samples:
@@ -302,10 +311,13 @@ class CacheReader:
             out["sample_total"] = np.full((B, T), lay.samples, np.float32)  # draws made per position
         z = self.log_z_index(self.temperature)
         if z is not None and (want is None or "topk_log_z" in want):
-            out["topk_log_z"] = _gather_positions(parts, "topk_log_z", (B, len(lay.temperatures), T))[:, z]  # (B, T)
+            out["topk_log_z"] = gather_positions(parts, "topk_log_z", (B, len(lay.temperatures), T))[:, z]  # (B, T)
         for name in [f"teacher_{s}" for s in lay.signals] + (["byte_lengths"] if lay.max_token_bytes else []):
             if want is None or name in want:
-                out[name] = _gather_positions(parts, name, (B, T))
+                out[name] = gather_positions(parts, name, (B, T))
+        for name, scale_name in lay.hidden.columns().items() if lay.hidden else ():
+            if want is None or name in want:
+                out[name] = gather_hidden(parts, name, scale_name, (B, T, lay.hidden.dim))
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- staging, mapping, prefetch
@@ -392,59 +404,3 @@ class _EpochPlan:
         reached = self.rank_of[np.searchsorted(reader._offsets, rows, side="right") - 1].max()
         reader._prefetch_from(int(reached) + 1, self.shard_seq)  # every rank stages what the global batch needs
         return reader._assemble(np.array_split(rows, self.world_size)[self.rank], self.want)
-
-
-def _gather_ragged(
-    parts: list[tuple[MappedShard, np.ndarray, np.ndarray]],
-    prefix: str,
-    shape: tuple[int, int, int],
-    *,
-    fixed: bool,
-    dtypes: dict[str, np.dtype],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-position entry lists -> padded ``shape`` = (B, T, width) int64 ids, raw values (codes or
-    counts, 0 where padded) and the real-entry mask.
-
-    A row's entries are stored position by position, i.e. in the C order of its padded (T, width)
-    block restricted to ``keep``; so the batch's entries are the selected rows' ranges concatenated
-    in batch order, and one boolean-mask assignment pads them. Fixed top-k rows are plain (T*k,) blocks.
-    """
-    ids_col, val_col = ("topk_ids", "topk_codes") if prefix == "topk" else ("sample_ids", "sample_counts")
-    B, T, width = shape
-    if fixed:  # the parts' rows cover the batch: no zero fill
-        ids, vals = np.empty(shape, np.int64), np.empty(shape, dtypes[val_col])
-        for shard, sel, local in parts:
-            ids[sel] = shard.fixed[ids_col][local].reshape(-1, T, width)
-            vals[sel] = shard.fixed[val_col][local].reshape(-1, T, width)
-        return ids, vals, np.ones(shape, bool)
-    ids, vals = np.zeros(shape, np.int64), np.zeros(shape, dtypes[val_col])
-    lens = np.zeros((B, T), np.int64)
-    for shard, sel, local in parts:
-        lens[sel] = shard.lengths(prefix, local)
-    sizes = lens.sum(axis=1)  # (B,) entries per row
-    start = np.cumsum(sizes) - sizes  # (B,) where each row starts in the batch's entries
-    flat_ids, flat_vals = np.empty(int(sizes.sum()), dtypes[ids_col]), np.empty(int(sizes.sum()), vals.dtype)
-    for shard, sel, local in parts:
-        src = _ranges(shard.starts[ids_col][local], sizes[sel])  # into the shard's values
-        dst = _ranges(start[sel], sizes[sel])  # into the batch's entries
-        flat_ids[dst], flat_vals[dst] = shard.flat[ids_col][src], shard.flat[val_col][src]
-    keep = np.arange(width) < lens[..., None]  # (B, T, width)
-    ids[keep], vals[keep] = flat_ids, flat_vals
-    return ids, vals, keep
-
-
-def _gather_positions(
-    parts: list[tuple[MappedShard, np.ndarray, np.ndarray]], name: str, shape: tuple[int, ...]
-) -> np.ndarray:
-    """A fixed-width per-position column of the batch's rows -> ``shape`` = (B, ...) float32 (int32 for
-    ``byte_lengths``)."""
-    out = np.empty(shape, np.int32 if name == "byte_lengths" else np.float32)
-    for shard, sel, local in parts:
-        out[sel] = shard.fixed[name][local].reshape(-1, *shape[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(starts[i], starts[i] + lengths[i])`` -> (sum(lengths),) int64, no Python loop."""
-    lengths = lengths.astype(np.int64)
-    return np.repeat(starts.astype(np.int64) - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))

@@ -76,14 +76,14 @@ def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[s
 
 def position_shapes(layout: TargetLayout) -> dict[str, tuple[int, ...]]:
     """v2 per-position columns -> the shape of one row's array: ``topk_log_z`` (len(temperatures), T),
-    ``teacher_<signal>`` and ``byte_lengths`` (T,)."""
+    ``teacher_<signal>`` and ``byte_lengths`` (T,), ``hidden_<L>`` (T, dim), ``hidden_scale_<L>`` (T,)."""
     T, dtypes = layout.seq_len, layout.blob_dtypes()
     shapes = {"topk_log_z": (len(layout.temperatures), T)} | {f"teacher_{s}": (T,) for s in SIGNALS}
     return {
         c: shapes.get(c, (T,))
         for c in ("topk_log_z", *(f"teacher_{s}" for s in SIGNALS), "byte_lengths")
         if c in dtypes
-    }
+    } | (layout.hidden.shapes(T) if layout.hidden else {})
 
 
 def _position_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
@@ -92,7 +92,7 @@ def _position_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict
     for name, shape in position_shapes(layout).items():
         blobs = []
         for t in rows:
-            value = getattr(t, name)
+            value = (t.hidden or {}).get(name) if name.startswith("hidden_") else getattr(t, name)
             if value is None or np.shape(value) != shape:
                 raise CacheFormatError(
                     f"sequence {t.seq_index}: {name} must be an array of shape {shape} (the layout stores it), "
@@ -230,5 +230,8 @@ def unpack_row(
         out.sample_counts = padded(a["sample_counts"], lengths, width, 0, np.int32)
     for name, shape in position_shapes(layout).items():
         value = np.asarray(a[name]).reshape(shape)
-        setattr(out, name, value.astype(np.int64 if name == "byte_lengths" else np.float32))
+        if name.startswith("hidden_"):  # stored codes and scales, kept as stored: ``as_dict`` dequantizes
+            out.hidden = (out.hidden or {}) | {name: value.copy()}
+        else:
+            setattr(out, name, value.astype(np.int64 if name == "byte_lengths" else np.float32))
     return out

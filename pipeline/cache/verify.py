@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kdcache.cache.format import MANIFEST_NAME, TOKENIZER_DIR, CacheFormatError, Manifest
+from kdcache.cache.hidden_format import PROJECTION_FILE, load_projection
 from kdcache.cache.shards import check_shard_file, content_problems, decode_shard, read_shard
 from kdcache.cache.writer import SHARD_META_KEY, build_key_of, shard_name
 from kdcache.files import InputFileError, UnsafeFileError, check_regular_file, loading
@@ -52,6 +53,11 @@ def verify_cache(path: str | Path, *, progress: bool = False) -> list[str]:
     except (KeyError, TypeError, ValueError) as e:
         return [f"{where}: malformed ({type(e).__name__}: {e}); {REBUILD}"]
     problems += tokenizer_problems(root, meta)
+    if meta.layout.hidden:  # the stored projection must be the one the hidden-state targets were made with
+        try:
+            load_projection(root, meta.layout.hidden)
+        except CacheFormatError as e:
+            problems.append(str(e))
     shards = meta.shards
     if progress:
         from tqdm.auto import tqdm
@@ -115,6 +121,7 @@ def count_problems(meta: Manifest, where: Path) -> list[str]:
 def unlisted_files(root: Path, meta: Manifest) -> list[str]:
     """Entries of the cache directory the manifest does not account for: never trusted, so reported."""
     known = {MANIFEST_NAME, TOKENIZER_DIR, *BOOKKEEPING, *(s.file for s in meta.shards)}
+    known |= {PROJECTION_FILE} if meta.layout.hidden else set()
     return [
         f"{p}: not listed in {MANIFEST_NAME} — not part of the cache; remove it (or {REBUILD})"
         for p in sorted(root.iterdir())

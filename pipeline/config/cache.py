@@ -51,6 +51,15 @@ class CacheConfig:
     few-shot examples, a reference document) — the text itself, or the path of a UTF-8 file holding it. Targets
     are stored for the rows' own positions; the manifest records the context's sha256, token count and source
     (corpus.teacher_context), and the cache's name and resume key change with it. Empty: no context."""
+    hidden_layers: tuple[int, ...] = ()
+    """Teacher layers whose hidden states are stored as feature targets (``train.feature_weight``), as indices into
+    the teacher's ``output_hidden_states``: 0 = the embeddings, i = decoder layer i's output, -1 = the final
+    normed state the LM head reads. Each is projected to ``hidden_dim`` by a seeded random orthogonal matrix
+    (``seed``) stored in the cache, and kept as int8 with a float16 scale per position (hidden_dim + 2 bytes/token
+    per layer before compression). e.g. [-1]; [] = none."""
+    hidden_dim: int = 64
+    """Width each stored hidden state is projected to (at most the teacher's hidden size; used only with
+    ``hidden_layers``)."""
 
     def __post_init__(self) -> None:
         s = "cache"
@@ -84,6 +93,14 @@ class CacheConfig:
             "needs cache.targets topk|both: sampled ids are drawn at one temperature (cache.temperature); "
             "set temperatures: [] or targets: topk",
         )
+        check(
+            all(isinstance(x, int) and not isinstance(x, bool) for x in self.hidden_layers)
+            and len(set(self.hidden_layers)) == len(self.hidden_layers),
+            s,
+            "hidden_layers",
+            f"must be distinct integers (teacher layer indices, e.g. [-1]), got {list(self.hidden_layers)}",
+        )
+        check(1 <= self.hidden_dim <= 65536, s, "hidden_dim", f"must be in [1, 65536], got {self.hidden_dim}")
         check(self.batch_size > 0, s, "batch_size", "must be > 0")
         check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")
         check(self.on_nan in ("fail", "skip"), s, "on_nan", "must be 'fail' or 'skip'")

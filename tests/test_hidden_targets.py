@@ -1,0 +1,134 @@
+"""Hidden-state (feature) targets (issue 11.3): cache.hidden_layers / hidden_dim stored as int8 + fp16 scale of a
+stored orthogonal projection; the feature loss (kdcache.features) against a float64 dense reference; resume;
+refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_world, tiny_llama
+
+from kdcache.cache.build import build_cache
+from kdcache.cache.hidden import orthogonal_projection
+from kdcache.cache.hidden_format import PROJECTION_FILE, projection_sha256
+from kdcache.cache.identity import cache_dir_for
+from kdcache.cache.reader import CacheError, open_cache
+from kdcache.cache.rows import decode_row
+from kdcache.cache.verify import verify_cache
+from kdcache.cache.writer import CacheWriteError
+from kdcache.config.base import ConfigError
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
+from kdcache.teacher import load_teacher
+from kdcache.token_data import open_tokens
+
+VOCAB, T, DIM = 48, 16, 8
+CFG = CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=5, hidden_layers=(1, -1), hidden_dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    w = make_world(tmp_path_factory.mktemp("hid"), vocab_size=VOCAB, seq=T)
+    tiny_llama(VOCAB, max_positions=T, seed=1, num_hidden_layers=2).save_pretrained(w["teacher"])
+    w["loaded"] = load_teacher(TeacherConfig(path=str(w["teacher"]), device="cpu"))
+    w["cache"] = w["root"] / "cache"
+    w["manifest"] = build_cache(w["loaded"], open_tokens(w["tokens"], "train"), CFG, out_dir=w["cache"])
+    return w
+
+
+def _reference(world: dict) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """An independent forward (the full model, output_hidden_states) projected in float64: {layer: (N, T, dim)}."""
+    tokens = open_tokens(world["tokens"], "train")
+    ids = torch.from_numpy(np.asarray(tokens.ids, np.int64))  # (N, T)
+    with torch.no_grad():
+        states = world["loaded"].model(input_ids=ids, output_hidden_states=True).hidden_states  # 3 x (N, T, H)
+    p = orthogonal_projection(32, DIM, CFG.seed).astype(np.float64)  # (H, dim)
+    return np.asarray(tokens.ids), {layer: states[layer].double().numpy() @ p for layer in (1, 2)}
+
+
+def test_stored_hidden_states_are_the_projected_teacher_states_within_the_int8_step(world) -> None:
+    manifest, cache = world["manifest"], world["cache"]
+    hidden = manifest.targets["hidden"]
+    assert hidden["layers"] == [1, 2] and hidden["dim"] == DIM  # -1 stored as its non-negative index
+    matrix = orthogonal_projection(32, DIM, 0)
+    assert hidden["projection"] == {"kind": "orthogonal", "seed": 0, "sha256": projection_sha256(matrix)}
+    assert np.abs(matrix.T.astype(np.float64) @ matrix - np.eye(DIM)).max() < 1e-6  # orthonormal columns
+    ids, want = _reference(world)
+    rows = {r["seq_index"]: r for s in sorted(cache.glob("shard-*.parquet")) for r in pq.read_table(s).to_pylist()}
+    for i, raw in rows.items():
+        row = decode_row(manifest.layout, raw)
+        assert row.hidden["hidden_1"].dtype == np.int8 and row.hidden["hidden_scale_2"].dtype == np.float16
+        values = row.as_dict()
+        for layer in (1, 2):
+            scale = row.hidden[f"hidden_scale_{layer}"].astype(np.float64)  # (T,) the int8 step
+            err = np.abs(values[f"hidden_{layer}"] - want[layer][i]).max(axis=-1)  # (T,)
+            assert np.all(err <= 0.5 * scale + 1e-5 * np.abs(want[layer][i]).max())
+            assert np.allclose(scale, np.abs(want[layer][i]).max(-1) / 127, rtol=2e-3)  # absmax / 127, fp16
+    with open_cache(cache, staging_dir=world["root"] / "stage") as reader:
+        assert reader.projection is not None and np.array_equal(reader.projection, matrix)
+        (batch,) = list(reader.batches(len(reader), seed=0, shuffle=False, keys=("hidden_2",)))
+        assert "hidden_1" not in batch and batch["hidden_2"].shape == (len(ids), T, DIM)
+        assert batch["hidden_2"].dtype == torch.float32
+        direct = np.stack([reader[i]["hidden_2"] for i in range(len(reader))])
+        assert np.array_equal(batch["hidden_2"].numpy(), direct)
+    assert verify_cache(cache) == []
+
+
+def test_hidden_targets_leave_the_soft_targets_unchanged_and_change_the_name(world, tmp_path) -> None:
+    teacher, tokens = world["loaded"], open_tokens(world["tokens"], "train")
+    plain_cfg = CacheConfig(targets="topk", top_k=8, batch_size=3, rows_per_shard=5)
+    plain = build_cache(teacher, tokens, plain_cfg, out_dir=tmp_path / "plain")
+    a = pq.read_table(tmp_path / "plain" / plain.shards[0].file)
+    b = pq.read_table(world["cache"] / world["manifest"].shards[0].file)
+    for column in a.column_names:  # one forward with output_hidden_states: the same final states, bit for bit
+        assert a.column(column).equals(b.column(column)), column
+    names = {cache_dir_for(teacher, tokens, c).name for c in (plain_cfg, CFG, CacheConfig(**{**vars(CFG), "seed": 1}))}
+    assert len(names) == 3 and all("h1+2d8p" in n for n in names if n != cache_dir_for(teacher, tokens, plain_cfg).name)
+
+
+def test_a_projection_that_is_not_the_manifests_is_refused(world, tmp_path) -> None:
+    import shutil
+
+    cache = Path(shutil.copytree(world["cache"], tmp_path / "c"))
+    from safetensors.numpy import save_file
+
+    save_file({"projection": orthogonal_projection(32, DIM, 7)}, str(cache / PROJECTION_FILE))
+    with pytest.raises(CacheError, match=r"hidden_projection.safetensors: sha256 .* differs from manifest.json"):
+        open_cache(cache, staging_dir=tmp_path / "stage")
+    assert any("differs from manifest.json targets.hidden.projection.sha256" in p for p in verify_cache(cache))
+    (cache / PROJECTION_FILE).unlink()
+    with pytest.raises(CacheError, match=r"cannot read the hidden-state projection .*rebuild it"):
+        open_cache(cache, staging_dir=tmp_path / "stage")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_layers": (3,)}, r"cache.hidden_layers: layer 3 is outside the teacher .*\[-3, 2\].*pick layers"),
+        ({"hidden_layers": (-4,)}, r"cache.hidden_layers: layer -4 is outside"),
+        ({"hidden_layers": (2, -1)}, r"cache.hidden_layers: \[2, -1\] names one layer .* twice"),
+        ({"hidden_dim": 33}, r"cache.hidden_dim: 33 > the hidden width of the teacher .*set cache.hidden_dim <= 32"),
+    ],
+)
+def test_bad_hidden_settings_are_refused_before_any_work(world, tmp_path, changes, message) -> None:
+    cfg = CacheConfig(**{**vars(CFG), **changes})
+    with pytest.raises(CacheWriteError, match=message):
+        build_cache(world["loaded"], open_tokens(world["tokens"], "train"), cfg, out_dir=tmp_path / "x")
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_config_validates_hidden_fields() -> None:
+    with pytest.raises(ConfigError, match="cache.hidden_layers: must be distinct integers"):
+        CacheConfig(hidden_layers=(-1, -1))
+    with pytest.raises(ConfigError, match=r"cache.hidden_dim: must be in \[1, 65536\]"):
+        CacheConfig(hidden_dim=0)
+
+
+def test_manifest_hidden_record_round_trips(world) -> None:
+    data = json.loads((world["cache"] / "manifest.json").read_text())
+    assert world["manifest"].layout.to_dict()["hidden"] == data["targets"]["hidden"]
