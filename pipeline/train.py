@@ -50,6 +50,7 @@ from kdcache.distributed import (
     rank_world,
     shard_student,
 )
+from kdcache.features import FeatureTap, attach_features, detach_feature_map
 from kdcache.lm_head import LMHead, final_hidden_states, fused_head
 from kdcache.losses import (
     TAIL_KINDS,
@@ -155,6 +156,7 @@ def _train(
     torch.manual_seed(cfg.seed)
     vocab = reader.layout.vocab_size if vmap is None else tokenizer_vocab_size(student_tok)
     model = build_student(cfg.student, vocab_size=vocab, seq_len=reader.layout.seq_len, tokenizer=student_tok)
+    tap = attach_features(cfg, model, reader.layout, cache_dir=cache_dir, world=world)  # None: no feature loss
     fsdp = cfg.parallel == "fsdp" and world > 1  # sharded before the optimizer sees its parameters
     model = shard_student(model, dev) if fsdp else model.to(dev)
     optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -194,7 +196,11 @@ def _train(
             world=world,
             vmap=vmap,
             progress=progress,
+            tap=tap,
         )
+        if tap is not None:  # the feature map is trained and checkpointed, never exported (kdcache.features)
+            tap.close()
+            detach_feature_map(model)
         session_s = time.perf_counter() - session_start
         summary = run_summary(
             cfg,
@@ -237,6 +243,7 @@ def _loop(
     world: int,
     vmap: VocabMap | None,
     progress: bool,
+    tap: FeatureTap | None = None,
 ) -> None:
     """Steps until ``stop``. Batches come from a ``Prefetcher`` thread (vocabulary mapping and pinning done
     there); step statistics stay on the device and are read -- one host sync, one collective -- when a
@@ -248,7 +255,13 @@ def _loop(
         log.info("student head not fused (%s): the loss computes its full (B, T, V) logits", why)
     stream = Prefetcher(
         batch_stream(
-            reader, cfg.batch_size, seed=cfg.seed, pos=pos, rank=rank, world=world, keys=batch_keys(cfg, spec)
+            reader,
+            cfg.batch_size,
+            seed=cfg.seed,
+            pos=pos,
+            rank=rank,
+            world=world,
+            keys=(*batch_keys(cfg, spec), *(tap.keys if tap else ())),
         ),
         depth=PREFETCH_BATCHES,
         transform=functools.partial(
@@ -267,7 +280,9 @@ def _loop(
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             now = step_spec(spec, cfg, pos.step)
-            stats = _step(cfg, model=model, head=head, optimizer=optimizer, spec=now, stream=stream, pos=pos, dev=dev)
+            stats = _step(
+                cfg, model=model, head=head, optimizer=optimizer, spec=now, stream=stream, pos=pos, dev=dev, tap=tap
+            )
             scheduler.step()
             dt = time.perf_counter() - t0
             tokens = stats["tokens"] * world
@@ -314,6 +329,7 @@ def _step(
     stream: Iterator,
     pos: Position,
     dev: torch.device,
+    tap: FeatureTap | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; advances ``pos`` to the next batch.
 
@@ -346,6 +362,8 @@ def _step(
                     logits = model(input_ids=input_ids).logits  # (B, T, V)
             if head is None:
                 out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
+            if tap is not None:  # + train.feature_weight x the feature loss (kdcache.features)
+                out = tap.add_to(out, batch, dev)
             (out.loss / cfg.grad_accum).backward()
         sums += torch.stack([out.loss.detach(), out.kd, out.ce]).to(sums.dtype) / cfg.grad_accum
         tokens += input_ids.numel()

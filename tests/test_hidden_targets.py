@@ -132,3 +132,92 @@ def test_config_validates_hidden_fields() -> None:
 def test_manifest_hidden_record_round_trips(world) -> None:
     data = json.loads((world["cache"] / "manifest.json").read_text())
     assert world["manifest"].layout.to_dict()["hidden"] == data["targets"]["hidden"]
+
+
+# ----------------------------------------------------------------------------- the feature loss
+
+
+def _dense_feature_loss(h, w, t, mask, kind) -> torch.Tensor:
+    """float64 reference: per position mean squared error / 1 - cosine of W h vs t, averaged over the mask."""
+    pred = torch.einsum("bth,dh->btd", h, w)
+    if kind == "mse":
+        per = ((pred - t) ** 2).sum(-1) / t.shape[-1]
+    else:
+        per = 1 - (pred * t).sum(-1) / (pred.norm(dim=-1).clamp_min(1e-8) * t.norm(dim=-1).clamp_min(1e-8))
+    m = mask.double()
+    return (per * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_feature_loss_and_gradients_match_a_float64_dense_reference(kind: str) -> None:
+    from kdcache.features import feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)  # (B, T, H_s)
+    w = torch.randn(4, 12, generator=g, dtype=torch.float64) * 0.3  # (dim, H_s)
+    t = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)  # (B, T, dim)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    got = feature_loss(h32, w32, t.float(), mask, kind)
+    got.backward()
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = _dense_feature_loss(h64, w64, t, mask, kind)
+    want.backward()
+    assert got.dtype == torch.float32 and abs(got.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
+    assert torch.allclose(h32.grad.double(), h64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(w32.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+    assert h64.grad[~mask].abs().max() == 0 and h32.grad[~mask].abs().max() == 0  # masked positions: no gradient
+
+
+def _train_cfg(**kw):
+    from kdcache.config.train import StudentConfig, TrainConfig
+
+    tiny = StudentConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+    base = dict(max_steps=6, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=2, log_every=100, student=tiny)
+    return TrainConfig(**{**base, "feature_weight": 1.0, **kw})
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_training_with_the_feature_loss_resumes_exactly_and_exports_a_plain_student(world, tmp_path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.train import train
+
+    cfg = _train_cfg(feature_layer=1, feature_loss="cosine")
+    train(cfg, cache_dir=world["cache"], out_dir=tmp_path / "full")
+    part = tmp_path / "part"
+    train(cfg, cache_dir=world["cache"], out_dir=part, max_steps=2)
+    train(cfg, cache_dir=world["cache"], out_dir=part, resume=True)
+    assert np.allclose(_losses(part), _losses(tmp_path / "full"), rtol=0, atol=1e-6)
+    checkpoint = sorted((part / "checkpoints").glob("step-*"))[-1]  # the map is saved with the training state
+    assert any("kdcache_feature_map" in k for k in load_file(checkpoint / "model.safetensors"))
+    exported = load_file(part / "model.safetensors")
+    assert not any("feature_map" in k for k in exported)  # not part of the exported student
+    AutoModelForCausalLM.from_pretrained(part)
+    plain = _train_cfg(feature_weight=0.0)
+    train(plain, cache_dir=world["cache"], out_dir=tmp_path / "plain")
+    assert _losses(tmp_path / "plain") != _losses(tmp_path / "full")  # the feature term is in the loss
+
+
+def test_feature_loss_refusals(world, tmp_path) -> None:
+    from kdcache.cache.build import build_cache as build
+    from kdcache.train import train
+
+    plain = tmp_path / "plain-cache"
+    build(world["loaded"], open_tokens(world["tokens"], "train"), CacheConfig(targets="topk", top_k=8), out_dir=plain)
+    with pytest.raises(
+        ConfigError,
+        match=r"plain-cache/manifest.json: train.feature_weight is 1.0 but the cache has "
+        r"no hidden-state targets .*cache.hidden_layers \(e.g. \[-1\]\), or set train.feature_weight: 0",
+    ):
+        train(_train_cfg(), cache_dir=plain, out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"train.feature_layer: 3 is outside the student's output_hidden_states"):
+        train(_train_cfg(feature_layer=3), cache_dir=world["cache"], out_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match="train.feature_loss: must be mse|cosine"):
+        _train_cfg(feature_loss="l1")
+    with pytest.raises(ConfigError, match="train.feature_weight: must be >= 0"):
+        _train_cfg(feature_weight=-1.0)

@@ -155,6 +155,17 @@ class TrainConfig:
     need caches that store per-token teacher signals (manifest targets.signals)."""
     combine_temperature: float = 1.0
     """T of combine: nll_softmax (lower: closer to min_nll; higher: closer to the static weights)."""
+    feature_weight: float = 0.0
+    """Weight of the feature (hidden-state) loss added to the KD loss: a learned linear map of the student's
+    ``feature_layer`` hidden state against the cache's stored teacher hidden state (cache.hidden_layers; the
+    cache's last listed layer). 0 = off. The map is trained and checkpointed with the student but is not part
+    of the exported student (kdcache.features)."""
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    """Feature loss: mse (mean squared error per dimension) or cosine (1 - cosine similarity), averaged over
+    the positions that carry a loss."""
+    feature_layer: int = -1
+    """Student layer whose hidden state is mapped, as an index into its ``output_hidden_states`` (0 = the
+    embeddings, i = decoder layer i's output, -1 = the final normed state its LM head reads)."""
     student: StudentConfig = field(default_factory=StudentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """alpha and temperature schedules and a CE-only warm-up (section ``train.schedule``)."""
@@ -192,6 +203,8 @@ class TrainConfig:
         check(self.combine in COMBINE, s, "combine", f"must be {'|'.join(COMBINE)}, got {self.combine!r}")
         check(self.combine_temperature > 0, s, "combine_temperature", "must be > 0")
         check(not self.caches or sum(c.weight for c in self.caches) > 0, s, "caches", "needs a weight > 0 somewhere")
+        check(self.feature_weight >= 0, s, "feature_weight", f"must be >= 0 (0 = off), got {self.feature_weight}")
+        check(self.feature_loss in ("mse", "cosine"), s, "feature_loss", f"must be mse|cosine: {self.feature_loss!r}")
         self._check_schedule()
 
     def _check_schedule(self) -> None:
