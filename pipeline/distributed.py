@@ -268,17 +268,19 @@ def full_model_state(model: torch.nn.Module, *, tied_once: bool = True) -> dict[
 
 def load_full_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load full weights (as :func:`full_model_state` wrote them) into the sharded ``model``: each rank keeps
-    its shards. Every name must be there (tied aliases are filled in); raises ``KeyError`` naming those missing."""
+    its shards. The names must be the model's (tied aliases are filled in); raises ``KeyError`` naming the
+    missing and unexpected ones, as ``load_state_dict(strict=True)`` would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     tensors = dict(tensors)
     for alias, kept in _tied_aliases(model).items():
         if kept in tensors:
             tensors.setdefault(alias, tensors[kept])
-    want = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    want |= {name for name, _ in model.named_buffers() if name in tensors}
-    if missing := sorted(want - set(tensors)):
-        raise KeyError(f"weights missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    want = set(model.state_dict())  # names only: the shards are not gathered
+    for what, names in (("missing", want - set(tensors)), ("unexpected", set(tensors) - want)):
+        if names:
+            listed = sorted(names)
+            raise KeyError(f"weights: {what} {', '.join(listed[:5])}{' ...' if len(listed) > 5 else ''}")
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
