@@ -157,14 +157,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from kdcache.distributed import process_group
+    from kdcache.multi_cache import cache_sources
     from kdcache.train import train
 
     student = _student_config(args.student) if args.student else StudentConfig()
-    cfg = config_from_args(TrainConfig, args, student=dataclasses.asdict(student))
+    caches = cache_sources(args.cache, args.weights)  # [] for one --cache: the single-cache path
+    cfg = config_from_args(
+        TrainConfig, args, student=dataclasses.asdict(student), **({"caches": caches} if caches else {})
+    )
     with process_group(device=args.device):
         train(
             cfg,
-            cache_dir=args.cache,
+            cache_dir=args.cache[0],
             out_dir=args.out,
             resume=args.resume,
             device=args.device,
@@ -336,7 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sp, GenerateConfig, skip=("enabled",))
 
     sp = command("train", cmd_train, "Train a student from a cache (the teacher is not needed).")
-    sp.add_argument("--cache", required=True, metavar="DIR", help="cache directory")
+    sp.add_argument(
+        "--cache",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="cache directory (repeat: several teachers, train.caches)",
+    )
+    sp.add_argument("--weights", metavar="W1,W2", help="teacher weights for repeated --cache (default: equal)")
     sp.add_argument("--out", required=True, metavar="DIR", help="output student directory")
     sp.add_argument(
         "--student",
@@ -352,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sp.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
-    add_config_flags(sp, TrainConfig)
+    add_config_flags(sp, TrainConfig, skip=("caches",))
 
     sp = command(
         "evaluate",

@@ -120,7 +120,8 @@ def train(
     with hold_output_dir(
         out_dir,
         kind=OUTPUT_KIND,
-        inputs={"cache": cache_dir, "pretrained student": cfg.student.path},
+        inputs={"cache": cache_dir, "pretrained student": cfg.student.path}
+        | {f"train.caches[{i}]": c.path for i, c in enumerate(cfg.caches)},
         overwrite=overwrite,
         legacy=is_student_dir,
         leader=rank == 0,

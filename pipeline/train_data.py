@@ -28,6 +28,7 @@ from kdcache.losses import (
     KDLossSpec,
     default_loss,
 )
+from kdcache.multi_cache import open_caches
 from kdcache.packing import target_mask
 from kdcache.student import (
     VocabMap,
@@ -62,9 +63,21 @@ class Position:
 
 def open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, Any, VocabMap | None, dict | None]:
     """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ."""
+    if cfg.caches:  # several teachers (kdcache.multi_cache): the first cache leads (tokenizer, data order)
+        cache_dir = cfg.caches[0].path
     cache_tok = load_cache_tokenizer(cache_dir)
     student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
-    reader = open_cache(cache_dir, temperature=cfg.temperature)
+    if cfg.caches:
+        paths, weights = [c.path for c in cfg.caches], [c.weight for c in cfg.caches]
+        reader = open_caches(
+            paths,
+            weights,
+            combine=cfg.combine,
+            combine_temperature=cfg.combine_temperature,
+            temperature=cfg.temperature,
+        )
+    else:
+        reader = open_cache(cache_dir, temperature=cfg.temperature)
     check_cache_tokenizer(reader, cache_tok, cache_dir=cache_dir)
     if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(cache_tok):
         return reader, student_tok, None, None

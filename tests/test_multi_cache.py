@@ -4,6 +4,7 @@ the teachers' own dense distributions (a fresh forward)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,68 @@ def test_command_line_weights_become_cache_sources() -> None:
         cache_sources(["a", "b"], "0.7")
     with pytest.raises(ConfigError, match="--weights 0.7,x: must be comma-separated numbers"):
         cache_sources(["a", "b"], "0.7,x")
+
+
+def test_a_student_trains_from_several_caches_and_records_them(world, tmp_path) -> None:
+    from kdcache.config.train import CacheSourceConfig, StudentConfig, TrainConfig
+    from kdcache.train import train
+
+    tiny = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    caches = (CacheSourceConfig(path=str(world["a"]), weight=0.7), CacheSourceConfig(path=str(world["b"]), weight=0.3))
+    cfg = TrainConfig(max_steps=2, batch_size=4, student=tiny, caches=caches, checkpoint_every=2)
+    summary = train(cfg, cache_dir=world["a"], out_dir=tmp_path / "student")
+    assert summary["complete"] and summary["loss"]["kind"] == "topk_tail"
+    listed = summary["cache"]["targets"]["multi_teacher"]["caches"]
+    assert [c["path"] for c in listed] == [str(world["a"]), str(world["b"])]
+    assert [c["weight"] for c in listed] == pytest.approx([0.7, 0.3])
+
+
+def test_picking_always_the_first_teacher_trains_exactly_like_its_cache_alone(world, tmp_path) -> None:
+    """min_nll with weights (1, 0) picks the first cache at every token: the same targets (padded wider), so
+    the same losses step by step as the single-cache path."""
+    from kdcache.config.train import CacheSourceConfig, StudentConfig, TrainConfig
+    from kdcache.train import train
+
+    tiny = StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    base = dict(max_steps=3, batch_size=4, student=tiny, checkpoint_every=3)
+    train(TrainConfig(**base), cache_dir=world["a"], out_dir=tmp_path / "single")
+    caches = (CacheSourceConfig(path=str(world["a"]), weight=1.0), CacheSourceConfig(path=str(world["b"]), weight=0.0))
+    train(TrainConfig(**base, caches=caches, combine="min_nll"), cache_dir=world["a"], out_dir=tmp_path / "multi")
+    logs = [
+        [json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+        for d in ("single", "multi")
+    ]
+    for one, two in zip(*logs, strict=True):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-6) and one["kd"] == pytest.approx(two["kd"], rel=1e-6)
+
+
+def test_cli_trains_from_several_caches_with_weights(world, tmp_path, capsys) -> None:
+    from kdcache.cli import main
+
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}))
+    out = tmp_path / "cli-student"
+    args = ["train", "--cache", str(world["a"]), "--cache", str(world["b"]), "--weights", "0.7,0.3"]
+    assert main(
+        [
+            *args,
+            "--out",
+            str(out),
+            "--student",
+            str(student),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--combine",
+            "nll_softmax",
+        ]
+    ) in (0, None)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["config"]["caches"] == [
+        {"path": str(world["a"]), "weight": 0.7},
+        {"path": str(world["b"]), "weight": 0.3},
+    ]
+    assert summary["config"]["combine"] == "nll_softmax"
+    assert main([*args[:-1], "0.7", "--out", str(tmp_path / "x"), "--student", str(student)]) == 1
+    assert "--weights 0.7: one weight per --cache (2 caches, 1 weights)" in capsys.readouterr().err
