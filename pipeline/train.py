@@ -39,6 +39,7 @@ from kdcache.cache.prefetch import Prefetcher
 from kdcache.cache.reader import CacheReader
 from kdcache.config.base import ConfigError
 from kdcache.config.train import ANY_TEMPERATURE_LOSSES, RampConfig, TrainConfig
+from kdcache.crossproj import uld_output
 from kdcache.devices import resolve_device
 from kdcache.distributed import (
     any_rank_failed,
@@ -252,6 +253,8 @@ def _loop(
     from tqdm.auto import tqdm
 
     head, why = fused_head(model)
+    if cfg.cross_tokenizer == "uld":  # kdcache.crossproj.uld_loss sorts the student's whole distribution
+        head, why = None, "train.cross_tokenizer: uld needs the full logits"
     if head is None:
         log.info("student head not fused (%s): the loss computes its full (B, T, V) logits", why)
     stream = Prefetcher(
@@ -361,7 +364,9 @@ def _step(
                     out = kd_loss_from_hidden(hidden, head, input_ids=input_ids, spec=spec, **targets)
                 else:
                     logits = model(input_ids=input_ids).logits  # (B, T, V)
-            if head is None:
+            if head is None and "uld_probs" in batch:  # train.cross_tokenizer: uld
+                out = uld_output(logits, input_ids=input_ids, spec=spec, batch=batch)
+            elif head is None:
                 out = kd_loss(logits, input_ids=input_ids, spec=spec, **targets)
             if tap is not None:  # + train.feature_weight x the feature loss (kdcache.features)
                 out = tap.add_to(out, batch, dev)

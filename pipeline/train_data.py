@@ -20,6 +20,13 @@ from kdcache.cache.reader import CacheReader, open_cache
 from kdcache.config.base import ConfigError
 from kdcache.config.token_filter import TokenFilterConfig
 from kdcache.config.train import TrainConfig
+from kdcache.crosstok import CrossTokenizerBatches
+from kdcache.crosstrain import (
+    check_cross_temperature,
+    cross_tokenizer_batches,
+    load_student_tokenizer_dir,
+    log_cross_report,
+)
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.losses import (
     REQUIRED_KEYS,
@@ -61,11 +68,16 @@ class Position:
     elapsed: float = 0.0
 
 
-def open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, Any, VocabMap | None, dict | None]:
-    """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ."""
+def open_inputs(
+    cfg: TrainConfig, cache_dir: str | Path
+) -> tuple[CacheReader, Any, VocabMap | CrossTokenizerBatches | None, dict | None]:
+    """Open the cache; the student's tokenizer; a vocabulary mapping (and its coverage) if they differ
+    (``train.cross_tokenizer``: the transform that re-tokenizes each row, and what it keeps)."""
     if cfg.caches:  # several teachers (kdcache.multi_cache): the first cache leads (tokenizer, data order)
         cache_dir = cfg.caches[0].path
     cache_tok = load_cache_tokenizer(cache_dir)
+    if cfg.cross_tokenizer != "none":
+        return open_cross_tokenizer(cfg, cache_dir, cache_tok)
     student_tok = load_student_tokenizer(cfg.student, cache_tokenizer=cache_tok, vocab_map=cfg.vocab_map)
     if cfg.caches:
         paths, weights = [c.path for c in cfg.caches], [c.weight for c in cfg.caches]
@@ -102,6 +114,22 @@ def open_inputs(cfg: TrainConfig, cache_dir: str | Path) -> tuple[CacheReader, A
         100 * report["input_tokens_mapped"],
     )
     return reader, student_tok, vmap, report
+
+
+def open_cross_tokenizer(
+    cfg: TrainConfig, cache_dir: str | Path, cache_tok: Any
+) -> tuple[CacheReader, Any, CrossTokenizerBatches, dict]:
+    """``train.cross_tokenizer``: the student's own tokenizer re-tokenizes each row (``kdcache.crosstok``)."""
+    if len(cfg.caches) > 1:
+        raise ConfigError("train.cross_tokenizer: one cache only for now; set train.caches: [] (or one cache)")
+    student_tok = load_student_tokenizer_dir(cfg.student_tokenizer or cfg.student.path)
+    reader = open_cache(cache_dir, temperature=cfg.temperature)
+    check_cache_tokenizer(reader, cache_tok, cache_dir=cache_dir)
+    tau = reader.layout.temperature
+    check_cross_temperature(cfg.cross_tokenizer, loss=cfg.loss, temperature=cfg.temperature, cache_temperature=tau)
+    cross, report = cross_tokenizer_batches(reader, cache_tok, student_tok, method=cfg.cross_tokenizer)
+    log_cross_report(report, teacher_tokenizer=cache_tok, student_tokenizer=student_tok)
+    return reader, student_tok, cross, report
 
 
 def check_cache_tokenizer(reader: CacheReader, cache_tok: Any, *, cache_dir: str | Path) -> None:
@@ -224,7 +252,7 @@ PREFETCH_BATCHES = 4
 def prepare_batch(
     item: tuple[tuple[int, int], dict[str, torch.Tensor]],
     *,
-    vmap: VocabMap | None,
+    vmap: VocabMap | CrossTokenizerBatches | None,
     pin: bool,
     packing: dict[str, Any] | None = None,
     token_filter: TokenFilterConfig | None = None,

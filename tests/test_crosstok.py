@@ -346,6 +346,20 @@ def test_projected_samples_merge_counts_and_drop_draws_the_student_lacks(pair):
     assert cached == pytest.approx(counts.sum() / 24)
 
 
+def test_ids_past_the_tokenizer_map_to_nothing(pair):
+    teacher, student = pair
+    aligner = Aligner(teacher, student)
+    proj = build_projection(
+        "prefix",
+        teacher_bytes=aligner.teacher_bytes,
+        student_tokenizer=student,
+        student_bytes=aligner.student_bytes,
+        events=aligner.events,
+    )
+    V = len(aligner.teacher_bytes)
+    np.testing.assert_array_equal(proj.map(np.array([[1, V, V + 5]])), [[proj.to_student[1], -1, -1]])
+
+
 def test_merge_by_row_sums_equal_ids_and_pads():
     ids = np.array([[3, 1, 3, -1], [-1, -1, -1, -1], [2, 2, 2, 2]])
     w = np.array([[0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], [0.25] * 4])
@@ -468,7 +482,88 @@ def test_uld_output_mixes_ce_and_uld_with_alpha():
     out = uld_output(logits, input_ids=ids, spec=KDLossSpec(kind="sampled", alpha=0.3), batch=batch)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     uld, count = uld_loss(logits, **{k: batch[k] for k in ("uld_probs", "uld_tail", "uld_mask", "loss_mask")})
-    assert float(out.loss) == pytest.approx(float(0.7 * ce + 0.3 * uld), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float((0.7 * ce + 0.3 * uld).detach()), rel=1e-5)
     assert float(out.kd) == pytest.approx(float(uld), rel=1e-6) and int(out.kd_count) == int(count)
     out.loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+# -- the trainer (train.cross_tokenizer, train.student_tokenizer)
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def cross_world(tmp_path_factory):
+    """A byte-level BPE teacher (tiny Llama), stream-packed tokens, a top-k and a sampled cache of them, and
+    a SentencePiece-style student tokenizer saved on its own."""
+    from conftest import tiny_llama
+
+    from kdcache.cache.build import build_cache
+    from kdcache.config.cache import CacheConfig
+    from kdcache.config.teacher import TeacherConfig
+    from kdcache.fingerprint import tokenizer_fingerprint
+    from kdcache.teacher import load_teacher
+    from kdcache.token_data import open_tokens, write_tokens
+
+    root = tmp_path_factory.mktemp("cross")
+    texts = corpus(40) + ADVERSARIAL
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    tiny_llama(len(tok), max_positions=SEQ).save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    stream = [i for t in texts for i in [*tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
+    rows = np.asarray(stream[: len(stream) // SEQ * SEQ]).reshape(-1, SEQ)[:12]
+    fp = tokenizer_fingerprint(tok)
+    write_tokens(root / "tokens", {"train": rows[:10], "val": rows[10:]}, vocab_size=len(tok), tokenizer_fingerprint=fp)
+    teacher = load_teacher(TeacherConfig(path=str(root / "teacher"), device="cpu"))
+    for kind in ("topk", "sampled"):
+        cfg = CacheConfig(targets=kind, top_k=8, samples=8, batch_size=4, rows_per_shard=8)
+        build_cache(teacher, open_tokens(root / "tokens", "train"), cfg, out_dir=root / kind)
+    sp_tokenizers.metaspace_bpe(texts, 280).save_pretrained(root / "student_tokenizer")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("cache", "method"), [("topk", "exact"), ("topk", "prefix"), ("topk", "uld"), ("sampled", "prefix")]
+)
+def test_trainer_distills_a_student_with_another_tokenizer(cross_world, cache, method, tmp_path, monkeypatch):
+    import json
+    import math
+
+    from kdcache.config.train import StudentConfig, TrainConfig
+    from kdcache.fingerprint import tokenizer_fingerprint
+    from kdcache.train import train
+
+    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
+    cfg = TrainConfig(
+        max_steps=2,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        log_every=100,
+        student=StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        cross_tokenizer=method,
+        student_tokenizer=str(cross_world / "student_tokenizer"),
+    )
+    summary = train(cfg, cache_dir=cross_world / cache, out_dir=tmp_path / "s")
+    assert summary["complete"] and math.isfinite(summary["final_loss"])
+    report = json.loads((tmp_path / "s" / "training.json").read_text())["vocab_map"]
+    assert report["method"] == method and 0.3 < report["soft_target_fraction"] <= 1
+    assert 0 < report["teacher_mass_kept_ratio"] <= 1 + 1e-6 and report["student_seq_len"] >= 8
+    student = PreTrainedTokenizerFast.from_pretrained(tmp_path / "s")
+    assert tokenizer_fingerprint(student) == tokenizer_fingerprint(
+        PreTrainedTokenizerFast.from_pretrained(cross_world / "student_tokenizer")
+    )
+
+
+def test_student_tokenizer_errors_name_the_field(tmp_path):
+    from kdcache.crosstrain import CrossTokenizerError, load_student_tokenizer_dir
+
+    with pytest.raises(CrossTokenizerError, match=r"train.student_tokenizer=.*nope: not a directory"):
+        load_student_tokenizer_dir(tmp_path / "nope")
+    from conftest import word_tokenizer
+
+    word_tokenizer(10).save_pretrained(tmp_path / "words")
+    with pytest.raises(CrossTokenizerError, match=r"train.student_tokenizer=.*words: .*model=WordLevel"):
+        load_student_tokenizer_dir(tmp_path / "words")
