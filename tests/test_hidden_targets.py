@@ -221,3 +221,13 @@ def test_feature_loss_refusals(world, tmp_path) -> None:
         _train_cfg(feature_loss="l1")
     with pytest.raises(ConfigError, match="train.feature_weight: must be >= 0"):
         _train_cfg(feature_weight=-1.0)
+
+
+def test_views_and_exports_of_a_hidden_cache_carry_the_soft_targets_only(world, tmp_path) -> None:
+    import kdcache
+    from kdcache.interop.export import export_cache
+
+    for to in ("lists", "axolotl", "nemo"):
+        export_cache(world["cache"], to=to, out=tmp_path / to)
+    row = kdcache.to_hf_dataset(world["cache"])[0]
+    assert "topk_ids" in row and not any(k.startswith("hidden_") for k in row)

@@ -34,7 +34,7 @@ def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
         names += (["topk_lengths"] if layout.adaptive else []) + ["topk_ids", "topk_codes", "topk_tail"]
     if layout.has_samples:
         names += ["sample_lengths", "sample_ids", "sample_counts"]
-    v2 = {name: layout.blob_dtypes()[name] for name in position_shapes(layout)}  # stored as in the shard
+    v2 = {name: layout.blob_dtypes()[name] for name in position_shapes(layout, hidden=True)}  # stored as in the shard
     return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names} | v2
 
 
@@ -49,7 +49,7 @@ def staged_schema(layout: TargetLayout) -> pa.Schema:
 def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
     """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps)."""
     R, T = staged.input_ids.shape
-    arrays, shapes = [pa.array(staged.seq_index, pa.int64())], position_shapes(layout)
+    arrays, shapes = [pa.array(staged.seq_index, pa.int64())], position_shapes(layout, hidden=True)
     for name, dtype in staged_columns(layout).items():
         flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name], dtype)
         if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths") or name in shapes:
@@ -103,7 +103,7 @@ class MappedShard:
             )
         T = layout.seq_len
         widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
-        widths |= {name: int(np.prod(shape)) for name, shape in position_shapes(layout).items()}
+        widths |= {name: int(np.prod(shape)) for name, shape in position_shapes(layout, hidden=True).items()}
         if layout.has_topk and not layout.adaptive:
             widths |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
         flat, starts, fixed = {}, {}, {}

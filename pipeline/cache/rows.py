@@ -74,22 +74,24 @@ def _sample_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[s
     }
 
 
-def position_shapes(layout: TargetLayout) -> dict[str, tuple[int, ...]]:
+def position_shapes(layout: TargetLayout, *, hidden: bool = False) -> dict[str, tuple[int, ...]]:
     """v2 per-position columns -> the shape of one row's array: ``topk_log_z`` (len(temperatures), T),
-    ``teacher_<signal>`` and ``byte_lengths`` (T,), ``hidden_<L>`` (T, dim), ``hidden_scale_<L>`` (T,)."""
+    ``teacher_<signal>`` and ``byte_lengths`` (T,); with ``hidden`` (the cache's own encode, stage and map
+    paths) also ``hidden_<L>`` (T, dim) and ``hidden_scale_<L>`` (T,) -- views and exports of the soft targets
+    (``kdcache.interop``) leave the hidden-state targets out."""
     T, dtypes = layout.seq_len, layout.blob_dtypes()
     shapes = {"topk_log_z": (len(layout.temperatures), T)} | {f"teacher_{s}": (T,) for s in SIGNALS}
     return {
         c: shapes.get(c, (T,))
         for c in ("topk_log_z", *(f"teacher_{s}" for s in SIGNALS), "byte_lengths")
         if c in dtypes
-    } | (layout.hidden.shapes(T) if layout.hidden else {})
+    } | (layout.hidden.shapes(T) if layout.hidden and hidden else {})
 
 
 def _position_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str, list[bytes]]:
     """The v2 per-position columns (``position_shapes``) of ``rows``, byte planes."""
     out, dtypes = {}, layout.blob_dtypes()
-    for name, shape in position_shapes(layout).items():
+    for name, shape in position_shapes(layout, hidden=True).items():
         blobs = []
         for t in rows:
             value = (t.hidden or {}).get(name) if name.startswith("hidden_") else getattr(t, name)
@@ -189,7 +191,7 @@ def stage_rows(layout: TargetLayout, table: pa.Table, *, where: str = "rows") ->
             "sample_ids": decode_gaps(column("sample_ids", per_row), lengths, layout.id_dtype),
             "sample_counts": column("sample_counts", per_row).astype(np.uint16),
         }
-    for name, shape in position_shapes(layout).items():
+    for name, shape in position_shapes(layout, hidden=True).items():
         arrays[name] = column(name, np.full(R, int(np.prod(shape)), np.int64))
     seq_index = table.column("seq_index").to_numpy().astype(np.int64)
     return StagedRows(seq_index=seq_index, input_ids=arrays.pop("input_ids").reshape(R, T), arrays=arrays)
@@ -228,7 +230,7 @@ def unpack_row(
         width = max(int(lengths.max(initial=0)), 1)
         out.sample_ids = padded(a["sample_ids"], lengths, width, 0)
         out.sample_counts = padded(a["sample_counts"], lengths, width, 0, np.int32)
-    for name, shape in position_shapes(layout).items():
+    for name, shape in position_shapes(layout, hidden=True).items():
         value = np.asarray(a[name]).reshape(shape)
         if name.startswith("hidden_"):  # stored codes and scales, kept as stored: ``as_dict`` dequantizes
             out.hidden = (out.hidden or {}) | {name: value.copy()}
