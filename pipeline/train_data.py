@@ -122,6 +122,11 @@ def open_cross_tokenizer(
     """``train.cross_tokenizer``: the student's own tokenizer re-tokenizes each row (``kdcache.crosstok``)."""
     if len(cfg.caches) > 1:
         raise ConfigError("train.cross_tokenizer: one cache only for now; set train.caches: [] (or one cache)")
+    if cfg.feature_weight > 0:
+        raise ConfigError(
+            "train.cross_tokenizer: feature distillation reads the teacher's positions, which the student's "
+            "do not match; set train.feature_weight: 0"
+        )
     student_tok = load_student_tokenizer_dir(cfg.student_tokenizer or cfg.student.path)
     reader = open_cache(cache_dir, temperature=cfg.temperature)
     check_cache_tokenizer(reader, cache_tok, cache_dir=cache_dir)

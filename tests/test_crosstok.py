@@ -483,7 +483,7 @@ def test_uld_output_mixes_ce_and_uld_with_alpha():
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     uld, count = uld_loss(logits, **{k: batch[k] for k in ("uld_probs", "uld_tail", "uld_mask", "loss_mask")})
     assert float(out.loss.detach()) == pytest.approx(float((0.7 * ce + 0.3 * uld).detach()), rel=1e-5)
-    assert float(out.kd) == pytest.approx(float(uld), rel=1e-6) and int(out.kd_count) == int(count)
+    assert float(out.kd) == pytest.approx(float(uld.detach()), rel=1e-6) and int(out.kd_count) == int(count)
     out.loss.backward()
     assert torch.isfinite(logits.grad).all()
 
@@ -555,6 +555,21 @@ def test_trainer_distills_a_student_with_another_tokenizer(cross_world, cache, m
     assert tokenizer_fingerprint(student) == tokenizer_fingerprint(
         PreTrainedTokenizerFast.from_pretrained(cross_world / "student_tokenizer")
     )
+
+
+def test_trainer_refuses_what_cross_tokenizer_cannot_serve(cross_world, tmp_path, monkeypatch):
+    from kdcache.config.base import ConfigError
+    from kdcache.config.train import TrainConfig
+    from kdcache.train import train
+
+    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
+    common = {"cross_tokenizer": "exact", "student_tokenizer": str(cross_world / "student_tokenizer"), "max_steps": 1}
+    with pytest.raises(ConfigError, match=r"train.temperature=2 with train.cross_tokenizer=exact: .*topk_renorm"):
+        train(TrainConfig(**common, temperature=2.0), cache_dir=cross_world / "topk", out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"train.cross_tokenizer: .*train.feature_weight: 0"):
+        train(TrainConfig(**common, feature_weight=1.0), cache_dir=cross_world / "topk", out_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"train.cross_tokenizer: re-tokenizes the text, vocab_map maps ids"):
+        TrainConfig(**common, vocab_map="exact")
 
 
 def test_student_tokenizer_errors_name_the_field(tmp_path):
