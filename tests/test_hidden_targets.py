@@ -231,3 +231,18 @@ def test_views_and_exports_of_a_hidden_cache_carry_the_soft_targets_only(world, 
         export_cache(world["cache"], to=to, out=tmp_path / to)
     row = kdcache.to_hf_dataset(world["cache"])[0]
     assert "topk_ids" in row and not any(k.startswith("hidden_") for k in row)
+
+
+def test_the_readme_decoder_reads_the_hidden_columns_like_the_reader(world) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "cache" / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", readme[readme.index("## Decoding a row by hand") :], re.S).group(1)
+    code = re.sub(r"^cache_dir = .*$", f"cache_dir = {str(world['cache'])!r}", code, count=1, flags=re.M)
+    scope: dict = {}
+    exec(compile(code, "cache/README.md", "exec"), scope)  # noqa: S102 - the README's own example, on our cache
+    with open_cache(world["cache"], staging_dir=world["root"] / "stage-readme") as reader:
+        want = reader[0]
+    assert sorted(scope["hidden"]) == [1, 2]
+    for layer, values in scope["hidden"].items():
+        np.testing.assert_array_equal(values, want[f"hidden_{layer}"])
