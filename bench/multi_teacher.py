@@ -52,14 +52,17 @@ HALVES = {"a": ("a", "m"), "b": ("n", "z")}
 VAL_FRACTION = 0.1
 
 
-def write_halves(work: Path, *, union_chars: int) -> dict[str, Any]:
+def write_halves(work: Path, *, union_chars: int, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every stdlib file to its half by its top-level name (a-m / n-z); ``{half}-all.jsonl`` (the teacher's
     corpus) and ``{half}-union.jsonl`` (its share of the union: files in content-hash order up to
     ``union_chars`` characters)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: dict[str, list[str]] = {h: [] for h in HALVES}
     for path in default_corpus_files():
-        first = path.relative_to(root).parts[0].lstrip("_").lower()[:1]
+        top = path.relative_to(root).parts[0]
+        if top.removesuffix(".py") in exclude:
+            continue
+        first = top.lstrip("_").lower()[:1]
         for half, (lo, hi) in HALVES.items():
             if lo <= first <= hi:
                 docs[half].append(path.read_text(encoding="utf-8"))
@@ -258,6 +261,8 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=120)
     ap.add_argument("--union-chars", type=int, default=200_000, help="characters of each half in the union corpus")
     ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--exclude", nargs="*", default=[], help="top-level stdlib names left out (e.g. pydoc_data)")
+    ap.add_argument("--results", default=str(RESULTS), help="results JSON")
     ap.add_argument("--val-rows", type=int, default=96, help="val rows per half for the per-half CE")
     ap.add_argument("--error-batches", type=int, default=4)
     ap.add_argument(
@@ -273,7 +278,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.stage in ("teachers", "all"):
         steps = (
-            ("corpus", lambda: write_halves(work, union_chars=args.union_chars)),
+            ("corpus", lambda: write_halves(work, union_chars=args.union_chars, exclude=tuple(args.exclude))),
             ("teachers", lambda: build_teachers(work, args)),
             ("caches", lambda: build_union(work, args)),
             ("mixture_error", lambda: mixture_error(work, args)),
@@ -301,8 +306,8 @@ def main() -> None:
     state["seconds"] = round(time.perf_counter() - t0, 1)
     state["machine"] = f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}"
     state["args"] = vars(args)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(state, indent=2) + "\n")
+    Path(args.results).parent.mkdir(exist_ok=True)
+    Path(args.results).write_text(json.dumps(state, indent=2) + "\n")
     if "val_ce" in state:
         print("| model | val CE union | val CE a-m | val CE n-z | prepared val split |\n|---|---|---|---|---|")
         for name, v in state["val_ce"].items():
