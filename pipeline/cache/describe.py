@@ -48,12 +48,19 @@ def describe_manifest(m: Manifest, *, cache_dir: Path | None = None) -> str:
 
 
 def _v2_lines(m: Manifest, cache_dir: Path | None) -> list[str]:
-    """Format-2 fields (stored temperatures, signals, byte spans), column-group sizes and the staging dir."""
+    """Format-2 fields (temperatures, signals, byte spans, hidden states), column-group sizes and the staging dir."""
     layout, spans = m.layout, m.tokenizer.get("bytes")
     lines = [
         f"log-normalizers {', '.join(f'{t:g}' for t in layout.temperatures) or 'none'} (cache.temperatures)",
         f"signals        {', '.join(layout.signals) or 'none'}",
         f"byte spans     {spans if spans else 'none'}",
+        "hidden states  "
+        + (
+            f"teacher layers {list(h.layers)} projected to {h.dim} ({h.kind}, seed {h.seed}, sha256 {h.sha256[:12]}…), "
+            "int8 + fp16 scale"
+            if (h := layout.hidden)
+            else "none (cache.hidden_layers)"
+        ),
     ]
     if cache_dir is not None:
         per_group = column_bytes(cache_dir, m.shards)
