@@ -26,6 +26,7 @@ from torch import Tensor
 from kdcache.cache.format import MANIFEST_NAME, TargetLayout
 from kdcache.config.base import ConfigError
 from kdcache.config.train import TrainConfig
+from kdcache.layer_taps import hook_output, layer_module, model_shape
 from kdcache.losses import LossOutput
 
 FEATURE_MAP = "kdcache_feature_map"
@@ -50,22 +51,6 @@ def feature_loss(hidden: Tensor, weight: Tensor, target: Tensor, mask: Tensor | 
         return (per * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _layer_module(model: torch.nn.Module, layer: int, num_layers: int) -> torch.nn.Module:
-    """The module whose output is the student's ``output_hidden_states[layer]`` (layer in [0, num_layers])."""
-    if layer == 0:
-        return model.get_input_embeddings()
-    decoder = model.get_decoder()
-    if layer == num_layers:
-        return decoder  # its output's [0]: the final normed state, the LM head's input
-    blocks = next((getattr(decoder, n) for n in ("layers", "h", "blocks") if hasattr(decoder, n)), None)
-    if blocks is None or len(blocks) != num_layers:
-        raise ConfigError(
-            f"train.feature_layer: {layer} — {type(model).__name__}'s decoder has no list of {num_layers} layers "
-            "kdcache can tap; set train.feature_layer: -1 (the final state)"
-        )
-    return blocks[layer - 1]
-
-
 class FeatureTap:
     """Captures the student's chosen hidden state in each forward and adds the weighted feature loss."""
 
@@ -75,8 +60,7 @@ class FeatureTap:
         self._hook = module.register_forward_hook(self._capture)
 
     def _capture(self, _module: Any, _args: Any, out: Any) -> None:
-        state = out if isinstance(out, Tensor) else out[0]  # decoder layers/models return tuples or outputs
-        self._captured.append(state)
+        self._captured.append(hook_output(out))
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -116,15 +100,19 @@ def attach_features(
             "train.feature_weight: the feature loss needs one same-tokenizer cache and no FSDP (train.caches, "
             "train.cross_tokenizer, train.parallel); set train.feature_weight: 0 for this run"
         )
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers, width = int(config.num_hidden_layers), int(model.get_input_embeddings().weight.shape[1])
+    num_layers, width = model_shape(model)
     if not -(num_layers + 1) <= cfg.feature_layer <= num_layers:
         raise ConfigError(
             f"train.feature_layer: {cfg.feature_layer} is outside the student's output_hidden_states "
             f"[{-(num_layers + 1)}, {num_layers}] ({num_layers} layers: 0 = embeddings, -1 = the final state); "
             "pick a layer in that range"
         )
-    module = _layer_module(model, cfg.feature_layer % (num_layers + 1), num_layers)
+    module = layer_module(model, cfg.feature_layer % (num_layers + 1), num_layers)
+    if module is None:
+        raise ConfigError(
+            f"train.feature_layer: {cfg.feature_layer} — {type(model).__name__}'s decoder has no list of "
+            f"{num_layers} layers kdcache can tap; set train.feature_layer: -1 (the final state)"
+        )
     model.add_module(FEATURE_MAP, torch.nn.Linear(width, layout.hidden.dim, bias=False))
     key = next(reversed(layout.hidden.columns()))  # hidden_<L> of the cache's last listed layer
     return FeatureTap(model, module, key=key, cfg=cfg)

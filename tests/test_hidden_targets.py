@@ -85,7 +85,7 @@ def test_hidden_targets_leave_the_soft_targets_unchanged_and_change_the_name(wor
     plain = build_cache(teacher, tokens, plain_cfg, out_dir=tmp_path / "plain")
     a = pq.read_table(tmp_path / "plain" / plain.shards[0].file)
     b = pq.read_table(world["cache"] / world["manifest"].shards[0].file)
-    for column in a.column_names:  # one forward with output_hidden_states: the same final states, bit for bit
+    for column in a.column_names:  # the same forward (hooks only observe): the same soft targets, bit for bit
         assert a.column(column).equals(b.column(column)), column
     names = {cache_dir_for(teacher, tokens, c).name for c in (plain_cfg, CFG, CacheConfig(**{**vars(CFG), "seed": 1}))}
     assert len(names) == 3 and all("h1+2d8p" in n for n in names if n != cache_dir_for(teacher, tokens, plain_cfg).name)

@@ -389,7 +389,7 @@ def _score_batch(
         )
     t0 = time.perf_counter()
     features: dict[str, torch.Tensor] = {}
-    if layout.hidden and projection is not None:  # one forward: the LM head's input and the stored layers
+    if layout.hidden and projection is not None:  # one forward: the LM head's input and the tapped layers
         hidden, states = forward_with_layers(teacher, torch.from_numpy(ids), layout.hidden.layers, context)
         for (name, scale_name), state in zip(layout.hidden.columns().items(), states, strict=True):
             features[name], features[scale_name], features[f"bad_{name}"] = project_quantize(state, projection)

@@ -12,22 +12,14 @@ PCG64), signs fixed so that R's diagonal is positive, cast to float32 -- saved i
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from kdcache.cache.hidden_format import HIDDEN_LEVELS, HiddenSpec, projection_sha256
 from kdcache.cache.writer import CacheWriteError
 from kdcache.config.cache import CacheConfig
-from kdcache.teacher import Teacher
-
-
-def teacher_shape(model: Any) -> tuple[int, int]:
-    """(decoder layers, hidden width) of a transformers causal LM."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    width = getattr(config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
-    return int(config.num_hidden_layers), int(width)
+from kdcache.layer_taps import hook_output, layer_module, model_shape
+from kdcache.teacher import Teacher, context_hidden
 
 
 def orthogonal_projection(width: int, dim: int, seed: int) -> np.ndarray:
@@ -44,7 +36,7 @@ def hidden_targets(cfg: CacheConfig, teacher: Teacher) -> tuple[HiddenSpec, np.n
     ``hidden_dim`` above the teacher's width, naming the field and the fix."""
     if not cfg.hidden_layers:
         return None
-    num_layers, width = teacher_shape(teacher.model)
+    num_layers, width = model_shape(teacher.model)
     where = f"the teacher ({teacher.info['path']}: {num_layers} layers, width {width})"
     layers = []
     for layer in cfg.hidden_layers:
@@ -55,6 +47,11 @@ def hidden_targets(cfg: CacheConfig, teacher: Teacher) -> tuple[HiddenSpec, np.n
                 "pick layers in that range"
             )
         layers.append(layer % (num_layers + 1))
+    if any(layer_module(teacher.model, layer, num_layers) is None for layer in layers):
+        raise CacheWriteError(
+            f"cache.hidden_layers: {type(teacher.model).__name__}'s decoder has no list of {num_layers} layers "
+            "kdcache can tap for an intermediate layer; set cache.hidden_layers: [-1] (the final state)"
+        )
     if len(set(layers)) != len(layers):
         raise CacheWriteError(f"cache.hidden_layers: {list(cfg.hidden_layers)} names one layer of {where} twice")
     if cfg.hidden_dim > width:
@@ -69,22 +66,27 @@ def hidden_targets(cfg: CacheConfig, teacher: Teacher) -> tuple[HiddenSpec, np.n
 def forward_with_layers(
     teacher: Teacher, input_ids: torch.Tensor, layers: tuple[int, ...], context: tuple[int, ...] = ()
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One forward of ``[context; row]`` per row: the final hidden states (B, T, H) that feed the LM head
-    (``kdcache.teacher.context_hidden``'s) and ``output_hidden_states[L]`` (B, T, H) for each L in ``layers``,
-    cut to the rows' positions."""
-    ids = input_ids
-    if context:
-        ids = torch.cat([torch.tensor(context, dtype=ids.dtype).expand(ids.shape[0], -1), ids], dim=1)  # (B, C+T)
-    base = teacher.model.base_model
-    with torch.inference_mode():
-        out = base(input_ids=ids.to(teacher.device, non_blocking=True), use_cache=False, output_hidden_states=True)
-    final, states = out.last_hidden_state, out.hidden_states
-    if final is None or states is None:
-        raise CacheWriteError(
-            f"{teacher.info['path']}: {type(base).__name__} returns no hidden_states; set cache.hidden_layers: []"
+    """``kdcache.teacher.context_hidden``'s forward (the final hidden states (B, T, H) that feed the LM head,
+    unchanged) plus ``output_hidden_states[L]`` (B, T, H) of each L in ``layers``, cut to the rows' positions.
+
+    Intermediate layers are captured by forward hooks on their modules (``kdcache.layer_taps``), so only the
+    listed layers' states are kept, never all of them."""
+    num_layers, _ = model_shape(teacher.model)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer_module(teacher.model, L, num_layers).register_forward_hook(
+            lambda _module, _args, out, L=L: captured.__setitem__(L, hook_output(out))
         )
+        for L in layers
+        if num_layers != L
+    ]
+    try:
+        final = context_hidden(teacher, input_ids, context)  # (B, T, H), the context already cut
+    finally:
+        for hook in hooks:
+            hook.remove()
     cut = len(context)
-    return final[:, cut:], [states[L][:, cut:].to(final.device) for L in layers]
+    return final, [final if num_layers == L else captured[L][:, cut:].to(final.device) for L in layers]
 
 
 def project_quantize(state: torch.Tensor, projection: torch.Tensor) -> tuple[torch.Tensor, ...]:
