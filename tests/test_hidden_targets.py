@@ -246,3 +246,25 @@ def test_the_readme_decoder_reads_the_hidden_columns_like_the_reader(world) -> N
     assert sorted(scope["hidden"]) == [1, 2]
     for layer, values in scope["hidden"].items():
         np.testing.assert_array_equal(values, want[f"hidden_{layer}"])
+
+
+def test_hidden_targets_under_a_teacher_context_are_the_rows_positions_given_the_context(world, tmp_path) -> None:
+    from conftest import word_tokenizer
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(VOCAB, max_positions=64, seed=2, num_hidden_layers=2).save_pretrained(teacher_dir)
+    word_tokenizer(VOCAB).save_pretrained(teacher_dir)
+    teacher = load_teacher(TeacherConfig(path=str(teacher_dir), device="cpu"))
+    tokens = open_tokens(world["tokens"], "train")
+    cfg = CacheConfig(**{**vars(CFG), "hidden_layers": (1,), "teacher_context": "w5 w6 w7"})
+    build_cache(teacher, tokens, cfg, out_dir=tmp_path / "c")
+    ids = torch.from_numpy(np.asarray(tokens.ids, np.int64))  # (N, T)
+    full = torch.cat([torch.tensor([5, 6, 7]).expand(len(ids), -1), ids], dim=1)  # (N, 3 + T)
+    with torch.no_grad():
+        state = teacher.model(input_ids=full, output_hidden_states=True).hidden_states[1][:, 3:]  # (N, T, H)
+    want = state.double().numpy() @ orthogonal_projection(32, DIM, 0).astype(np.float64)  # (N, T, dim)
+    with open_cache(tmp_path / "c", staging_dir=tmp_path / "stage") as reader:
+        for i in range(len(reader)):
+            row = reader[i]
+            step = np.abs(want[row["seq_index"]]).max(-1, keepdims=True) / 127  # (T, 1)
+            assert np.all(np.abs(row["hidden_1"] - want[row["seq_index"]]) <= 0.51 * step + 1e-6)
