@@ -18,7 +18,8 @@ sequences: CE (nats/token), KL(teacher || student), top-1 agreement with the tea
 with the same settings skips finished tasks). Phase 3 aggregates mean, std, min and max over seeds and
 writes ``bench/results/kd_quality.json`` and a markdown table.
 
-    python bench/kd_quality.py --teacher /tmp/kd/teacher --tokens data/tokens --seeds 0,1,2 --procs 2
+    python bench/kd_quality.py --teacher /tmp/kd/teacher170 --tokens data/tokens --workdir /tmp/kd/quality \
+        --seeds 0,1,2 --extra-seeds 0 --filter-seeds 0,1,2 --procs 2
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from kdcache.token_data import open_tokens
 from kdcache.token_filter import apply_token_filter
 
 RESULTS = Path(__file__).parent / "results" / "kd_quality.json"
+SEED_ARGS = {"core": "seeds", "extra": "extra_seeds", "token filter": "filter_seeds"}  # group -> its seeds option
 TEMPERATURES = (2.0, 4.0)  # stored log-normalizers besides tau0 = 1
 log = logging.getLogger("kd_quality")
 
@@ -78,6 +80,13 @@ def variant_table(top_k: int, samples: list[int]) -> dict[str, dict[str, Any]]:
     for by, keep, frac in filters:
         v[f"top-{top_k} + tail, KD on {keep} {by} {frac:g}"] = dict(
             kind="topk_tail", targets=tk, filter=dict(by=by, keep=keep, fraction=frac), group="token filter"
+        )
+    for by, keep, frac in [*filters, ("entropy", "low", 0.8)]:  # the signals a v2 sampled cache stores too
+        v[f"sampled S={max(samples)}, KD on {keep} {by} {frac:g}"] = dict(
+            kind="sampled",
+            targets=f"s{max(samples)}",
+            filter=dict(by=by, keep=keep, fraction=frac),
+            group="token filter",
         )
     for kind, beta in (("reverse_kl", 0.5), ("jsd", 0.5), ("skew_kl", 0.1), ("tv", 0.5), ("hard", 0.5)):
         name = f"top-{top_k} {kind}" + (f" beta={beta:g}" if kind in ("jsd", "skew_kl") else "")
@@ -232,6 +241,10 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
     targets = Targets(work, v["targets"], info) if "targets" in v else None
     teacher_mm = np.load(work / "train_logits.npy", mmap_mode="r") if v["kind"] == "online" else None
     filt = TokenFilterConfig(**v["filter"]) if "filter" in v else None
+    signals = {}
+    if filt is not None and not targets.layout.has_topk:  # per-position teacher signals: the same columns (same
+        top = next(name for name in info["bytes_per_token"] if name.startswith("top"))  # teacher and positions)
+        signals = Targets(work, top, info).signals  # as the top-k file stores them
     taus = v.get("taus", [1.0])
     t0, kd_sum = time.perf_counter(), 0.0
     for step in range(cfg.max_steps):
@@ -245,6 +258,7 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
             alpha, loss, kd = (cfg.alpha if len(taus) == 1 else 1.0), 0.0, 0.0
             for tau in taus:
                 batch = {"input_ids": ids} | (targets.batch(seqs, tau) if targets else {})
+                batch |= {k: torch.from_numpy(a[seqs]) for k, a in signals.items()}
                 if filt is not None:
                     batch = apply_token_filter(batch, filt)  # narrows loss_mask: KD only where kept
                 batch = {k: t for k, t in batch.items() if not k.startswith("teacher_")}
@@ -322,6 +336,10 @@ def summarize(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, An
         for m in ("ce", "kl_to_teacher", "top1_agreement", "top1_accuracy", "ece", "overconfidence", "train_s"):
             x = np.array([r[m] for r in got], np.float64)
             s[m] = {"mean": x.mean(), "std": x.std(ddof=1) if len(x) > 1 else 0.0, "min": x.min(), "max": x.max()}
+        online = {r["seed"]: r for r in rows if r["variant"] == "online full KD"}
+        for m in ("ce", "kl_to_teacher"):  # paired by seed (same init and data order): the seed noise cancels
+            d = [100 * (r[m] / online[r["seed"]][m] - 1) for r in got if r["seed"] in online]
+            s[f"{m}_vs_online_pct"] = {"mean": float(np.mean(d)), "min": min(d), "max": max(d)} if d else None
         out.append(s)
     return out
 
@@ -333,17 +351,18 @@ def cell(stat: dict[str, float], n: int, fmt: str = ".3f") -> str:
 
 
 def table(summary: list[dict[str, Any]], info: dict[str, Any], online: str = "online full KD") -> str:
-    ref = next((s for s in summary if s["variant"] == online), None)
     bpt = info["bytes_per_token"]
     lines = [
-        "| variant | seeds | val CE | KL(teacher‖student) | vs online (CE) | top-1 agr. | ECE | target B/token |",
+        "| variant | seeds | val CE | KL(teacher‖student) | Δ val CE vs online (paired) | "
+        "top-1 agr. | ECE | target B/token |",
         "|---|---|---|---|---|---|---|---|",
     ]
     t = info["teacher_metrics"]
     lines.append(f"| teacher | – | {t['ce']:.3f} | 0 | | 1 | {t['ece']:.3f} | |")
     for s in summary:
         n = len(s["seeds"])
-        rel = f"{100 * (s['ce']['mean'] / ref['ce']['mean'] - 1):+.2f}%" if ref else ""
+        d = s["ce_vs_online_pct"]
+        rel = "" if d is None else f"{d['mean']:+.2f}%" + (f" ({d['min']:+.2f} to {d['max']:+.2f})" if n > 1 else "")
         bytes_ = ""
         for name, b in bpt.items():
             if name.startswith("top") and "top-" in s["variant"]:
@@ -353,8 +372,9 @@ def table(summary: list[dict[str, Any]], info: dict[str, Any], online: str = "on
                     cols.get(c, 0.0) for c in ("teacher_nll", "teacher_entropy")
                 )
                 bytes_ = f"{base + extra:.1f}"
-            elif name.startswith("s") and s["variant"] == f"sampled S={name[1:]}":
-                bytes_ = f"{b['targets']:.1f}"
+            elif name.startswith("s") and s["variant"].split(",")[0] == f"sampled S={name[1:]}":
+                signals = sum(bpt[t]["columns"].get(c, 0.0) for t in bpt for c in ("teacher_nll", "teacher_entropy"))
+                bytes_ = f"{b['targets'] + ('KD on' in s['variant']) * signals:.1f}"
         if s["variant"] == online:
             bytes_ = f"{4 * info['vocab']} (dense fp32, not cached)"
         lines.append(
@@ -381,6 +401,7 @@ def main() -> None:
     ap.add_argument("--samples", default="8,16")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the core variants (student init + data order)")
     ap.add_argument("--extra-seeds", default="0", help="seeds of the other variants (temperature, filter, menu)")
+    ap.add_argument("--filter-seeds", default="0", help="seeds of the token-filter variants")
     ap.add_argument("--only", default="", help="comma-separated groups to run (default: all)")
     ap.add_argument("--procs", type=int, default=2, help="worker processes, 1 torch thread each")
     ap.add_argument("--report-only", action="store_true", help="aggregate the finished tasks, train nothing")
@@ -394,15 +415,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     info = prepare(args, work)
     vt = variant_table(args.top_k, [int(s) for s in args.samples.split(",")])
-    seeds = {"core": [int(s) for s in args.seeds.split(",")], "extra": [int(s) for s in args.extra_seeds.split(",")]}
+    seeds = {g: [int(s) for s in getattr(args, a).split(",")] for g, a in SEED_ARGS.items()}
     groups = set(args.only.split(",")) if args.only else None
     train_keys = ("steps", "batch", "alpha", "hidden", "layers")
     common = {k: getattr(args, k) for k in train_keys} | {"teacher": args.teacher}
     jobs = []
     # order: the core at its first seed, the cache-only ideas, the core's other seeds, then the loss menu
-    for seed in sorted(set(seeds["core"]) | set(seeds["extra"])):
+    for seed in sorted(set().union(*seeds.values())):
         for name, v in vt.items():
-            if seed in seeds["core" if v["group"] == "core" else "extra"] and (groups is None or v["group"] in groups):
+            if seed in seeds.get(v["group"], seeds["extra"]) and (groups is None or v["group"] in groups):
                 key = hashlib.sha256(json.dumps([name, seed, common, settings], sort_keys=True).encode()).hexdigest()
                 core = seeds["core"]
                 rank = (0 if seed == core[0] else 1 + core.index(seed)) * 2 if v["group"] == "core" else 1
@@ -437,7 +458,11 @@ def main() -> None:
     print(md)
     out = {
         "command": "python bench/kd_quality.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k not in ("out", "report_only") and v not in ("", False)
+        ),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
