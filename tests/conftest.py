@@ -16,9 +16,11 @@ import os
 if not os.environ.get("KDCACHE_TEST_GPU"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported anywhere: the suite is CPU-only
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -49,6 +51,19 @@ WORDS = [
     "open",
 ]
 """Python-ish words for tiny synthetic corpora."""
+
+
+@pytest.fixture
+def staging_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A per-test staging directory and one torch thread (tiny models: faster and steady on a loaded machine).
+
+    Use it module-wide: ``pytestmark = pytest.mark.usefixtures("staging_one_thread")``."""
+    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 STUDENT = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
 """A tiny student (``train.student`` sizes) for tests that train."""

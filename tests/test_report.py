@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,13 +38,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster and steady on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +121,7 @@ def write_tiny_cache(
     return out
 
 
-@pytest.fixture(autouse=True)
-def _staging_and_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster and steady on a loaded machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
 
 @pytest.fixture(scope="module")

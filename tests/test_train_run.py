@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import STUDENT, make_world
 
 from kdcache.cache.build import cache_corpus
@@ -25,13 +24,7 @@ CFG = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
 
 @pytest.fixture(scope="module")

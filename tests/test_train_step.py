@@ -5,7 +5,6 @@ and a non-finite loss is refused naming its step."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,7 @@ from kdcache.train import _step, train
 from kdcache.train_data import Position, TrainError, batch_stream
 from kdcache.train_run import LOG_FIELDS
 
-
-@pytest.fixture(autouse=True)
-def _staging_and_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
 
 @pytest.fixture(scope="module")
