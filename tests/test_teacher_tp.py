@@ -1,4 +1,4 @@
-"""teacher.tp_plan (transformers' own tensor parallelism) and the loader's one-line refusals.
+"""teacher.tp_plan (transformers' own tensor parallelism), the lockstep cache build, the loader's refusals.
 
 Tensor parallelism runs here for real: 2 ranks under `torchrun` with gloo on the CPU, a tiny Llama
 loaded with ``tp_plan: auto`` (its weights become DTensors sharded over the ranks), compared with
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_world
 
@@ -122,12 +123,109 @@ def test_a_bare_cuda_device_under_torchrun_is_refused_before_the_teacher_loads(w
     assert not (world["root"] / "never").exists()
 
 
-def test_the_cache_build_refuses_a_tensor_parallel_teacher_until_it_scores_in_lockstep(world) -> None:
-    from kdcache.cache.build import cache_corpus
-    from kdcache.cache.writer import CacheWriteError
-    from kdcache.config.cache import CacheConfig
+BUILD = """
+import os, sys
+import torch
+from kdcache.cache.build import cache_corpus
+from kdcache.config.cache import CacheConfig
+from kdcache.config.teacher import TeacherConfig
+from kdcache.files import set_crash_hook
 
-    cfg = TeacherConfig(path=str(world["teacher"]), device="cpu", tp_plan="auto")
-    with pytest.raises(CacheWriteError, match="teacher.tp_plan: the cache build scores data-parallel"):
-        cache_corpus(cfg, CacheConfig(), tokens_dir=world["tokens"], out_dir=world["root"] / "never")
-    assert not (world["root"] / "never").exists()
+teacher, tokens, out, fail = sys.argv[1:5]
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+
+
+def disk_full(name):
+    if name == fail:
+        raise OSError(28, "No space left on device")
+
+
+if rank == 0:  # rank 0's writer thread fails once shard 1 is on disk, as a full disk would
+    set_crash_hook(disk_full)
+cfg = CacheConfig(targets="both", top_k=8, samples=8, batch_size=3, rows_per_shard=4)
+try:
+    cache_corpus(TeacherConfig(path=teacher, device="cpu", tp_plan="auto"), cfg, tokens_dir=tokens, out_dir=out)
+except Exception as e:
+    print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+    sys.exit(3)
+"""
+CACHE_FLAGS = ["--device", "cpu", "--targets", "both", "--top-k", "8", "--samples", "8", "--batch-size", "3"]
+CACHE_FLAGS += ["--rows-per-shard", "4"]  # 12 sequences: 3 shards of batches of 3 and 1 sequence
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_NO_PROGRESS": "1"}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _targets(path: Path) -> list[dict]:
+    from kdcache.cache.reader import open_cache
+    from kdcache.cache.verify import verify_cache
+
+    assert verify_cache(path) == []
+    reader = open_cache(path, staging_dir=path.parent / "staging")
+    return [reader[i] for i in range(len(reader))]
+
+
+def test_a_tensor_parallel_teacher_builds_the_cache_in_lockstep_and_resumes_after_a_failed_rank(world, tmp_path):
+    """Issue 9.4: both ranks run every batch, rank 0 writes; the targets equal a one-process build's."""
+    (tmp_path / "build.py").write_text(BUILD)
+    tp, one = tmp_path / "tp" / "cache", tmp_path / "one" / "cache"  # same leaf name: the manifest records it
+    teacher, tokens = str(world["teacher"]), str(world["tokens"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_NO_PROGRESS": "1"}
+    plain = [str(BIN / "kdcache"), "cache", "--teacher", teacher, "--tokens", tokens, "--out", str(one), *CACHE_FLAGS]
+    assert subprocess.run(plain, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+
+    failed = _torchrun(str(tmp_path / "build.py"), teacher, tokens, str(tp), "after_shard:1", cwd=tmp_path)
+    assert failed.returncode != 0, "a failed rank fails the job"
+    said = failed.stdout
+    assert "rank 0: CacheWriteError: " in said and "No space left on device" in said, said
+    assert "rank 1: RankFailed: another rank failed (see its error); no manifest written" in said, said
+    assert sorted(p.name for p in tp.glob("shard-*")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert not (tp / "manifest.json").exists()
+    first = (tp / "shard-00000.parquet").stat().st_mtime_ns
+
+    cmd = ["--no-python", str(BIN / "kdcache"), "cache", "--teacher", teacher, "--tokens", tokens, "--out", str(tp)]
+    proc = _torchrun(*cmd, *CACHE_FLAGS, "--tp-plan", "auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines() == [str(tp)], "rank 0 alone prints the cache path"
+    assert (tp / "shard-00000.parquet").stat().st_mtime_ns == first, "the resume scored only the missing shard"
+    got, want = _targets(tp), _targets(one)
+    assert len(got) == len(want) == 12
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g["input_ids"], w["input_ids"]) and g["seq_index"] == w["seq_index"]
+        lg, lw = g["topk_logprobs"], w["topk_logprobs"]
+        same = (g["topk_ids"] == w["topk_ids"]).all(axis=1)  # (T,) positions with the same top-8 ids
+        assert np.abs(lg - lw)[same].max() < 1e-4  # fp32: the sharded matmuls sum in another order
+        # elsewhere only a near-tie at the k-th entry may differ: the smallest kept log-probs agree
+        assert np.abs(lg.min(axis=1) - lw.min(axis=1)).max() < 1e-4
+        for key in ("teacher_nll", "teacher_entropy"):
+            assert np.allclose(g[key], w[key], atol=1e-4, equal_nan=True), key
+        # draws differ only where a uniform falls within rounding of a CDF step: none or next to none here
+        drawn = (g["sample_ids"] != w["sample_ids"]) | (g["sample_counts"] != w["sample_counts"])
+        assert drawn.any(axis=1).sum() <= 1, drawn.any(axis=1).nonzero()
+
+
+def test_a_tensor_parallel_group_smaller_than_the_world_is_refused(tmp_path) -> None:
+    """One TP group must span all ranks (TP x data parallel is out of scope): a 1-rank mesh in a 2-rank world."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_module
+
+    from kdcache.cache.lockstep import tensor_parallel
+    from kdcache.cache.writer import CacheWriteError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = distribute_module(torch.nn.Linear(4, 4), init_device_mesh("cpu", (1,)))  # DTensor weights
+        assert tensor_parallel(types.SimpleNamespace(model=model), 1, tmp_path) is True
+        assert tensor_parallel(types.SimpleNamespace(model=torch.nn.Linear(4, 4)), 2, tmp_path) is False
+        with pytest.raises(CacheWriteError, match=r"tensor-parallel over 1 ranks of 2; .* --nproc_per_node equal"):
+            tensor_parallel(types.SimpleNamespace(model=model), 2, tmp_path)
+    finally:
+        dist.destroy_process_group()

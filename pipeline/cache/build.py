@@ -2,7 +2,8 @@
 
 The one build path, used by ``kdcache cache`` and the DVC stage alike. Shard ``i`` holds sequences
 ``[i * rows_per_shard, (i + 1) * rows_per_shard)``; rank ``r`` of ``world_size`` scores the
-shards with ``i % world_size == r``. Within a shard, batches are ``cfg.batch_size`` consecutive
+shards with ``i % world_size == r`` (a tensor-parallel teacher: every rank every shard, in lockstep,
+rank 0 writing them; ``kdcache.cache.lockstep``). Within a shard, batches are ``cfg.batch_size`` consecutive
 sequences from the shard's start, so a rerun with the same batch size, dtype and device type
 writes byte-identical files. The teacher runs on this thread; ``writer.ShardWriter`` encodes and
 writes on another. A rerun resumes: finished shards are kept after checking (from their footers)
@@ -13,27 +14,29 @@ otherwise is refused before any work.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdcache.cache.format import SHARD_PATTERN, SIGNALS, Manifest, SequenceTargets, TargetLayout
+from kdcache.cache.format import SIGNALS, Manifest, SequenceTargets, TargetLayout
 from kdcache.cache.hidden import forward_with_layers, hidden_targets, project_quantize
 from kdcache.cache.hidden_format import save_projection
 from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
+from kdcache.cache.lockstep import RankFailed, stop_if_a_rank_failed, tensor_parallel
 from kdcache.cache.signals import add_signal_stats, byte_spans, shard_signal_stats
 from kdcache.cache.targets import cache_chunk_tokens, next_token_ids, sparsify_rows, to_sequence_targets
 from kdcache.cache.writer import (
     CACHE_KIND,
     CacheWriteError,
+    DiscardWriter,
     ShardWriter,
     build_key_of,
+    finished_shards,
     is_cache_dir,
-    read_shard_meta,
     save_tokenizer,
     seal,
     shard_name,
@@ -79,16 +82,13 @@ def cache_corpus(
 
     What ``kdcache cache`` and the DVC stage run. Returns the cache directory on rank 0, ``None``
     on other ranks. The process group is gloo even on GPUs: its only collective is the final
-    barrier, which may wait for hours.
+    barrier, which may wait for hours. A ``teacher.tp_plan`` teacher needs nccl on GPUs (its layers
+    all-reduce every forward) and scores in lockstep on all ranks (``build_cache``).
     """
     if cfg.deterministic:
         use_deterministic_algorithms()
-    with process_group("gloo", device=teacher_cfg.device, timeout_s=CACHE_TIMEOUT_S) as (rank, world):
-        if teacher_cfg.tp_plan:  # every rank would have to run every batch; the build deals shards to ranks
-            raise CacheWriteError(
-                "teacher.tp_plan: the cache build scores data-parallel (each rank its own shards); tensor-parallel "
-                "scoring is not wired into it yet — span GPUs with teacher.device_map, or set teacher.tp_plan: null"
-            )
+    backend = "auto" if teacher_cfg.tp_plan else "gloo"  # tensor parallel: nccl on GPUs, for the DTensors
+    with process_group(backend, device=teacher_cfg.device, timeout_s=CACHE_TIMEOUT_S) as (rank, world):
         teacher, tokens = load_teacher(teacher_cfg), open_tokens(tokens_dir, cfg.split)
         build_cache(
             teacher,
@@ -133,6 +133,12 @@ def build_cache(
     failing rank re-raises its error, the others raise ``CacheWriteError``. Without a process group,
     rank 0 returns ``None`` while shards of other ranks are missing (rerun it once they finish);
     such ranks, each its own job, must run one after another (concurrent jobs: use torchrun).
+
+    A tensor-parallel teacher (``teacher.tp_plan``: DTensor weights) makes all ranks one replica: every
+    rank runs every batch of every missing shard in the same order, rank 0 alone writes shards and
+    manifest, the others drop their rows. The ranks all-reduce a failure flag after every batch, so a
+    rank's write error stops the others there, not in a forward's collective. The TP group must be
+    the whole world (TP x data parallel is refused).
 
     Raises ``CacheWriteError`` on mismatched inputs, foreign shards in ``out_dir``, non-finite
     teacher logits with ``on_nan: fail`` or a failed write (naming the file); a failed run leaves
@@ -192,7 +198,8 @@ def _build_cache(
         check_cache_dir(out, header, content_named=content_named)
         layout = TargetLayout.from_dict(header["targets"], tokenizer=header["tokenizer"])
         build_key = build_key_of(header)
-        done = _finished_shards(out, num_shards=len(ranges), build_key=build_key)
+        done = finished_shards(out, num_shards=len(ranges), build_key=build_key)
+        lockstep = tensor_parallel(teacher, world_size, out)  # every rank scores every missing shard, rank 0 writes
     except Exception:
         if group:
             agree_on_finished(None, len(ranges))  # lets the other ranks through the collective, and stops them
@@ -201,7 +208,8 @@ def _build_cache(
         done = agree_on_finished(done, len(ranges))
         if done is None:
             raise CacheWriteError(f"{out}: another rank failed before scoring (see its error); nothing was written")
-    todo = _deal(done, rank=rank, world_size=world_size, dynamic=bool(group))
+    todo = _deal(done, rank=rank, world_size=world_size, dynamic=bool(group), lockstep=lockstep)
+    writes = rank == 0 or not lockstep
     log.info(
         "cache %s: %d shards, %d already done, rank %d/%d scores %d",
         out,
@@ -213,7 +221,7 @@ def _build_cache(
     )
     try:
         finished = [i for i, d in enumerate(done) if d] if rank == 0 else []
-        for i in todo + finished:  # left by a killed run; nobody writes a finished shard's .tmp any more
+        for i in (todo if writes else []) + finished:  # left by a killed run; nobody writes them any more
             (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
         if rank == 0:
             header["tokenizer"]["files"] = save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
@@ -232,9 +240,11 @@ def _build_cache(
             progress=progress,
             context=context.ids if context else (),
             projection=torch.from_numpy(hidden[1]).to(teacher.device) if hidden else None,
+            write=writes,
+            after_batch=stop_if_a_rank_failed if lockstep else None,
         )
-    except Exception:
-        if group:
+    except Exception as e:
+        if group and not isinstance(e, RankFailed):  # a RankFailed rank has met the failing one already
             any_rank_failed(True)  # let the other ranks through the collective, and stop them sealing
         raise
     if group and any_rank_failed(False):
@@ -257,41 +267,16 @@ def _build_cache(
     return manifest
 
 
-def _finished_shards(out: Path, *, num_shards: int, build_key: str) -> list[bool]:
-    """Which shards exist, after refusing shards of another cache (footers only: cheap, before hours of work)."""
-    _check_writable(out)
-    existing = [p for p in sorted(out.glob("shard-*.parquet")) if SHARD_PATTERN.match(p.name)]
-    for path in existing:
-        if int(path.name[6:11]) >= num_shards:
-            raise CacheWriteError(
-                f"{path}: this cache has only {num_shards} shards — the file belongs to another "
-                "cache; write to an empty out_dir (or delete the directory)"
-            )
-    for path in existing:
-        read_shard_meta(path, build_key)
-    return [(out / shard_name(i)).exists() for i in range(num_shards)]
-
-
-def _deal(done: list[bool], *, rank: int, world_size: int, dynamic: bool) -> list[int]:
+def _deal(done: list[bool], *, rank: int, world_size: int, dynamic: bool, lockstep: bool = False) -> list[int]:
     """This rank's shards to score. In a process group (``dynamic``) the missing shards, agreed by all
     ranks, are dealt round-robin, so a resume after a partial failure keeps every rank busy; without
-    one (ranks run one by one) the deal is fixed, shard i to rank i % world_size."""
+    one (ranks run one by one) the deal is fixed, shard i to rank i % world_size. ``lockstep``
+    (a tensor-parallel teacher): every rank scores every missing shard."""
+    if lockstep:
+        return [i for i in range(len(done)) if not done[i]]
     if dynamic:
         return [i for i in range(len(done)) if not done[i]][rank::world_size]
     return [i for i in range(len(done)) if i % world_size == rank and not done[i]]
-
-
-def _check_writable(out: Path) -> None:
-    """Create ``out`` and prove a file can be written there, before hours of scoring."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".kdcache-probe-"):
-            pass
-    except OSError as e:
-        raise CacheWriteError(
-            f"{out}: the cache directory is not writable ({e.strerror or e}) — choose a writable "
-            "output directory (--out / the stage's out) or fix its permissions"
-        ) from e
 
 
 def _score_shards(
@@ -307,8 +292,11 @@ def _score_shards(
     progress: bool,
     context: tuple[int, ...] = (),
     projection: torch.Tensor | None = None,
+    write: bool = True,
+    after_batch: Callable[[], None] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer."""
+    """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer
+    (``write``: else drop them), calling ``after_batch`` after each batch (and its shard's finish)."""
     from tqdm.auto import tqdm
 
     timer = {"forward": 0.0, "sparsify": 0.0, "host": 0.0}
@@ -316,7 +304,7 @@ def _score_shards(
     chunk = cache_chunk_tokens(layout.vocab_size, teacher.device.type)  # bounds the (chunk, V) buffers
     began = time.perf_counter()
     with (
-        ShardWriter(out, layout) as writer,
+        ShardWriter(out, layout) if write else DiscardWriter() as writer,
         tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="cache") as bar,
     ):
         for index, start, end in shards:
@@ -345,9 +333,13 @@ def _score_shards(
                 )
                 writer.write(index, rows)
                 bar.update(len(seqs) * tokens.seq_len)
+                if after_batch and b0 + cfg.batch_size < end:
+                    after_batch()
             skipped = set(meta["skipped"])
             meta["first_seq"] = next((s for s in range(start, end) if s not in skipped), start)
             writer.finish(index, meta)
+            if after_batch:
+                after_batch()
     elapsed = time.perf_counter() - began
     if total:
         log.info(

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from kdcache import __version__
 from kdcache.cache.format import (
     MANIFEST_NAME,
     PARQUET_OPTIONS,
+    SHARD_PATTERN,
     TOKENIZER_DIR,
     Manifest,
     SequenceTargets,
@@ -127,6 +129,34 @@ def read_shard_meta(path: Path, build_key: str) -> dict[str, Any]:
             "or write to an empty out_dir (or delete this directory) instead of mixing caches"
         )
     return meta
+
+
+def finished_shards(out: Path, *, num_shards: int, build_key: str) -> list[bool]:
+    """Which shards exist, after refusing shards of another cache (footers only: cheap, before hours of work)."""
+    check_writable(out)
+    existing = [p for p in sorted(out.glob("shard-*.parquet")) if SHARD_PATTERN.match(p.name)]
+    for path in existing:
+        if int(path.name[6:11]) >= num_shards:
+            raise CacheWriteError(
+                f"{path}: this cache has only {num_shards} shards — the file belongs to another "
+                "cache; write to an empty out_dir (or delete the directory)"
+            )
+    for path in existing:
+        read_shard_meta(path, build_key)
+    return [(out / shard_name(i)).exists() for i in range(num_shards)]
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there, before hours of scoring."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".kdcache-probe-"):
+            pass
+    except OSError as e:
+        raise CacheWriteError(
+            f"{out}: the cache directory is not writable ({e.strerror or e}) — choose a writable "
+            "output directory (--out / the stage's out) or fix its permissions"
+        ) from e
 
 
 def save_tokenizer(out: Path, tokenizer: Any, fingerprint: str) -> dict[str, str]:
@@ -339,3 +369,24 @@ class ShardWriter:
         fsync_dir(self.out)
         self.written[shard] = {"meta": meta, "bytes": size, "sha256": digest}
         crash_point(f"after_shard:{shard}")
+
+
+class DiscardWriter:
+    """``ShardWriter``'s interface, writing nothing: the ranks of a tensor-parallel build other than rank 0
+    compute every batch in lockstep with it and drop the rows."""
+
+    def __init__(self) -> None:
+        self.written: dict[int, dict[str, Any]] = {}  # stays empty
+        self.busy_s = self.wait_s = 0.0
+
+    def __enter__(self) -> DiscardWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def write(self, shard: int, rows: list[SequenceTargets]) -> None:
+        return None
+
+    def finish(self, shard: int, meta: dict[str, Any]) -> None:
+        return None
