@@ -256,7 +256,7 @@ def test_default_cache_name_is_content_addressed(teacher, token_dir):
     assert name == f"{teacher.info['sha256'][:8]}-{tokens.fingerprint[:8]}-train-top8"
     assert name == default_cache_name(dict(teacher.info, path="/elsewhere"), tokens, layout)
     other = target_layout(
-        dataclasses.replace(CFG, targets="both", mass=0.99, temperature=2.0), vocab_size=VOCAB, seq_len=T
+        dataclasses.replace(CFG, targets="both", samples=16, mass=0.99, temperature=2.0), vocab_size=VOCAB, seq_len=T
     )
     assert default_cache_name(teacher.info, tokens, other).endswith("-train-top8m0.99-s16seed0-t2")
 
