@@ -1,6 +1,9 @@
 """DVC stage `cache`: score the token data with the teacher once; write sparse targets + manifest.
 
-Resumable (the output is `persist: true`): completed shards are kept, the rest are redone.
+Resumable (the output is `persist: true`): completed shards are kept, the rest are redone. A cache
+of other settings (the user changed `cache.*` or the teacher) is moved aside as
+`<paths.cache>.moved-<UTC time>-overwritten`, never deleted, and a fresh one is built — as the train
+stages move a changed run aside — so `dvc repro` after a params change just works.
 Under `torchrun --nproc_per_node N stages/cache.py` each rank scores the shards i with
 i % N == rank and rank 0 writes the manifest once every rank is done.
 """
@@ -27,6 +30,7 @@ def main() -> None:
         load_section(CacheConfig, params.get("cache"), section="cache"),
         tokens_dir=paths.tokens,
         out_dir=paths.cache,
+        overwrite=True,  # only a cache of other settings (or foreign files) is moved aside; a matching one resumes
         progress=show_progress(),
     )
 

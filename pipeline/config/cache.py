@@ -22,9 +22,9 @@ class CacheConfig:
     mass: float = 0.0
     """Adaptive top-k: keep entries until their cumulative probability reaches ``mass``
     (e.g. 0.99), at most ``top_k``. 0 = fixed k."""
-    samples: int = 8
-    """Draws per token for sampled targets (at most 65,535). 8: as good as 16 at 3 seeds at half the bytes
-    (~11 vs ~19 bytes/token of targets, bench/RESULTS.md "KD quality")."""
+    samples: int = 16
+    """Draws per token for sampled targets (at most 65,535). 16: closer to online KD than 8 with a teacher
+    better than the CE-only student (3 seeds, bench/RESULTS.md "KD quality"), ~18 bytes/token of targets."""
     temperature: float = 1.0
     """Teacher temperature applied before log-softmax; recorded in the manifest."""
     temperatures: tuple[float, ...] = ()
