@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _staging_and_one_thread, caches, cfg_for  # noqa: F401  (fixtures)
+from test_train import caches, cfg_for  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM
 
 from kdcache.cache.format import TargetLayout
@@ -17,6 +17,8 @@ from kdcache.config.base import ConfigError, load_section
 from kdcache.config.train import ANY_TEMPERATURE_LOSSES, RampConfig, ScheduleConfig, TrainConfig
 from kdcache.losses import KINDS, TAIL_KINDS, KDLossSpec
 from kdcache.train import check_schedule, ramp_value, step_spec, train
+
+pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
 
 def schedule(alpha: tuple = ("constant", None), temperature: tuple = ("constant", None), warmup: int = 0):
