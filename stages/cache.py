@@ -4,8 +4,11 @@ Resumable (the output is `persist: true`): completed shards are kept, the rest a
 of other settings (the user changed `cache.*` or the teacher) is moved aside as
 `<paths.cache>.moved-<UTC time>-overwritten`, never deleted, and a fresh one is built — as the train
 stages move a changed run aside — so `dvc repro` after a params change just works.
-Under `torchrun --nproc_per_node N stages/cache.py` each rank scores the shards i with
-i % N == rank and rank 0 writes the manifest once every rank is done.
+Under `torchrun --nproc_per_node N stages/cache.py` the ranks first agree on which shards are
+finished, then deal the missing ones round-robin (a resume keeps every rank busy); with a
+tensor-parallel teacher (`teacher.tp_plan`) all ranks are one replica that scores every missing
+shard in lockstep and rank 0 writes them. Rank 0 writes the manifest once every rank is done
+(`kdcache.cache.build`).
 """
 
 import argparse
