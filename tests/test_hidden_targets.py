@@ -268,3 +268,68 @@ def test_hidden_targets_under_a_teacher_context_are_the_rows_positions_given_the
             row = reader[i]
             step = np.abs(want[row["seq_index"]]).max(-1, keepdims=True) / 127  # (T, 1)
             assert np.all(np.abs(row["hidden_1"] - want[row["seq_index"]]) <= 0.51 * step + 1e-6)
+
+
+# ----------------------------------------------------------------------------- cache.hidden_projection: pca
+
+
+def _svd_axes(x: np.ndarray, dim: int) -> np.ndarray:
+    """float64 reference: the top ``dim`` right singular vectors of the centred rows, largest-|entry| made > 0."""
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    axes = vt[:dim].T  # (H, dim)
+    peak = np.abs(axes).argmax(0)
+    return axes * np.sign(axes[peak, np.arange(dim)])
+
+
+def test_pca_projection_is_the_float64_svd_of_the_centred_states_and_round_trips() -> None:
+    from kdcache.cache.hidden import pca_projection
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 12)) * np.linspace(4.0, 0.2, 12) @ np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    x += 3.0  # an offset: PCA is of the centred states
+    chunks = [torch.from_numpy(x[:200]).float(), torch.from_numpy(x[200:]).to(torch.bfloat16).float()]
+    got = pca_projection(chunks, 5)  # streamed in chunks of any dtype, accumulated in float64
+    xs = np.concatenate([c.double().numpy() for c in chunks])
+    assert got.dtype == np.float32 and got.shape == (12, 5)
+    np.testing.assert_allclose(got, _svd_axes(xs, 5), atol=1e-5)
+    # round trip: states in a 5-dim affine subspace come back exactly from their projection
+    low = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 12)) + 2.0  # (300, 12), rank 5 + an offset
+    p = pca_projection([torch.from_numpy(low)], 5).astype(np.float64)
+    mean = low.mean(0)
+    np.testing.assert_allclose(mean + (low - mean) @ p @ p.T, low, atol=1e-5)
+    np.testing.assert_allclose(p.T @ p, np.eye(5), atol=1e-6)
+    with pytest.raises(ValueError, match="5 states fix at most 4 principal axes, not 5"):
+        pca_projection([torch.zeros(5, 12)], 5)
+
+
+def test_a_pca_cache_stores_the_sample_states_principal_axes_the_same_in_every_build(world, tmp_path) -> None:
+    from safetensors.numpy import load_file
+
+    tokens = open_tokens(world["tokens"], "train")  # 12 rows < PCA_SAMPLE_ROWS: all of them
+    cfg = CacheConfig(**{**vars(CFG), "hidden_projection": "pca"})
+    first = build_cache(world["loaded"], tokens, cfg, out_dir=tmp_path / "a")
+    again = build_cache(
+        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")), tokens, cfg, out_dir=tmp_path / "b"
+    )
+    matrix = load_file(str(tmp_path / "a" / PROJECTION_FILE))["projection"]
+    assert (tmp_path / "a" / PROJECTION_FILE).read_bytes() == (tmp_path / "b" / PROJECTION_FILE).read_bytes()
+    assert first.targets["hidden"] == again.targets["hidden"]
+    assert first.targets["hidden"]["projection"] == {"kind": "pca", "seed": 0, "sha256": projection_sha256(matrix)}
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in again.shards]
+    ids = torch.from_numpy(np.asarray(tokens.ids, np.int64))
+    with torch.no_grad():
+        states = world["loaded"].model(input_ids=ids, output_hidden_states=True).hidden_states  # 3 x (N, T, H)
+    pooled = np.concatenate([states[layer].double().numpy().reshape(-1, 32) for layer in (1, 2)])  # both layers
+    np.testing.assert_allclose(matrix, _svd_axes(pooled, DIM), atol=2e-4)
+    with open_cache(tmp_path / "a", staging_dir=tmp_path / "stage") as reader:
+        row = reader[0]
+        want = states[2][row["seq_index"]].double().numpy() @ matrix.astype(np.float64)  # (T, dim), not centred
+        step = np.abs(want).max(-1, keepdims=True) / 127
+        assert np.all(np.abs(row["hidden_2"] - want) <= 0.51 * step + 1e-6)
+    names = {cache_dir_for(world["loaded"], tokens, c).name for c in (CFG, cfg)}
+    assert len(names) == 2  # another projection: another cache
+
+
+def test_config_validates_the_hidden_projection() -> None:
+    with pytest.raises(ConfigError, match=r"cache.hidden_projection: must be orthogonal\|pca, got 'svd'"):
+        CacheConfig(hidden_projection="svd")

@@ -225,7 +225,7 @@ def _build_cache(
             (out / f"{shard_name(i)}.tmp").unlink(missing_ok=True)
         if rank == 0:
             header["tokenizer"]["files"] = save_tokenizer(out, teacher.tokenizer, header["tokenizer"]["fingerprint"])
-        hidden = hidden_targets(cfg, teacher)  # (spec, (H, dim) projection) or None
+        hidden = hidden_targets(cfg, teacher, tokens)  # (spec, (H, dim) projection) or None
         if rank == 0 and hidden:
             save_projection(out, hidden[1])
         written = _score_shards(

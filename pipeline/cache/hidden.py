@@ -4,13 +4,26 @@ and the projected, int8-quantized states of a batch, computed on the teacher's d
 ``cache.hidden_layers`` index the teacher's ``output_hidden_states`` (0 = the embeddings, i = the output of
 decoder layer i, the last = the final normed state the LM head reads; negative counts from the end) and are
 stored non-negative. Each layer's (H,) state is projected by one (H, ``cache.hidden_dim``) matrix with
-orthonormal columns -- the Q of a QR decomposition of a float64 Gaussian drawn from ``cache.seed`` (numpy's
-PCG64), signs fixed so that R's diagonal is positive, cast to float32 -- saved in the cache directory as
-``PROJECTION_FILE`` and checked against ``targets.hidden.projection.sha256`` wherever it is read. Format:
-``kdcache.cache.hidden_format`` (which also saves, loads and checks the projection file).
+orthonormal columns, chosen by ``cache.hidden_projection``:
+
+- ``orthogonal``: the Q of a QR decomposition of a float64 Gaussian drawn from ``cache.seed`` (numpy's PCG64),
+  signs fixed so that R's diagonal is positive, cast to float32. Needs no data.
+- ``pca``: the top ``hidden_dim`` principal axes of the listed layers' states (pooled) at every position of the
+  token split's first ``PCA_SAMPLE_ROWS`` rows (the same rows on every rank and every rerun), from their float64
+  mean and covariance, by decreasing variance, each axis's sign set so that its largest-magnitude entry is
+  positive, cast to float32. The states come from the teacher's forward as the build runs it (device, dtype,
+  ``cache.teacher_context``), so the matrix, like the targets, is reproducible for the same teacher, device
+  type and dtype; the values stored are ``state @ matrix`` (not centred).
+
+The matrix is saved in the cache directory as ``PROJECTION_FILE`` and checked against
+``targets.hidden.projection.sha256`` wherever it is read. Format: ``kdcache.cache.hidden_format`` (which also
+saves, loads and checks the projection file).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -20,6 +33,14 @@ from kdcache.cache.writer import CacheWriteError
 from kdcache.config.cache import CacheConfig
 from kdcache.layer_taps import hook_output, layer_module, model_shape
 from kdcache.teacher import Teacher, context_hidden
+from kdcache.teacher_context import load_teacher_context
+from kdcache.token_data import TokenSplit
+
+PCA_SAMPLE_ROWS = 64
+"""``cache.hidden_projection: pca`` is fitted on the states at every position of the token split's first 64 rows."""
+
+_PCA_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""teacher model -> {(sample, layers, dim): (H, dim) matrix}: one fit per build, though its identity asks thrice."""
 
 
 def orthogonal_projection(width: int, dim: int, seed: int) -> np.ndarray:
@@ -29,9 +50,71 @@ def orthogonal_projection(width: int, dim: int, seed: int) -> np.ndarray:
     return (q * np.where(np.diag(r) < 0, -1.0, 1.0)).astype(np.float32)
 
 
-def hidden_targets(cfg: CacheConfig, teacher: Teacher) -> tuple[HiddenSpec, np.ndarray] | None:
+def pca_projection(states: Iterable[torch.Tensor], dim: int) -> np.ndarray:
+    """(H, dim) float32: the top ``dim`` principal axes of the rows of ``states`` (each (n, H), any device and
+    dtype), from their float64 mean and covariance; by decreasing variance, each axis's largest-|entry| > 0.
+
+    Raises ValueError when the rows cannot fix ``dim`` axes (fewer than ``dim + 1`` of them) or are not finite."""
+    count, total, gram = 0, None, None
+    for x in states:
+        x = x.detach().to(torch.float64)  # (n, H), on its own device
+        count += x.shape[0]
+        total = x.sum(0) if total is None else total + x.sum(0)  # (H,)
+        gram = x.T @ x if gram is None else gram + x.T @ x  # (H, H)
+    if count <= dim:
+        raise ValueError(f"{count} states fix at most {max(count - 1, 0)} principal axes, not {dim}")
+    mean = (total / count).cpu().numpy()  # (H,)
+    cov = gram.cpu().numpy() / count - np.outer(mean, mean)  # (H, H) float64
+    if not np.isfinite(cov).all():
+        raise ValueError("the states are not all finite")
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)  # ascending
+    axes = vectors[:, np.argsort(-values, kind="stable")[:dim]]  # (H, dim)
+    peak = np.abs(axes).argmax(axis=0)  # (dim,)
+    return (axes * np.where(axes[peak, np.arange(dim)] < 0, -1.0, 1.0)).astype(np.float32)
+
+
+def _pca_of_sample(cfg: CacheConfig, teacher: Teacher, tokens: TokenSplit, layers: tuple[int, ...]) -> np.ndarray:
+    """``pca_projection`` of ``layers``' states at every position of the first ``PCA_SAMPLE_ROWS`` rows of
+    ``tokens``, run as the build runs them (``forward_with_layers``, ``cache.teacher_context``); memoized per
+    teacher model."""
+    rows = min(PCA_SAMPLE_ROWS, len(tokens))
+    key = (tokens.fingerprint, tokens.split, rows, cfg.teacher_context, layers, cfg.hidden_dim)
+    fitted = _PCA_FITTED.setdefault(teacher.model, {})
+    if key in fitted:
+        return fitted[key]
+    context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    ids = np.asarray(tokens.ids[:rows], dtype=np.int64)  # (rows, T)
+    if ids.size and (ids.min() < 0 or ids.max() >= teacher.vocab_size):
+        raise CacheWriteError(
+            f"token split {tokens.split!r} holds ids outside the teacher's [0, {teacher.vocab_size}) — rerun "
+            "prepare with this teacher's tokenizer"
+        )
+
+    def states() -> Iterable[torch.Tensor]:
+        for b in range(0, rows, cfg.batch_size):
+            with torch.inference_mode():
+                _, per_layer = forward_with_layers(
+                    teacher, torch.from_numpy(ids[b : b + cfg.batch_size]), layers, context.ids if context else ()
+                )
+            yield from (s.reshape(-1, s.shape[-1]) for s in per_layer)  # (B * T, H) each
+
+    try:
+        fitted[key] = pca_projection(states(), cfg.hidden_dim)
+    except ValueError as e:
+        raise CacheWriteError(
+            f"cache.hidden_projection: pca on the teacher's states at the {rows * tokens.seq_len} positions of "
+            f"the first {rows} rows of split {tokens.split!r}: {e}; lower cache.hidden_dim or set "
+            "cache.hidden_projection: orthogonal"
+        ) from e
+    return fitted[key]
+
+
+def hidden_targets(
+    cfg: CacheConfig, teacher: Teacher, tokens: TokenSplit | None = None
+) -> tuple[HiddenSpec, np.ndarray] | None:
     """The manifest's ``targets.hidden`` and the (H, dim) projection for ``cfg`` (None: no hidden targets).
 
+    ``tokens``: the split being cached (``cache.hidden_projection: pca`` is fitted on its first rows).
     Refuses a layer outside the teacher's ``output_hidden_states``, two names for one layer, and a
     ``hidden_dim`` above the teacher's width, naming the field and the fix."""
     if not cfg.hidden_layers:
@@ -58,8 +141,13 @@ def hidden_targets(cfg: CacheConfig, teacher: Teacher) -> tuple[HiddenSpec, np.n
         raise CacheWriteError(
             f"cache.hidden_dim: {cfg.hidden_dim} > the hidden width of {where}; set cache.hidden_dim <= {width}"
         )
-    matrix = orthogonal_projection(width, cfg.hidden_dim, cfg.seed)
-    spec = HiddenSpec(tuple(layers), cfg.hidden_dim, "orthogonal", cfg.seed, projection_sha256(matrix))
+    if cfg.hidden_projection == "pca":
+        if tokens is None:
+            raise ValueError("hidden_targets: cache.hidden_projection pca needs the token split it is fitted on")
+        matrix = _pca_of_sample(cfg, teacher, tokens, tuple(layers))
+    else:
+        matrix = orthogonal_projection(width, cfg.hidden_dim, cfg.seed)
+    spec = HiddenSpec(tuple(layers), cfg.hidden_dim, cfg.hidden_projection, cfg.seed, projection_sha256(matrix))
     return spec, matrix
 
 

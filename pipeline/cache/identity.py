@@ -89,7 +89,7 @@ def cache_dir_for(
     """``out_dir``, or ``cache_root / default_cache_name(...)`` when it is None."""
     if out_dir is not None:
         return Path(out_dir)
-    hidden = hidden_targets(cfg, teacher)
+    hidden = hidden_targets(cfg, teacher, tokens)
     layout = target_layout(
         cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len, hidden=hidden and hidden[0]
     )
@@ -152,7 +152,7 @@ def manifest_header(
             f"{teacher.vocab_size} logits — rerun prepare with this teacher's tokenizer"
         )
     spans, _ = byte_spans(teacher.tokenizer)
-    hidden = hidden_targets(cfg, teacher)
+    hidden = hidden_targets(cfg, teacher, tokens)
     layout = target_layout(
         cfg,
         vocab_size=vocab,

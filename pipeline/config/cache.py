@@ -55,12 +55,16 @@ class CacheConfig:
     hidden_layers: tuple[int, ...] = ()
     """Teacher layers whose hidden states are stored as feature targets (``train.feature_weight``), as indices into
     the teacher's ``output_hidden_states``: 0 = the embeddings, i = decoder layer i's output, -1 = the final
-    normed state the LM head reads. Each is projected to ``hidden_dim`` by a seeded random orthogonal matrix
-    (``seed``) stored in the cache, and kept as int8 with a float16 scale per position (hidden_dim + 2 bytes/token
+    normed state the LM head reads. Each is projected to ``hidden_dim`` by a matrix stored in the cache
+    (``hidden_projection``), and kept as int8 with a float16 scale per position (hidden_dim + 2 bytes/token
     per layer before compression). e.g. [-1]; [] = none."""
     hidden_dim: int = 64
     """Width each stored hidden state is projected to (at most the teacher's hidden size; used only with
     ``hidden_layers``)."""
+    hidden_projection: Literal["orthogonal", "pca"] = "orthogonal"
+    """The (H, hidden_dim) projection of ``hidden_layers``: orthogonal (a random orthonormal matrix drawn from
+    ``seed``) or pca (the states' top principal axes, fitted on the token split's first 64 rows, the same on every
+    rank; ``kdcache.cache.hidden``)."""
 
     def __post_init__(self) -> None:
         s = "cache"
@@ -102,6 +106,12 @@ class CacheConfig:
             f"must be distinct integers (teacher layer indices, e.g. [-1]), got {list(self.hidden_layers)}",
         )
         check(1 <= self.hidden_dim <= 65536, s, "hidden_dim", f"must be in [1, 65536], got {self.hidden_dim}")
+        check(
+            self.hidden_projection in ("orthogonal", "pca"),
+            s,
+            "hidden_projection",
+            f"must be orthogonal|pca, got {self.hidden_projection!r}",
+        )
         check(self.batch_size > 0, s, "batch_size", "must be > 0")
         check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")
         check(self.on_nan in ("fail", "skip"), s, "on_nan", "must be 'fail' or 'skip'")
