@@ -187,7 +187,7 @@ class Targets:
             k = lay.top_k
             self.topk_ids = a["topk_ids"].reshape(P, T, k).astype(np.int64)
             self.codes, self.tail = a["topk_codes"].reshape(P, T, k), a["topk_tail"].reshape(P, T)
-            self.log_z = a["topk_log_z"].reshape(P, len(lay.temperatures), T)
+            self.log_z = a["topk_log_z"].reshape(P, len(lay.temperatures), T) if lay.temperatures else None
             self.signals = {f"teacher_{s}": a[f"teacher_{s}"].reshape(P, T).astype(np.float32) for s in lay.signals}
         else:
             lengths = a["sample_lengths"]
