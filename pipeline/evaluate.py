@@ -14,121 +14,51 @@ Bits per byte, the tokenizer-neutral measure: the NLL summed over scored positio
 spells text, divided by ln 2 times the UTF-8 bytes those targets spell (``kdcache.tokenizer.token_bytes``).
 Special tokens (EOS, BOS, padding) spell no bytes and are left out of both sums, as in nanochat's bpb.
 A tokenizer whose tokens cannot spell text (word-level, WordPiece) gets none.
+
+A model whose own tokenizer differs from the teacher's (a ``train.cross_tokenizer`` student and its CE
+baseline) reads each row re-tokenized by its tokenizer, and gets bits per byte on its own tokens and
+KL / agreement at the positions the byte alignment pairs with the teacher's (``kdcache.evaluate_cross``).
+The counting and the metrics files live in ``kdcache.evaluate_metrics``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from kdcache.config.evaluate import EvaluateConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.devices import resolve_dtype
-from kdcache.files import InputFileError, atomic_write_text, read_json_file
-from kdcache.fingerprint import WEIGHT_SUFFIXES, tokenizer_fingerprint
-from kdcache.losses import dense_kl
-from kdcache.packing import packing_of, target_mask
+from kdcache.evaluate_cross import CrossModel, align_batch, cross_model, cross_tally, projection_for, score_cross
+from kdcache.evaluate_metrics import (
+    Tally,
+    byte_counts,
+    expected_calibration_error,
+    finish,
+    forward,
+    score_same_tokenizer,
+    timed_forward,
+    write_metrics,
+)
+from kdcache.files import InputFileError, read_json_file
+from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.packing import packing_of, target_mask, valid_lengths
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.token_data import TokenSplit
-from kdcache.tokenizer import (
-    TOKENIZER_FILES,
-    TokenizerError,
-    UnsupportedTokenizerError,
-    load_tokenizer,
-    token_bytes,
-    tokenizer_vocab_size,
-)
+from kdcache.tokenizer import TOKENIZER_FILES, TokenizerError, load_tokenizer, tokenizer_vocab_size
+
+__all__ = ["EvaluateError", "Tally", "evaluate", "expected_calibration_error", "trained_against", "write_metrics"]
 
 log = logging.getLogger(__name__)
-
-CHUNK_POSITIONS = 1024
-"""Positions per fp32 metric chunk: caps the (chunk, V) temporaries."""
-SCALARS = (
-    "ce",
-    "ppl",
-    "bits_per_byte",
-    "kl_to_teacher",
-    "top1_agreement",
-    "top1_accuracy",
-    "ece",
-    "tokens_per_s",
-    "num_parameters",
-    "size_bytes",
-)
 
 
 class EvaluateError(ValueError):
     """The models or token data cannot be compared as asked."""
-
-
-@dataclass
-class Tally:
-    """Running sums for one model over scored positions."""
-
-    bins: int
-    n: int = 0
-    ce: float = 0.0
-    text_nll: float = 0.0  # nats at positions whose target token spells text
-    text_bytes: int = 0  # UTF-8 bytes those targets spell
-    kl: float = 0.0
-    agree: int = 0
-    correct: int = 0
-    forward_s: float = 0.0
-    forward_tokens: int = 0
-    bin_count: np.ndarray = field(init=False)
-    bin_conf: np.ndarray = field(init=False)
-    bin_correct: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.bin_count = np.zeros(self.bins, np.int64)
-        self.bin_conf = np.zeros(self.bins, np.float64)
-        self.bin_correct = np.zeros(self.bins, np.float64)
-
-    def add_calibration(self, confidence: torch.Tensor, correct: torch.Tensor) -> None:
-        """Bin top-1 confidences (n,) in [0, 1] into equal-width bins; 1.0 falls in the last bin."""
-        index = (confidence.double() * self.bins).floor().clamp(0, self.bins - 1).long()  # (n,)
-        self.bin_count += torch.bincount(index, minlength=self.bins).cpu().numpy()
-        self.bin_conf += torch.bincount(index, weights=confidence.double(), minlength=self.bins).cpu().numpy()
-        self.bin_correct += torch.bincount(index, weights=correct.double(), minlength=self.bins).cpu().numpy()
-
-    def ece(self) -> float:
-        """sum_b (n_b / N) |accuracy_b - confidence_b| = sum_b |correct_b - conf_b| / N."""
-        return float(np.abs(self.bin_correct - self.bin_conf).sum() / max(self.n, 1))
-
-    def reliability(self) -> list[dict[str, float]]:
-        rows = []
-        for b in range(self.bins):
-            count = int(self.bin_count[b])
-            rows.append(
-                {
-                    "bin": b,
-                    "lower": b / self.bins,
-                    "upper": (b + 1) / self.bins,
-                    "count": count,
-                    "confidence": float(self.bin_conf[b] / count) if count else None,
-                    "accuracy": float(self.bin_correct[b] / count) if count else None,
-                }
-            )
-        return rows
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, *, bins: int) -> float:
-    """ECE of top-1 predictions with ``bins`` equal-width confidence bins."""
-    tally = Tally(bins=bins, n=int(confidence.numel()))
-    tally.add_calibration(confidence.reshape(-1), correct.reshape(-1))
-    return tally.ece()
 
 
 def evaluate(
@@ -143,10 +73,11 @@ def evaluate(
 
     The teacher is loaded by ``kdcache.teacher.load_teacher`` (the cache stage's loader: its device,
     dtype and checks); the other models go on the same device, in fp32 on CPU and bf16 on CUDA.
-    Everything is compared in the teacher tokenizer's id space: logits past it (padded embedding
-    rows, as Qwen2 and Phi-3 have) are dropped before any softmax. Token data made with another
-    tokenizer is refused, and so is a model whose own tokenizer differs. Positions whose next token
-    is padding (``prepare.packing: documents``) are not scored. Metric math is fp32.
+    Models of the teacher's tokenizer are compared in its id space: logits past it (padded embedding
+    rows, as Qwen2 and Phi-3 have) are dropped before any softmax. A model whose own tokenizer (saved in
+    its dir) differs reads each row re-tokenized and is compared through the byte alignment
+    (``kdcache.evaluate_cross``). Token data made with another tokenizer than the teacher's is refused.
+    Positions whose next token is padding (``prepare.packing: documents``) are not scored. Metric math is fp32.
     """
     from tqdm.auto import tqdm
 
@@ -155,13 +86,13 @@ def evaluate(
     loaded_teacher = load_teacher(teacher)
     dev, vocab = loaded_teacher.device, tokenizer_vocab_size(loaded_teacher.tokenizer)
     fingerprint = tokenizer_fingerprint(loaded_teacher.tokenizer)
-    byte_counts = _byte_counts(loaded_teacher.tokenizer, device=dev)
+    counts = byte_counts(loaded_teacher.tokenizer, device=dev)
     _check_tokens(tokens, loaded_teacher, vocab=vocab, fingerprint=fingerprint)
     paths = {"teacher": Path(teacher.path), **{name: Path(p) for name, p in models.items()}}
     trained = {name: trained_against(paths[name]) for name in models}
     _check_trained_against(trained, teacher=loaded_teacher, tokens=tokens, allow=cfg.allow_other_teacher)
     loaded = {"teacher": loaded_teacher.model} | {name: load_model(path, device=dev) for name, path in models.items()}
-    _check_models(loaded, paths=paths, vocab=vocab, fingerprint=fingerprint)
+    cross = _check_models(loaded, paths=paths, vocab=vocab, teacher=loaded_teacher, trained=trained)
     count = len(tokens) if cfg.max_sequences == 0 else min(cfg.max_sequences, len(tokens))
     if count == 0 or tokens.seq_len < 2:
         raise EvaluateError(
@@ -169,23 +100,46 @@ def evaluate(
             "with a non-empty val split (corpus.val_fraction, prepare.max_val_sequences)"
         )
     packing = packing_of(tokens.manifest)
-    tallies = {name: Tally(bins=cfg.calibration_bins) for name in loaded}
+    tallies = {
+        name: cross_tally(cross[name], bins=cfg.calibration_bins) if name in cross else Tally(bins=cfg.calibration_bins)
+        for name in loaded
+    }
     for start in tqdm(range(0, count, cfg.batch_size), desc="evaluate", unit="batch", disable=not progress):
         rows = np.asarray(tokens.ids[start : min(start + cfg.batch_size, count)], dtype=np.int64)
         ids = torch.from_numpy(rows).to(dev)  # (B, T)
         scored = target_mask(ids, packing)  # (B, T-1) positions whose next token is real
+        lengths = valid_lengths(torch.from_numpy(rows), packing).tolist()  # (B,) real tokens per row
+        real = [r[:n] for r, n in zip(rows, lengths, strict=True)]  # each row's real teacher tokens
+        theirs = {name: align_batch(cm, real, device=dev) for name, cm in cross.items()}  # their own tokens
         if start == 0:
-            for model in loaded.values():  # warm-up forward per model, not timed
-                _forward(model, ids, dev)
-        teacher_logits = _timed_forward(loaded["teacher"], ids, dev, tallies["teacher"])[..., :vocab]  # (B, T, V)
+            for name, model in loaded.items():  # warm-up forward per model, not timed
+                forward(model, theirs[name].ids if name in theirs else ids, dev)
+        teacher_logits = timed_forward(loaded["teacher"], ids, dev, tallies["teacher"])[..., :vocab]  # (B, T, V)
         for name, model in loaded.items():
-            logits = teacher_logits if name == "teacher" else _timed_forward(model, ids, dev, tallies[name])
+            if name in cross:
+                logits = timed_forward(model, theirs[name].ids, dev, tallies[name])  # (B, L, V')
+                score_cross(tallies[name], cross[name], logits, teacher_logits, theirs[name])
+                continue
+            logits = teacher_logits if name == "teacher" else timed_forward(model, ids, dev, tallies[name])
             is_teacher = name == "teacher"
-            _score(tallies[name], logits[..., :vocab], teacher_logits, ids, scored, byte_counts, is_teacher=is_teacher)
+            score_same_tokenizer(
+                tallies[name], logits[..., :vocab], teacher_logits, ids, scored, counts, is_teacher=is_teacher
+            )
             del logits
-    results = {name: _finish(tallies[name], loaded[name], paths[name]) for name in loaded}
+    results = {name: finish(tallies[name], loaded[name], paths[name]) for name in loaded}
     n_tokens = tallies["teacher"].n
     log.info("evaluated %d models on %d sequences (%d positions)", len(loaded), count, n_tokens)
+    for name in cross:
+        c = results[name]["cross_tokenizer"]
+        log.info(
+            "%s (another tokenizer): %d own tokens, KL and agreement on the %.1f%% aligned with the teacher "
+            "(projection %s, keeps %.1f%% of the teacher's mass there)",
+            name,
+            c["num_tokens"],
+            100 * results[name]["kl_coverage"],
+            c["projection"],
+            100 * c["teacher_mass_kept"],
+        )
     return {
         "teacher": "teacher",
         "split": tokens.split,
@@ -194,7 +148,7 @@ def evaluate(
         "teacher_sha256": loaded_teacher.info["sha256"],
         "num_sequences": count,
         "num_tokens": n_tokens,
-        "num_bytes": tallies["teacher"].text_bytes if byte_counts is not None else None,
+        "num_bytes": tallies["teacher"].text_bytes if counts is not None else None,
         "trained_against": trained,
         "models": results,
     }
@@ -205,8 +159,10 @@ TRAINING_RECORD = "training.json"
 
 
 def trained_against(model_dir: Path) -> dict[str, Any] | None:
-    """The ``cache`` section (teacher sha256, tokenizer and corpus fingerprints, cache name and path) and
-    loss kind of a student's ``training.json``; None for a model kdcache did not train."""
+    """The ``cache`` section (teacher sha256, tokenizer and corpus fingerprints, cache name and path), loss
+    kind and, for a student of another tokenizer, the projection it trained with (``vocab_map``:
+    ``kdcache.evaluate_cross.projection_for``) of a student's ``training.json``; None for a model kdcache
+    did not train."""
     record_path = model_dir / TRAINING_RECORD
     if not record_path.is_file():
         return None
@@ -220,7 +176,8 @@ def trained_against(model_dir: Path) -> dict[str, Any] | None:
         return None
     loss = record.get("loss")
     kind = loss.get("kind") if isinstance(loss, dict) else None
-    return {"record": str(record_path), "loss": kind, **cache}
+    mapped = {"vocab_map": projection_for(record)} if isinstance(record.get("vocab_map"), dict) else {}
+    return {"record": str(record_path), "loss": kind, **cache, **mapped}
 
 
 def _check_trained_against(
@@ -299,136 +256,60 @@ def _check_tokens(tokens: TokenSplit, teacher: Teacher, *, vocab: int, fingerpri
         )
 
 
-def _check_models(loaded: dict[str, PreTrainedModel], *, paths: dict[str, Path], vocab: int, fingerprint: str) -> None:
-    """Every model scores the teacher tokenizer's ``vocab`` ids (padded rows allowed) and speaks that tokenizer."""
+def _check_models(
+    loaded: dict[str, PreTrainedModel],
+    *,
+    paths: dict[str, Path],
+    vocab: int,
+    teacher: Teacher,
+    trained: dict[str, dict[str, Any] | None],
+) -> dict[str, CrossModel]:
+    """Every model scores the teacher tokenizer's ``vocab`` ids (padded rows allowed) and speaks that tokenizer,
+    or speaks another byte-spelling tokenizer (saved in its dir) and scores all of its ids: those models are
+    returned, with how they read the teacher's rows (``kdcache.evaluate_cross``)."""
+    fingerprint = tokenizer_fingerprint(teacher.tokenizer)
+    cross: dict[str, CrossModel] = {}
     for name, model in loaded.items():
         rows = model.get_output_embeddings().weight.shape[0]
+        own = None if name == "teacher" else _own_tokenizer(paths[name])
+        theirs = None if own is None else tokenizer_fingerprint(own)
+        why = None
+        if theirs not in (None, fingerprint):
+            method = (trained.get(name) or {}).get("vocab_map") or "prefix"
+            max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+            try:
+                cm = cross_model(
+                    teacher.tokenizer, own, method=method, max_len=max_len, fingerprint=theirs, device=teacher.device
+                )
+            except TokenizerError as e:
+                why = e
+            else:
+                if rows < cm.vocab:
+                    raise EvaluateError(
+                        f"{paths[name]}: {rows} output logits but its own tokenizer has {cm.vocab} ids; save the "
+                        "tokenizer the model was trained with in its directory"
+                    )
+                cross[name] = cm
+                continue
         if rows < vocab:
             raise EvaluateError(
                 f"{paths[name]}: {rows} output logits but the teacher tokenizer has {vocab} ids; KL and "
                 "agreement need every id — evaluate a model trained on a cache of this teacher"
             )
-        if name == "teacher" or not any((paths[name] / f).is_file() for f in TOKENIZER_FILES):
-            continue
-        try:
-            theirs = tokenizer_fingerprint(load_tokenizer(paths[name]))
-        except TokenizerError as e:
-            raise EvaluateError(f"{paths[name]}: cannot load its tokenizer ({e})") from e
-        if theirs != fingerprint:
+        if why is not None:
             raise EvaluateError(
-                f"{paths[name]}: its tokenizer ({theirs[:12]}…) differs from the teacher's ({fingerprint[:12]}…); "
-                "evaluate compares next-token distributions in the teacher's ids — evaluate a student trained "
-                "with the teacher's tokenizer"
+                f"{paths[name]}: its tokenizer ({theirs[:12]}…) differs from the teacher's ({fingerprint[:12]}…) and "
+                f"the two cannot be aligned by bytes ({why}) — evaluate a student trained with the teacher's "
+                "tokenizer, or one whose tokens spell text (byte-level BPE, SentencePiece)"
             )
+    return cross
 
 
-@torch.inference_mode()
-def _forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return logits
-
-
-def _timed_forward(model: PreTrainedModel, ids: torch.Tensor, dev: torch.device, tally: Tally) -> torch.Tensor:
-    t0 = time.perf_counter()
-    logits = _forward(model, ids, dev)
-    tally.forward_s += time.perf_counter() - t0
-    tally.forward_tokens += ids.numel()
-    return logits
-
-
-@torch.inference_mode()
-def _score(
-    tally: Tally,
-    logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    ids: torch.Tensor,
-    scored: torch.Tensor,
-    byte_counts: torch.Tensor | None,
-    *,
-    is_teacher: bool,
-) -> None:
-    """Add one batch's scored positions (``scored`` (B, T-1): t predicts t+1) to ``tally``, in chunks;
-    ``byte_counts`` (V,): the UTF-8 bytes each id spells, for bits per byte (None: not computed)."""
-    vocab = logits.shape[-1]
-    keep = scored.reshape(-1)  # (B*(T-1),)
-    flat = logits[:, :-1].reshape(-1, vocab)[keep]  # (N, V)
-    flat_teacher = teacher_logits[:, :-1].reshape(-1, vocab)[keep]  # (N, V)
-    labels = ids[:, 1:].reshape(-1)[keep]  # (N,)
-    for s in range(0, flat.shape[0], CHUNK_POSITIONS):
-        rows = slice(s, s + CHUNK_POSITIONS)
-        logq = F.log_softmax(flat[rows].float(), dim=-1)  # (c, V)
-        logp = F.log_softmax(flat_teacher[rows].float(), dim=-1)  # (c, V)
-        conf, pred = logq.max(dim=-1)  # (c,), (c,)
-        correct = pred == labels[rows]  # (c,)
-        nll = -logq.gather(1, labels[rows, None]).squeeze(1)  # (c,) nats
-        tally.n += int(labels[rows].numel())
-        tally.ce += float(nll.sum())
-        if byte_counts is not None:
-            nbytes = byte_counts[labels[rows]]  # (c,) 0 for special tokens, which spell no text
-            tally.text_nll += float(nll[nbytes > 0].sum())
-            tally.text_bytes += int(nbytes.sum())
-        if not is_teacher:
-            tally.kl += float(dense_kl(logp, flat[rows].float()).sum())
-        tally.agree += int((pred == logp.argmax(dim=-1)).sum())
-        tally.correct += int(correct.sum())
-        tally.add_calibration(conf.exp(), correct)
-
-
-def _finish(tally: Tally, model: PreTrainedModel, path: Path) -> dict[str, Any]:
-    ce = tally.ce / max(tally.n, 1)
-    return {
-        "path": str(path),
-        "ce": ce,
-        "ppl": math.exp(min(ce, 700.0)),
-        "bits_per_byte": tally.text_nll / (math.log(2) * tally.text_bytes) if tally.text_bytes else None,
-        "kl_to_teacher": tally.kl / max(tally.n, 1),
-        "top1_agreement": tally.agree / max(tally.n, 1),
-        "top1_accuracy": tally.correct / max(tally.n, 1),
-        "ece": tally.ece(),
-        "tokens_per_s": tally.forward_tokens / max(tally.forward_s, 1e-9),
-        "num_parameters": int(model.num_parameters()),
-        "size_bytes": model_size_bytes(path),
-        "calibration": tally.reliability(),
-    }
-
-
-def _byte_counts(tokenizer: Any, *, device: torch.device) -> torch.Tensor | None:
-    """(V,) int64: the UTF-8 bytes each id spells (``kdcache.tokenizer.token_bytes``; special tokens 0),
-    or None for a tokenizer whose tokens cannot spell text (word-level, WordPiece): no bits per byte."""
-    try:
-        spelled = token_bytes(tokenizer)
-    except UnsupportedTokenizerError as e:
-        log.info("no bits per byte: %s", e)
+def _own_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in a model dir; None when it holds none (then: the teacher's is assumed)."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
-    return torch.tensor([len(b) for b in spelled], dtype=torch.int64, device=device)
-
-
-def model_size_bytes(path: str | Path) -> int:
-    """Bytes of the weight files in a model directory."""
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-
-
-def write_metrics(metrics: dict[str, Any], *, metrics_path: str | Path, plots_dir: str | Path) -> None:
-    """A flat JSON for ``dvc metrics show`` and ``calibration.csv`` (model,bin,confidence,accuracy,count)
-    for ``dvc plots show``; both written atomically."""
-    models = metrics["models"]
-    flat: dict[str, Any] = {name: {k: m[k] for k in SCALARS if m.get(k) is not None} for name, m in models.items()}
-    if "student" in models and "baseline" in models:
-        flat["kd_minus_baseline_ce"] = models["student"]["ce"] - models["baseline"]["ce"]
-        flat["kd_minus_baseline_kl"] = models["student"]["kl_to_teacher"] - models["baseline"]["kl_to_teacher"]
-    flat["num_sequences"], flat["num_tokens"] = metrics["num_sequences"], metrics["num_tokens"]
-    metrics_path = Path(metrics_path)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(metrics_path, json.dumps(flat, indent=2) + "\n")
-    plots = Path(plots_dir)
-    plots.mkdir(parents=True, exist_ok=True)
-    rows = io.StringIO(newline="")
-    writer = csv.writer(rows)
-    writer.writerow(["model", "bin", "confidence", "accuracy", "count"])
-    for name, m in models.items():
-        for row in m["calibration"]:
-            if row["count"]:
-                writer.writerow([name, row["bin"], f"{row['confidence']:.6f}", f"{row['accuracy']:.6f}", row["count"]])
-    atomic_write_text(plots / "calibration.csv", rows.getvalue())
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise EvaluateError(f"{path}: cannot load its tokenizer ({e})") from e
