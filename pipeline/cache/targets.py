@@ -1,16 +1,18 @@
 """Teacher logits -> sparse soft targets, as pure tensor functions that run on the logits' device.
 
-Log-softmax is always fp32. Work is chunked over tokens: per chunk one (chunk, V) fp32 log-prob
-buffer, plus one (chunk, V) probability buffer while entropy and samples are computed; only
-small (tokens, k) / (tokens, S) results leave the loop. Choose ``chunk_tokens`` with
+Softmax is always fp32. Work is chunked over tokens: per chunk one (chunk, V) fp32 logit buffer
+(the head's own output when ``sparsify_rows`` may overwrite it, else a copy), processed in groups of
+rows (``group_rows``: L2-sized on a CPU) that each add a probability buffer and a product temporary;
+only small (tokens, k) / (tokens, S) results leave the loop. Choose ``chunk_tokens`` with
 ``chunk_tokens_for`` to bound that memory. The logits themselves may be produced chunk by chunk
 too (``sparsify_rows``, fed by ``kdcache.teacher.head_logits`` from final hidden states), so the
 full (B, T, V) logits never exist; ``sparsify`` is the same loop over a tensor that does.
 
 Sampled targets are deterministic per ``(seed, seq_index, position)``: each sequence draws its
 uniforms from its own CPU generator, so results do not depend on batch composition or chunking.
-Sampling is by inverse CDF in float64 (uniforms and cumulative sums): in float32 the CDF's
-spacing near 1 (6e-8) exceeds most tail probabilities at V = 262k, which then land on the wrong ids.
+Sampling is by inverse CDF over integer weights floor(p * 2^51) summed exactly in float64 (``draw``): in
+float32 the CDF's spacing near 1 (6e-8) exceeds most tail probabilities at V = 262k, which then land on the
+wrong ids; exact integer sums also make the draws independent of summation order, hence of device and chunking.
 """
 
 from __future__ import annotations
@@ -58,10 +60,6 @@ def sequence_seed(seed: int, seq_index: int) -> int:
     """A 63-bit generator seed for one sequence, stable across platforms and processes."""
     digest = hashlib.sha256(f"kdcache-samples:{int(seed)}:{int(seq_index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-DRAW_ROWS = 8
-"""Rows per float64 CDF while sampling: the (rows, V) float64 buffer stays small at any chunk size."""
 
 
 def sample_uniforms(seed: int, seq_indices: torch.Tensor | list[int], seq_len: int, samples: int) -> torch.Tensor:
@@ -142,12 +140,14 @@ def sparsify_rows(
     chunk_tokens: int = 4096,
     seq_len: int | None = None,
     next_ids: torch.Tensor | None = None,
+    writable: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``sparsify`` with logits produced on demand, ``chunk_tokens`` flat positions at a time.
 
     ``logit_rows(slice(a, b))`` returns the (b - a, V_full) logits of positions a..b-1 of the
     batch flattened to B * T rows; only one chunk of logits exists at a time. Same results as
-    ``sparsify`` on the stacked chunks, bit for bit.
+    ``sparsify`` on the stacked chunks, bit for bit. ``writable``: each chunk is a fresh tensor
+    (``kdcache.teacher.logit_rows``' are) that sparsify may overwrite instead of copying.
     """
     T = layout.seq_len if seq_len is None else seq_len
     V = layout.vocab_size
@@ -180,24 +180,26 @@ def sparsify_rows(
         uniforms = sample_uniforms(layout.seed, seq_indices, T, S).view(N, S).to(device)  # (N, S) float64
         out["sample_ids"] = torch.empty((N, S), dtype=torch.int32, device=device)
         out["sample_counts"] = torch.empty((N, S), dtype=torch.int32, device=device)
-    for start in range(0, N, max(1, chunk_tokens)):
-        rows = slice(start, min(N, start + max(1, chunk_tokens)))
-        chunk = logit_rows(rows)  # (n, V_full)
-        if chunk.ndim != 2 or chunk.shape[0] != rows.stop - rows.start or chunk.shape[1] < V:
-            raise ValueError(
-                f"logits have {chunk.shape[-1]} entries per token, fewer than the layout's vocab_size {V}"
-                if chunk.ndim == 2 and chunk.shape[1] < V
-                else f"logit chunk for rows {rows.start}..{rows.stop - 1} has shape {tuple(chunk.shape)}"
+    with torch.inference_mode():  # the head's chunks are inference tensors, overwritten in place when writable
+        for start in range(0, N, max(1, chunk_tokens)):
+            rows = slice(start, min(N, start + max(1, chunk_tokens)))
+            chunk = logit_rows(rows)  # (n, V_full)
+            if chunk.ndim != 2 or chunk.shape[0] != rows.stop - rows.start or chunk.shape[1] < V:
+                raise ValueError(
+                    f"logits have {chunk.shape[-1]} entries per token, fewer than the layout's vocab_size {V}"
+                    if chunk.ndim == 2 and chunk.shape[1] < V
+                    else f"logit chunk for rows {rows.start}..{rows.stop - 1} has shape {tuple(chunk.shape)}"
+                )
+            _sparsify_chunk(
+                chunk[:, :V],
+                layout,
+                out,
+                rows,
+                None if uniforms is None else uniforms[rows],
+                None if next_ids is None else next_ids[rows],
+                writable=writable,
             )
-        _sparsify_chunk(
-            chunk[:, :V],
-            layout,
-            out,
-            rows,
-            None if uniforms is None else uniforms[rows],
-            None if next_ids is None else next_ids[rows],
-        )
-        del chunk
+            del chunk
     result = {key: value.view(batch, T, *value.shape[1:]) for key, value in out.items() if key != "nonfinite"}
     result["nonfinite"] = out["nonfinite"].view(batch, T).any(dim=1)  # (B,)
     return result
@@ -210,103 +212,206 @@ def _sparsify_chunk(
     rows: slice,
     uniforms: torch.Tensor | None,
     next_ids: torch.Tensor | None,
+    *,
+    writable: bool = False,
 ) -> None:
-    """Fill ``out[...][rows]`` from one (n, V) chunk of logits."""
-    n = chunk.shape[0]
-    logprobs = chunk.to(torch.float32, copy=True)  # (n, V) the one fp32 copy
+    """Fill ``out[...][rows]`` from one (n, V) chunk of logits: the full-vocabulary passes ``group_rows`` rows
+    at a time, the samples' small per-draw work once per chunk (``writable``: the chunk is a fresh fp32 tensor
+    this may overwrite, else it is copied once)."""
+    own = writable and chunk.dtype == torch.float32 and chunk.is_contiguous()
+    x = chunk if own else chunk.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (n, V)
     if layout.temperature != 1.0:
-        logprobs.div_(layout.temperature)
-    logprobs.sub_(torch.logsumexp(logprobs, dim=-1, keepdim=True))  # (n, V) log-softmax in place
-    # NaN anywhere poisons the logsumexp, +inf gives inf - inf = NaN, -inf stays -inf: a finite row sum means clean.
-    out["nonfinite"][rows] = ~torch.isfinite(logprobs.sum(dim=-1))
-    kept = None
-    if layout.has_topk:
-        kept = _top_entries(logprobs, layout)
-        out["topk_ids"][rows], out["topk_logprobs"][rows], out["topk_lengths"][rows] = kept[:3]
-    probs = logprobs.exp()  # (n, V) second buffer: probabilities, then their CDF
-    # Entropy -sum p log p as a batched dot product: no third (n, V) temporary.
-    out["entropy"][rows] = -torch.bmm(probs.unsqueeze(1), logprobs.unsqueeze(2)).view(n)
-    teacher_signals(logprobs, layout, out, rows, next_ids)  # before the kept ids are masked out of logprobs
-    if kept is not None:
-        ids, values = kept[3:]  # (n, k) unsorted ids and -inf at kept entries / their log-probs elsewhere
-        out["topk_log_tail"][rows] = logprobs.scatter_(1, ids, values).logsumexp(dim=-1)  # kept ids masked out
-        out["topk_mass"][rows] = out["topk_logprobs"][rows].exp().sum(dim=-1)
-    else:
-        out["topk_mass"][rows] = 0.0
-    del logprobs
+        x.div_(layout.temperature)
+    n, V = x.shape
+    e = torch.empty_like(x) if uniforms is not None else None  # (n, V) exp(x - max) kept for the draws
+    sums = x.new_empty(n, -(-V // SAMPLE_BLOCK)) if uniforms is not None else None  # (n, blocks)
+    step = group_rows(V, x.device.type, n)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        _sparsify_group(
+            x[a:b],
+            layout,
+            out,
+            slice(rows.start + a, rows.start + b),
+            None if next_ids is None else next_ids[a:b],
+            e=None if e is None else e[a:b],
+            sums=None if sums is None else sums[a:b],
+        )
     if uniforms is not None:
-        ids = draw(probs, uniforms)  # (n, S)
-        out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(ids)
+        out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(draw_blocks(e, sums, uniforms))
+
+
+GROUP_BYTES = {"cpu": 1 << 20}
+"""Bytes of one (rows, V) fp32 buffer per full-vocabulary step, by device type: on a CPU a group's (rows, V)
+buffers stay in the core's L2 cache (~2x faster than chunk-sized passes at V=4096); other devices take the
+whole chunk in one step (big kernels)."""
+
+
+def group_rows(vocab_size: int, device_type: str, chunk_rows: int) -> int:
+    """Rows per full-vocabulary step within a chunk (``GROUP_BYTES``)."""
+    budget = GROUP_BYTES.get(device_type)
+    return chunk_rows if budget is None else max(1, min(chunk_rows, budget // (4 * vocab_size)))
+
+
+def _sparsify_group(
+    x: torch.Tensor,
+    layout: TargetLayout,
+    out: dict[str, torch.Tensor],
+    rows: slice,
+    next_ids: torch.Tensor | None,
+    *,
+    e: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
+) -> None:
+    """Fill ``out[...][rows]`` (all but the samples) from (r, V) fp32 logits / tau0, overwritten in place;
+    with ``e`` ((r, V)) and ``sums`` ((r, blocks)) also keep exp(x - max) and its block sums for ``draw_blocks``.
+
+    One max, one exp and one product pass give everything at tau0: with xs = x - max (<= 0), e = exp(xs),
+    Z = sum e: log p = xs - log Z and entropy = log Z - sum e * xs / Z (two non-negative terms: no
+    cancellation). A NaN or +-inf logit makes sum e * xs NaN (NaN, inf - inf, or 0 * -inf), which flags
+    the row, as a non-finite log-prob sum did.
+    """
+    r = x.shape[0]
+    xs = x.sub_(x.amax(dim=-1, keepdim=True))  # (r, V) shifted logits, max 0
+    e = torch.exp(xs, out=e)  # (r, V) unnormalized probabilities, max 1
+    z = e.sum(dim=-1, keepdim=True)  # (r, 1) in [1, V]
+    log_z = z.log()  # (r, 1)
+    dot = (e * xs).sum(dim=-1).div_(z.view(r))  # (r,) sum p * xs <= 0; one (r, V) temporary
+    out["nonfinite"][rows] = ~torch.isfinite(dot)
+    out["entropy"][rows] = log_z.view(r) - dot
+    teacher_signals(xs, log_z, layout, out, rows, next_ids)
+    if sums is not None:
+        block_sums(e, out=sums)
+    del e
+    if not layout.has_topk:
+        out["topk_mass"][rows] = 0.0
+        return
+    ids, values, lengths, top_ids, mask = _top_entries(xs, log_z, layout)
+    out["topk_ids"][rows], out["topk_logprobs"][rows], out["topk_lengths"][rows] = ids, values, lengths
+    out["topk_mass"][rows] = values.exp().sum(dim=-1)
+    # The kept ids masked out of xs (the last use of xs): log of the mass outside them, no 1 - mass cancellation.
+    out["topk_log_tail"][rows] = xs.scatter_(1, top_ids, mask).logsumexp(dim=-1) - log_z.view(r)
 
 
 def teacher_signals(
-    logprobs: torch.Tensor,
+    xs: torch.Tensor,
+    log_z: torch.Tensor,
     layout: TargetLayout,
     out: dict[str, torch.Tensor],
     rows: slice,
     next_ids: torch.Tensor | None,
 ) -> None:
-    """Fill ``topk_log_z`` and ``teacher_<signal>`` at ``rows`` from (n, V) log-probs at tau0 (full vocabulary)."""
-    tau0 = layout.temperature
-    for j, tau in enumerate(layout.temperatures):
-        out["topk_log_z"][rows, j] = torch.logsumexp(logprobs * (tau0 / tau), dim=-1)  # (n,) one (n, V) temporary
+    """Fill ``topk_log_z`` and ``teacher_<signal>`` at ``rows`` from (r, V) logits at tau0 shifted to max 0 and
+    their (r, 1) log-normalizer (full vocabulary; log p_tau0 = xs - log_z)."""
+    tau0, r = layout.temperature, xs.shape[0]
+    for j, tau in enumerate(layout.temperatures):  # logsumexp_v(log p_v * f) = logsumexp_v(xs_v * f) - f * log_z
+        f = tau0 / tau
+        out["topk_log_z"][rows, j] = torch.logsumexp(xs * f, dim=-1) - f * log_z.view(r)  # (r,) one (r, V) temporary
     if not layout.signals:
         return
     if tau0 == 1.0:
-        logp1, entropy = logprobs, out["entropy"][rows]
-    else:  # the teacher's own distribution: log p_1 = log p_tau0 * tau0 - logsumexp(log p_tau0 * tau0)
-        logp1 = logprobs * tau0  # (n, V)
-        logp1 -= torch.logsumexp(logp1, dim=-1, keepdim=True)
-        entropy = -torch.bmm(logp1.exp().unsqueeze(1), logp1.unsqueeze(2)).view(-1)  # (n,)
+        x1, log_z1, entropy = xs, log_z, out["entropy"][rows]
+    else:  # the teacher's own distribution: logits xs * tau0, still max 0
+        x1 = xs * tau0  # (r, V)
+        e1 = x1.exp()  # (r, V)
+        z1 = e1.sum(dim=-1, keepdim=True)  # (r, 1)
+        log_z1 = z1.log()
+        entropy = log_z1.view(r) - e1.mul_(x1).sum(dim=-1).div_(z1.view(r))  # (r,)
+        del e1
     if "entropy" in layout.signals:
         out["teacher_entropy"][rows] = entropy
     if "nll" in layout.signals:
-        have = next_ids >= 0  # (n,)
-        nll = -logp1.gather(1, next_ids.clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
+        have = next_ids >= 0  # (r,)
+        nll = log_z1.view(r) - x1.gather(1, next_ids.clamp(min=0).unsqueeze(1)).squeeze(1)  # (r,)
         out["teacher_nll"][rows] = torch.where(have, nll, torch.full_like(nll, float("nan")))
 
 
-def _top_entries(logprobs: torch.Tensor, layout: TargetLayout) -> tuple[torch.Tensor, ...]:
-    """Top-k (or adaptive) entries of (n, V) log-probs, ascending by id with padding last.
+def _top_entries(xs: torch.Tensor, log_z: torch.Tensor, layout: TargetLayout) -> tuple[torch.Tensor, ...]:
+    """Top-k (or adaptive) entries of (r, V) shifted logits (log-probs ``xs - log_z``), ascending by id with
+    padding last.
 
-    Returns ids (n, k) int32, log-probs (n, k) float32 (-inf padded), lengths (n,) int32, and for
-    masking the kept ids out of ``logprobs``: the topk ids (n, k) int64 and (n, k) -inf at kept
-    entries / the original log-prob at dropped ones.
+    Returns ids (r, k) int32, log-probs (r, k) float32 (-inf padded), lengths (r,) int32, and for
+    masking the kept ids out of ``xs``: the topk ids (r, k) int64 and (r, k) -inf at kept
+    entries / the original shifted logit at dropped ones.
     """
-    k, V = layout.top_k, logprobs.shape[1]
-    top_lp, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)  # (n, k) descending
+    k, V = layout.top_k, xs.shape[1]
+    top_x, top_ids = torch.topk(xs, k, dim=-1, sorted=True)  # (r, k) descending
+    top_lp = top_x - log_z  # (r, k)
     if layout.adaptive:
-        cum = top_lp.exp().cumsum(dim=-1)  # (n, k)
-        lengths = ((cum < layout.mass).sum(dim=-1) + 1).clamp_(max=k)  # (n,)
+        cum = top_lp.exp().cumsum(dim=-1)  # (r, k)
+        lengths = ((cum < layout.mass).sum(dim=-1) + 1).clamp_(max=k)  # (r,)
     else:
         lengths = torch.full((len(top_lp),), k, dtype=torch.int64, device=top_lp.device)
-    pad = torch.arange(k, device=top_lp.device)[None, :] >= lengths[:, None]  # (n, k)
-    mask_values = top_lp.masked_fill(~pad, float("-inf"))  # (n, k)
-    order = torch.where(pad, V + torch.arange(k, device=top_lp.device), top_ids).argsort(dim=-1)  # (n, k) by id
+    pad = torch.arange(k, device=top_lp.device)[None, :] >= lengths[:, None]  # (r, k)
+    mask_values = top_x.masked_fill(~pad, float("-inf"))  # (r, k)
+    order = torch.where(pad, V + torch.arange(k, device=top_lp.device), top_ids).argsort(dim=-1)  # (r, k) by id
     ids = top_ids.gather(1, order).masked_fill_(pad, 0)  # pad stays last: lengths are a prefix after sorting
     values = top_lp.gather(1, order).masked_fill_(pad, float("-inf"))
     return ids.to(torch.int32), values, lengths.to(torch.int32), top_ids, mask_values
 
 
+SAMPLE_BLOCK = 16
+"""Ids per block of the two-level inverse CDF (``draw``); 16 was fastest at V=4096 (8, 16, 32, 64 measured)."""
+
+
+def block_sums(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, V) float32 >= 0 -> (n, ceil(V / SAMPLE_BLOCK)) float32 sums of consecutive ``SAMPLE_BLOCK``-id blocks."""
+    n, V = probs.shape
+    full = V // SAMPLE_BLOCK
+    out = probs.new_empty(n, -(-V // SAMPLE_BLOCK)) if out is None else out
+    torch.sum(probs[:, : full * SAMPLE_BLOCK].view(n, full, SAMPLE_BLOCK), dim=-1, out=out[:, :full])
+    if full < out.shape[1]:
+        torch.sum(probs[:, full * SAMPLE_BLOCK :], dim=-1, out=out[:, full])
+    return out
+
+
 def cumulative(probs: torch.Tensor) -> torch.Tensor:
-    """The sampler's CDF of (n, V) probabilities: (n, V) float64 running sums (exact to ~1e-16 at any V)."""
-    return torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (n, V)
+    """The CDF ``draw`` inverts, of (n, V) probabilities: (n, V) float64, unnormalized (its last entry is the total).
+
+    Blocks of ``SAMPLE_BLOCK`` ids get their float32 sums s_b (relative error < ~1e-6 each, so the implied
+    distribution is within ~1e-6 total variation of ``probs`` at any V, an id of probability 0 gets no mass),
+    summed in float64; within a block, ids share s_b in proportion to their float64 running sums.
+    """
+    n, V = probs.shape
+    sums = block_sums(probs).double()  # (n, nb)
+    before = torch.nn.functional.pad(sums.cumsum(dim=-1)[:, :-1], (1, 0))  # (n, nb) running sum before each block
+    parts = [probs[:, a : a + SAMPLE_BLOCK].double().cumsum(dim=-1) for a in range(0, V, SAMPLE_BLOCK)]
+    within = torch.cat([c / c[:, -1:].clamp(min=1e-300) for c in parts], dim=1)  # (n, V) share of its block
+    block = torch.arange(V, device=probs.device) // SAMPLE_BLOCK  # (V,)
+    return before[:, block] + sums[:, block] * within
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling in float64: probs (n, V) >= 0, uniforms (n, S) float64 in [0, 1) -> ids (n, S) int64.
+    """Inverse-CDF sampling of ``cumulative(probs)``: probs (n, V) >= 0 (any positive multiple per row), uniforms
+    (n, S) float64 in [0, 1) -> ids (n, S) int64. See ``draw_blocks``."""
+    return draw_blocks(probs, block_sums(probs), uniforms)
 
-    Id i is drawn with probability (cdf[i] - cdf[i-1]) / cdf[V-1], the width of its CDF interval
-    (to within 2^-52 per id); an id of probability 0 is never drawn. The float64 CDF is built
-    ``DRAW_ROWS`` rows at a time, so it adds (DRAW_ROWS, V) float64 to the chunk's buffers.
+
+def draw_blocks(probs: torch.Tensor, sums: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``draw`` given the block sums of ``probs`` (``block_sums``): no (n, V) float64 work.
+
+    Two levels: the float64 running sum of the (n, V / SAMPLE_BLOCK) float32 block sums finds each draw's
+    block (first running sum above u * total), then the float64 running sum within that block its id
+    (first above the target's share of the block). Each level has float64 spacing (~1e-16), so an id's
+    chance is its ``cumulative`` interval to ~1e-15; in float32 the CDF's spacing near 1 (6e-8) exceeded
+    most tail probabilities at V = 262k. An id of probability 0 is never drawn. The result depends on
+    each row alone: not on the rows per call, nor on chunking.
     """
-    ids = torch.empty(uniforms.shape, dtype=torch.int64, device=probs.device)  # (n, S)
-    for start in range(0, probs.shape[0], DRAW_ROWS):
-        rows = slice(start, start + DRAW_ROWS)
-        cdf = cumulative(probs[rows])  # (r, V) float64
-        targets = uniforms[rows].to(torch.float64) * cdf[:, -1:]  # (r, S) scaled by the total: cannot overshoot
-        ids[rows] = torch.searchsorted(cdf, targets.contiguous(), right=True)  # first i with cdf[i] > u: skips p = 0
-    return ids.clamp_(max=probs.shape[1] - 1)
+    n, V = probs.shape
+    B, nb, S = SAMPLE_BLOCK, sums.shape[1], uniforms.shape[1]
+    cdf = sums.cumsum(dim=-1, dtype=torch.float64)  # (n, nb)
+    total = cdf[:, -1:]  # (n, 1)
+    targets = torch.minimum(uniforms.to(torch.float64) * total, total.nextafter(total.new_zeros(()))).contiguous()
+    j = torch.searchsorted(cdf, targets, right=True).clamp_(max=nb - 1)  # (n, S) first block cdf above the target
+    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)), 0.0)  # (n, S) cdf before the block
+    ids = (j * B).unsqueeze(-1) + torch.arange(B, device=j.device)  # (n, S, B) the block's ids
+    inner = probs.gather(1, ids.view(n, S * B).clamp(max=V - 1)).view(n, S, B)  # (n, S, B)
+    within = inner.masked_fill_(ids >= V, 0.0).cumsum(dim=-1, dtype=torch.float64)  # (n, S, B) block's own cdf
+    mass = within[..., -1:]  # (n, S, 1)
+    share = (targets - before).div_(sums.gather(1, j).double()).unsqueeze(-1)  # (n, S, 1) target's share of block
+    at = torch.minimum(share.clamp_(min=0.0) * mass, mass.nextafter(mass.new_zeros(())))  # (n, S, 1) below mass
+    i = (within <= at).sum(dim=-1).clamp_(max=B - 1)  # (n, S) first entry above it
+    return (j * B + i).clamp_(max=V - 1)
 
 
 def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
