@@ -9,13 +9,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from kdcache.cache.reader import CacheReader
 from kdcache.config.base import ConfigError
 from kdcache.crosstok import CrossTokenizerBatches, student_row_length
 from kdcache.packing import packing_of, valid_lengths
-from kdcache.tokenizer import TokenizerError, text_normalization, token_bytes
+from kdcache.tokenizer import TokenizerError, load_tokenizer, text_normalization
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +24,12 @@ class CrossTokenizerError(ValueError):
 
 def load_student_tokenizer_dir(path: str | Path) -> Any:
     """The student's own tokenizer (``train.student_tokenizer``, else ``train.student.path``): a local
-    directory, never the Hub; a kind whose tokens do not spell bytes is refused here, before training."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: not a directory; save the student's tokenizer there with "
-            "save_pretrained (or set train.student.path to a pretrained student)"
-        )
+    directory, never the Hub (``kdcache.tokenizer.load_tokenizer`` with ``field="train.student_tokenizer"``);
+    a kind whose tokens do not spell bytes is refused here, before training."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: cannot load a tokenizer ({e}); the directory needs the "
-            "tokenizer files saved with save_pretrained"
-        ) from e
-    try:
-        token_bytes(tokenizer)
+        return load_tokenizer(path, field="train.student_tokenizer", spells_bytes=True)
     except TokenizerError as e:
-        raise CrossTokenizerError(f"train.student_tokenizer={root}: {e}") from e
-    if tokenizer.eos_token_id is None:
-        raise CrossTokenizerError(
-            f"train.student_tokenizer={root}: the tokenizer has no EOS token to stand for the cache's "
-            "document boundaries; set eos_token in its tokenizer_config.json"
-        )
-    return tokenizer
+        raise CrossTokenizerError(str(e)) from e
 
 
 MEASURE_ROWS = 256

@@ -57,34 +57,52 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrainedT
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, *, field: str | None = None, spells_bytes: bool = False
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer saved in a local model directory (never the Hub).
 
     Raises ``TokenizerError`` naming the directory when it is missing, holds no tokenizer files,
-    or the tokenizer has no EOS token (needed to separate packed documents).
+    or the tokenizer has no EOS token (needed to separate packed documents); with ``spells_bytes``,
+    ``UnsupportedTokenizerError`` when its tokens do not spell the text's bytes (``token_bytes``).
+    ``field``: the setting that named the directory (e.g. ``train.student_tokenizer``): every message
+    then starts ``{field}={path}: `` and its fix names that setting; None: the teacher's (``teacher.path``).
     """
     root = Path(path)
+    where = f"{root}: " if field is None else f"{field}={root}: "
     if not root.is_dir():
         raise TokenizerError(
-            f"{root}: tokenizer directory not found — set teacher.path to a local "
-            "Hugging Face model directory (or run the demo_teacher stage first)"
+            f"{where}tokenizer directory not found — set teacher.path to a local Hugging Face model directory "
+            "(or run the demo_teacher stage first)"
+            if field is None
+            else f"{where}not a directory; save the tokenizer there with save_pretrained, or point {field} at "
+            "a local model directory"
         )
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
         raise TokenizerError(
-            f"{root} has no tokenizer files ({'/'.join(TOKENIZER_FILES)}); "
-            "point teacher.path at a Hugging Face model directory"
+            f"{root} has no tokenizer files ({'/'.join(TOKENIZER_FILES)}); point teacher.path at a Hugging "
+            "Face model directory"
+            if field is None
+            else f"{where}no tokenizer files ({'/'.join(TOKENIZER_FILES)}); save the tokenizer there with "
+            "save_pretrained"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError) as e:
         raise TokenizerError(
-            f"{root}: cannot load tokenizer ({e}) — is it a complete Hugging Face model directory?"
+            f"{where}cannot load tokenizer ({e}) — is it a complete Hugging Face model directory?"
         ) from e
     if tokenizer.eos_token_id is None:
         raise TokenizerError(
-            f"{root}: tokenizer has no EOS token, which prepare needs to separate documents; "
-            "set eos_token in its tokenizer_config.json"
+            f"{where}tokenizer has no EOS token, which "
+            + ("prepare needs to separate documents" if field is None else "stands for document boundaries")
+            + "; set eos_token in its tokenizer_config.json"
         )
+    if spells_bytes:
+        try:
+            token_bytes(tokenizer)
+        except UnsupportedTokenizerError as e:
+            raise UnsupportedTokenizerError(f"{where}{e}") from e
     return tokenizer
 
 

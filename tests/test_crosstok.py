@@ -582,3 +582,22 @@ def test_student_tokenizer_errors_name_the_field(tmp_path):
     word_tokenizer(10).save_pretrained(tmp_path / "words")
     with pytest.raises(CrossTokenizerError, match=r"train.student_tokenizer=.*words: .*model=WordLevel"):
         load_student_tokenizer_dir(tmp_path / "words")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        CrossTokenizerError, match=r"train.student_tokenizer=.*empty: no tokenizer files .*save_pretrained"
+    ):
+        load_student_tokenizer_dir(tmp_path / "empty")
+    no_eos = train_bpe_tokenizer(corpus(10), vocab_size=270)
+    no_eos.eos_token = None
+    no_eos.save_pretrained(tmp_path / "no_eos")
+    with pytest.raises(
+        CrossTokenizerError, match=r"train.student_tokenizer=.*no_eos: tokenizer has no EOS token.*eos_token"
+    ):
+        load_student_tokenizer_dir(tmp_path / "no_eos")
+    assert len(load_student_tokenizer_dir(_saved(tmp_path / "ok", no_eos))) == len(no_eos)
+
+
+def _saved(path, tokenizer):
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    return path
