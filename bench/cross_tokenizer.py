@@ -61,8 +61,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val", type=int, default=64, help="val rows scored")
     ap.add_argument("--methods", default="ce,exact,prefix,uld")
+    ap.add_argument("--seed", type=int, default=0, help="the student's initialisation and the batch order")
     ap.add_argument("--threads", type=int, default=1, help="tiny models: one thread is faster on a loaded machine")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="save each student (+ its tokenizer) under DIR/<variant> and score them with kdcache.evaluate too "
+        "(KL to the teacher and top-1 agreement at the aligned positions, coverage)",
+    )
+    ap.add_argument("--kl-projection", default="prefix", choices=("exact", "prefix"), help="for --save's KL")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -98,13 +107,45 @@ def main() -> None:
     for method in args.methods.split(","):
         start = time.perf_counter()
         run = _train(method, reader, teacher_tok, student_tok, packing=packing, L=L, args=args)
-        bpb = _bits_per_byte(run.pop("model"), val)
+        model = run.pop("model")
+        bpb = _bits_per_byte(model, val)
         results["variants"][method] = {"val_bits_per_byte": bpb, "seconds": time.perf_counter() - start, **run}
         log.info("%s: val %.4f bits/byte (%.0f s)", method, bpb, time.perf_counter() - start)
+        if args.save is not None:
+            _save(model, student_tok, args.save / method, projection=args.kl_projection, cache=args.cache)
+    if args.save is not None:
+        results["evaluate"] = _evaluate(args, [m for m in args.methods.split(",")])
     results["machine"] = {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "shared": True}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(_table(results))
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, out: Path, *, projection: str, cache: str) -> None:
+    """The student as ``kdcache train`` leaves it: weights, tokenizer, and a record naming ``projection`` as
+    the one it trained with (what ``kdcache.evaluate`` projects the teacher by)."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    vocab_map = {"method": projection}  # every model through one projection: their KL compares
+    (out / "training.json").write_text(json.dumps({"cache": {"path": str(cache)}, "vocab_map": vocab_map}) + "\n")
+
+
+def _evaluate(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """``kdcache.evaluate`` of the saved students against the teacher on the same val rows."""
+    from kdcache.config.evaluate import EvaluateConfig
+    from kdcache.config.teacher import TeacherConfig
+    from kdcache.evaluate import evaluate
+
+    metrics = evaluate(
+        EvaluateConfig(batch_size=8, max_sequences=args.val),
+        tokens=open_tokens(args.tokens, "val"),
+        teacher=TeacherConfig(path=str(args.teacher), device="cpu"),
+        models={m: args.save / m for m in methods},
+    )
+    keep = ("ce", "bits_per_byte", "kl_to_teacher", "top1_agreement", "kl_coverage", "top1_accuracy")
+    return {
+        name: {k: m.get(k) for k in keep} | {"cross": m.get("cross_tokenizer")} for name, m in metrics["models"].items()
+    }
 
 
 def _real(ids: Any, packing: dict[str, Any]) -> np.ndarray:
@@ -117,7 +158,7 @@ def _train(method, reader, teacher_tok, student_tok, *, packing, L, args) -> dic
     cross = CrossTokenizerBatches(
         teacher_tok, student_tok, method="exact" if method == "ce" else method, student_seq_len=L, packing=packing
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build_student(STUDENT, vocab_size=len(student_tok), seq_len=L, tokenizer=student_tok)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=0.01)
     scheduler = lr_scheduler(optimizer, warmup_steps=args.steps // 10, max_steps=args.steps, min_lr_ratio=0.1)
@@ -126,7 +167,7 @@ def _train(method, reader, teacher_tok, student_tok, *, packing, L, args) -> dic
     keys = None if method != "ce" else ("input_ids",)
     step, epoch, kd_sum = 0, 0, 0.0
     while step < args.steps:
-        for batch in reader.batches(args.batch_size, seed=0, epoch=epoch, keys=keys):
+        for batch in reader.batches(args.batch_size, seed=args.seed, epoch=epoch, keys=keys):
             b = cross.apply(batch)
             logits = model(input_ids=b["input_ids"]).logits  # (B, L, V)
             targets = {k: v for k, v in b.items() if k not in ("input_ids", "seq_index") and not k.startswith("uld")}
@@ -204,6 +245,21 @@ def _table(results: dict[str, Any]) -> str:
         soft = "-" if name == "ce" else f"{100 * v['soft_target_fraction']:.1f}%"
         kept = "-" if name == "ce" else f"{100 * v['teacher_mass_kept_ratio']:.1f}%"
         lines.append(f"| {name} | {v['val_bits_per_byte']:.4f} | {rel} | {soft} | {kept} | {v['seconds']:.0f} |")
+    if "evaluate" in results:
+        lines += [
+            "",
+            "kdcache.evaluate of the same students (KL and agreement at the aligned positions):",
+            "",
+            "| model | bits/byte | KL(teacher ‖ model) | top-1 agreement | aligned positions | projection |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in results["evaluate"].items():
+            cross = m["cross"] or {}
+            cover = f"{100 * m['kl_coverage']:.1f}%" if m["kl_coverage"] is not None else "100%"
+            lines.append(
+                f"| {name} | {m['bits_per_byte']:.4f} | {m['kl_to_teacher']:.4f} | {m['top1_agreement']:.4f} | "
+                f"{cover} | {cross.get('projection', '-')} |"
+            )
     return "\n".join(lines)
 
 
