@@ -5,8 +5,9 @@ The one build path, used by ``kdcache cache`` and the DVC stage alike. Shard ``i
 shards with ``i % world_size == r`` (a tensor-parallel teacher: every rank every shard, in lockstep,
 rank 0 writing them; ``kdcache.cache.lockstep``). Within a shard, batches are ``cfg.batch_size`` consecutive
 sequences from the shard's start, so a rerun with the same batch size, dtype and device type
-writes byte-identical files. The teacher runs on this thread; ``writer.ShardWriter`` encodes and
-writes on another. A rerun resumes: finished shards are kept after checking (from their footers)
+writes byte-identical files. The teacher runs on this thread, sparsification overlapped with it
+(``kdcache.cache.scoring``: a worker thread on CPU, a second stream on CUDA); ``writer.ShardWriter``
+encodes and writes on another thread. A rerun resumes: finished shards are kept after checking (from their footers)
 that the same teacher, corpus and settings made them, and a directory whose manifest says
 otherwise is refused before any work.
 """
@@ -14,26 +15,20 @@ otherwise is refused before any work.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from kdcache.cache.format import SIGNALS, Manifest, SequenceTargets, TargetLayout
-from kdcache.cache.hidden import forward_with_layers, hidden_targets, project_quantize
+from kdcache.cache.format import Manifest, TargetLayout
+from kdcache.cache.hidden import hidden_targets
 from kdcache.cache.hidden_format import save_projection
 from kdcache.cache.identity import cache_dir_for, check_cache_dir, manifest_header
 from kdcache.cache.lockstep import RankFailed, stop_if_a_rank_failed, tensor_parallel
-from kdcache.cache.signals import add_signal_stats, byte_spans, shard_signal_stats
-from kdcache.cache.targets import cache_chunk_tokens, next_token_ids, sparsify_rows, to_sequence_targets
+from kdcache.cache.scoring import score_shards
+from kdcache.cache.signals import byte_spans
 from kdcache.cache.writer import (
     CACHE_KIND,
     CacheWriteError,
-    DiscardWriter,
-    ShardWriter,
     build_key_of,
     finished_shards,
     is_cache_dir,
@@ -52,7 +47,7 @@ from kdcache.distributed import (
     process_group,
 )
 from kdcache.outputs import hold_output_dir
-from kdcache.teacher import Teacher, context_hidden, load_teacher, logit_rows
+from kdcache.teacher import Teacher, load_teacher
 from kdcache.teacher_context import TeacherContext, load_teacher_context
 from kdcache.token_data import TokenSplit, open_tokens
 
@@ -228,7 +223,7 @@ def _build_cache(
         hidden = hidden_targets(cfg, teacher, tokens)  # (spec, (H, dim) projection) or None
         if rank == 0 and hidden:
             save_projection(out, hidden[1])
-        written = _score_shards(
+        written = score_shards(
             teacher,
             tokens,
             cfg,
@@ -277,157 +272,3 @@ def _deal(done: list[bool], *, rank: int, world_size: int, dynamic: bool, lockst
     if dynamic:
         return [i for i in range(len(done)) if not done[i]][rank::world_size]
     return [i for i in range(len(done)) if i % world_size == rank and not done[i]]
-
-
-def _score_shards(
-    teacher: Teacher,
-    tokens: TokenSplit,
-    cfg: CacheConfig,
-    *,
-    layout: TargetLayout,
-    spans: np.ndarray | None,
-    out: Path,
-    shards: list[tuple[int, int, int]],
-    build_key: str,
-    progress: bool,
-    context: tuple[int, ...] = (),
-    projection: torch.Tensor | None = None,
-    write: bool = True,
-    after_batch: Callable[[], None] | None = None,
-) -> dict[int, dict[str, Any]]:
-    """Run the teacher over ``shards`` ((index, start, end)) and hand batches to the background writer
-    (``write``: else drop them), calling ``after_batch`` after each batch (and its shard's finish)."""
-    from tqdm.auto import tqdm
-
-    timer = {"forward": 0.0, "sparsify": 0.0, "host": 0.0}
-    total = sum(end - start for _, start, end in shards) * tokens.seq_len
-    chunk = cache_chunk_tokens(layout.vocab_size, teacher.device.type)  # bounds the (chunk, V) buffers
-    began = time.perf_counter()
-    with (
-        ShardWriter(out, layout) if write else DiscardWriter() as writer,
-        tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="cache") as bar,
-    ):
-        for index, start, end in shards:
-            meta = {
-                "build_key": build_key,
-                "shard": index,
-                "first_seq": start,
-                "entropy_sum": 0.0,
-                "topk_mass_sum": 0.0,
-                "skipped": [],
-            }
-            for b0 in range(start, end, cfg.batch_size):
-                seqs = np.arange(b0, min(end, b0 + cfg.batch_size))
-                rows = _score_batch(
-                    teacher,
-                    tokens,
-                    cfg,
-                    layout=layout,
-                    seqs=seqs,
-                    chunk=chunk,
-                    meta=meta,
-                    timer=timer,
-                    spans=spans,
-                    context=context,
-                    projection=projection,
-                )
-                writer.write(index, rows)
-                bar.update(len(seqs) * tokens.seq_len)
-                if after_batch and b0 + cfg.batch_size < end:
-                    after_batch()
-            skipped = set(meta["skipped"])
-            meta["first_seq"] = next((s for s in range(start, end) if s not in skipped), start)
-            writer.finish(index, meta)
-            if after_batch:
-                after_batch()
-    elapsed = time.perf_counter() - began
-    if total:
-        log.info(
-            "scored %d tokens in %.1f s (%.0f tokens/s): forward %.1f s, sparsify %.1f s, host %.1f s, "
-            "writer busy %.2f s, waited on writer %.2f s",
-            total,
-            elapsed,
-            total / elapsed,
-            timer["forward"],
-            timer["sparsify"],
-            timer["host"],
-            writer.busy_s,
-            writer.wait_s,
-        )
-    return writer.written
-
-
-def _score_batch(
-    teacher: Teacher,
-    tokens: TokenSplit,
-    cfg: CacheConfig,
-    *,
-    layout: TargetLayout,
-    seqs: np.ndarray,
-    chunk: int,
-    meta: dict[str, Any],
-    timer: dict[str, float],
-    spans: np.ndarray | None = None,
-    context: tuple[int, ...] = (),
-    projection: torch.Tensor | None = None,
-) -> list[SequenceTargets]:
-    """Forward + sparsify one batch (+ project and quantize ``layout.hidden``'s layers with ``projection``);
-    drop (``skip``) or refuse (``fail``) sequences with non-finite logits (or hidden states)."""
-    ids = np.asarray(tokens.ids[seqs[0] : seqs[-1] + 1], dtype=np.int64)  # (B, T)
-    if ids.max(initial=0) >= layout.vocab_size or ids.min(initial=0) < 0:
-        raise CacheWriteError(
-            f"token split {tokens.split!r}: sequences {seqs[0]}..{seqs[-1]} hold ids outside "
-            f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer"
-        )
-    t0 = time.perf_counter()
-    features: dict[str, torch.Tensor] = {}
-    if layout.hidden and projection is not None:  # one forward: the LM head's input and the tapped layers
-        hidden, states = forward_with_layers(teacher, torch.from_numpy(ids), layout.hidden.layers, context)
-        for (name, scale_name), state in zip(layout.hidden.columns().items(), states, strict=True):
-            features[name], features[scale_name], features[f"bad_{name}"] = project_quantize(state, projection)
-        del states
-    else:
-        hidden = context_hidden(teacher, torch.from_numpy(ids), context)  # (B, T, H) the rows' positions
-    t1 = time.perf_counter()
-    sparse = sparsify_rows(
-        logit_rows(teacher, hidden),  # LM head + soft-cap per chunk of `chunk` positions, sparsified in turn
-        batch=len(seqs),
-        device=hidden.device,
-        layout=layout,
-        seq_indices=torch.from_numpy(seqs),
-        chunk_tokens=chunk,
-        next_ids=next_token_ids(torch.from_numpy(ids)),
-    )
-    del hidden
-    sparse = {key: value.cpu() for key, value in sparse.items()}  # the one device->host copy (small tensors)
-    t2 = time.perf_counter()  # on CUDA the forward is async: its time lands in "sparsify", which waits for it
-    bad = sparse.pop("nonfinite").numpy()  # (B,)
-    features = {key: value.cpu().numpy() for key, value in features.items()}
-    for key in [k for k in features if k.startswith("bad_")]:
-        bad = bad | features.pop(key)
-    if bad.any():
-        names = seqs[bad].tolist()
-        if cfg.on_nan == "fail":
-            raise CacheWriteError(
-                f"teacher produced NaN/inf logits for sequence(s) {names} of split {tokens.split!r} "
-                "— check the teacher weights and dtype (float16 overflows: use bfloat16 or "
-                "float32), or set cache.on_nan: skip to drop them"
-            )
-        log.warning("dropping sequence(s) %s: teacher logits are NaN/inf (cache.on_nan: skip)", names)
-        meta["skipped"].extend(names)
-    keep = ~bad
-    meta["entropy_sum"] += float(sparse["entropy"].numpy()[keep].sum(dtype=np.float64))
-    meta["topk_mass_sum"] += float(sparse["topk_mass"].numpy()[keep].sum(dtype=np.float64))
-    signals = [sparse[f"teacher_{s}"].numpy()[keep] if f"teacher_{s}" in sparse else None for s in SIGNALS]
-    add_signal_stats(meta, shard_signal_stats(*signals))
-    if spans is not None:
-        sparse["byte_lengths"] = torch.from_numpy(spans[ids])  # (B, T) bytes each input token spells
-    kept = {key: value[torch.from_numpy(keep)] for key, value in sparse.items()}
-    rows = to_sequence_targets(kept, ids[keep], seqs[keep])
-    features = {key: value[keep] for key, value in features.items()}
-    for r, row in enumerate(rows):
-        row.hidden = {key: value[r] for key, value in features.items()} if features else None
-    timer["forward"] += t1 - t0
-    timer["sparsify"] += t2 - t1
-    timer["host"] += time.perf_counter() - t2
-    return rows
