@@ -192,10 +192,16 @@ def _check_same_data(lead: CacheReader, other: CacheReader) -> None:
     for what, read in SAME_DATA:
         a, b = read(lead.meta), read(other.meta)
         if a != b:
+            why = (
+                "; teachers with different tokenizers are not combined yet (their rows cut the text at other "
+                "places): train from one of them, with train.cross_tokenizer if the student's tokenizer differs"
+                if what == "tokenizer.fingerprint"
+                else ""
+            )
             raise CacheError(
                 f"train.caches: {other.path} does not cover the same token data as {lead.path}: {what} differs "
                 f"({b!r} vs {a!r}); cache every teacher over the same prepared tokens (same tokenizer, corpus and "
-                "split) to combine them"
+                f"split) to combine them{why}"
             )
     a, b = [s.rows for s in lead.meta.shards], [s.rows for s in other.meta.shards]
     if a != b:
