@@ -2,7 +2,7 @@
 
 The student's tokenizer is a byte-level BPE trained on the same corpus (the train split of
 ``corpus``'s default documents, as the demo teacher's was) with ``--vocab`` tokens (3,000 vs the
-teacher's 4,096). Every variant trains the same freshly initialised small student (seed fixed) on the
+teacher's 4,096). Every variant trains the same freshly initialised small student (``--seed``) on the
 same cache batches in the same order, each batch re-tokenized by ``kdcache.crosstok`` (the trainer's
 batch path): CE only (the baseline), then ``exact``, ``prefix`` and ``uld`` with
 ``alpha * KD + (1 - alpha) * CE`` (KD: the cache's own loss, ``sampled`` or ``topk_tail``, on the
