@@ -1,5 +1,9 @@
 """DVC stage `cache`: score the token data with the teacher once; write sparse targets + manifest.
 
+`--teacher MODEL_DIR --out DIR` (the stages `cache_teacher@NAME`, one per params.yaml `extra_teachers` entry):
+cache another teacher over the same token data, with the `teacher` section's other settings and the same
+`cache` section, into DIR (README "Several teachers").
+
 Resumable (the output is `persist: true`): completed shards are kept, the rest are redone. A cache
 of other settings (the user changed `cache.*` or the teacher) is moved aside as
 `<paths.cache>.moved-<UTC time>-overwritten`, never deleted, and a fresh one is built — as the train
@@ -12,6 +16,7 @@ shard in lockstep and rank 0 writes them. Rank 0 writes the manifest once every 
 """
 
 import argparse
+import dataclasses
 import sys
 
 from kdcache.cache.build import cache_corpus
@@ -25,14 +30,17 @@ from kdcache.entry import run, setup_logging, show_progress
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--teacher", default=None, help="cache this teacher model directory instead of teacher.path")
+    ap.add_argument("--out", default=None, help="the cache directory (default: paths.cache)")
     args = ap.parse_args()
     params = load_params(args.params)
     paths = load_section(PathsConfig, params.get("paths"), section="paths")
+    teacher = load_section(TeacherConfig, params.get("teacher"), section="teacher")
     cache_corpus(
-        load_section(TeacherConfig, params.get("teacher"), section="teacher"),
+        dataclasses.replace(teacher, path=args.teacher) if args.teacher else teacher,
         load_section(CacheConfig, params.get("cache"), section="cache"),
         tokens_dir=paths.tokens,
-        out_dir=paths.cache,
+        out_dir=args.out or paths.cache,
         overwrite=True,  # only a cache of other settings (or foreign files) is moved aside; a matching one resumes
         progress=show_progress(),
     )

@@ -15,6 +15,7 @@ from kdcache.config.cache import CacheConfig
 from kdcache.config.corpus import CorpusConfig
 from kdcache.config.demo_teacher import DemoTeacherConfig
 from kdcache.config.evaluate import EvaluateConfig
+from kdcache.config.extra_teachers import check_cache_sources, load_extra_teachers
 from kdcache.config.generate import GenerateConfig
 from kdcache.config.paths import PathsConfig
 from kdcache.config.prepare import PrepareConfig
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="the file written when every section is valid")
     args = ap.parse_args()
     params = load_params(args.params)
-    load_section(PathsConfig, params.get("paths"), section="paths")
+    paths = load_section(PathsConfig, params.get("paths"), section="paths")
     load_section(CorpusConfig, params.get("corpus"), section="corpus")
     load_section(DemoTeacherConfig, params.get("demo_teacher"), section="demo_teacher")
     load_section(TeacherConfig, params.get("teacher"), section="teacher")
@@ -40,6 +41,8 @@ def main() -> None:
     load_section(TrainConfig, params.get("train_baseline"), section="train_baseline")
     load_section(EvaluateConfig, params.get("evaluate"), section="evaluate")
     load_section(GenerateConfig, params.get("generate"), section="generate")
+    extra = load_extra_teachers(params.get("extra_teachers"))
+    check_cache_sources(extra, paths.teacher_caches, {s: params.get(s) for s in ("train", "train_baseline")})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "every section of params.yaml is valid\n")
 

@@ -104,6 +104,7 @@ def _repo(cache: Path, work: Path) -> Path:
     (work / "data").mkdir()
     (work / "data" / "params.checked").write_text("checked\n")  # the check_params stage's output
     shutil.copytree(cache, work / params["paths"]["cache"])
+    (work / params["paths"]["teacher_caches"]).mkdir(parents=True)  # the teacher_caches stage's directory
     (work / "py").mkdir()
     (work / "py" / "kdcache").symlink_to(work / "pipeline", target_is_directory=True)
     env = _env(work, cache)

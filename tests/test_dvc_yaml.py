@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml's stages; a ``foreach`` stage (one per params entry) as its ``do`` template."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
 
 
 def module_file(module: str) -> Path | None:
@@ -131,10 +133,18 @@ def test_params_yaml_sections_all_load() -> None:
 
     params = load_params(ROOT / "params.yaml")
     classes = _section_classes()
-    assert set(params) == set(classes) | {"paths"}
+    assert set(params) == set(classes) | {"paths", "extra_teachers"}
     for section, cls in classes.items():
         load_section(cls, params[section], section=section)
     assert params["train_baseline"]["loss"] == "ce"
     assert {k: v for k, v in params["train_baseline"].items() if k != "loss"} == {
         k: v for k, v in params["train"].items() if k != "loss"
     }, "baseline must match the KD student but for the loss"
+
+
+def test_params_yaml_has_no_extra_teacher_by_default() -> None:
+    """The default pipeline caches one teacher: no cache_teacher@NAME stage runs."""
+    from kdcache.config.base import load_params
+    from kdcache.config.extra_teachers import load_extra_teachers
+
+    assert load_extra_teachers(load_params(ROOT / "params.yaml")["extra_teachers"]) == {}

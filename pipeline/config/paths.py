@@ -19,6 +19,9 @@ class PathsConfig:
     """The teacher-written corpus (output of generate; a marker only unless generate.enabled)."""
     cache: str = "cache/demo"
     """The cache directory (DVC-tracked; share it with `dvc push`)."""
+    teacher_caches: str = "cache/teachers"
+    """Caches of ``extra_teachers``, one directory per name (stages ``cache_teacher@NAME``), plus the index
+    ``teachers.json`` (stage ``teacher_caches``); the train stages depend on this whole directory."""
     student: str = "models/student"
     """The KD student (output of train)."""
     baseline: str = "models/baseline"
