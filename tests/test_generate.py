@@ -1,5 +1,5 @@
 """kdcache.generate: a teacher-written corpus, checked against the teacher's own forward and a float64
-reference sampler; deterministic across batch sizes; resumable after a kill; consumed by prepare."""
+reference Gumbel-max sampler; deterministic across batch sizes; resumable after a kill; consumed by prepare."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ from kdcache.generate import (
     SeededSampler,
     generate_corpus,
     generate_ids,
+    gumbel_noise,
     prepare_teacher_for_generate,
-    prompt_uniforms,
+    prompt_generator,
     read_prompts,
 )
 from kdcache.teacher import load_teacher
@@ -65,8 +66,8 @@ def rows_of(out: Path) -> list[str]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def reference_draw(logits: np.ndarray, u: float, *, temperature: float, top_k: int, top_p: float) -> int:
-    """Temperature, then top-k, then top-p (the smallest most-likely set reaching top_p), then inverse CDF: float64."""
+def warped(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64: tempered logits and kept ids (top-k, then top-p: the smallest most-likely set reaching top_p)."""
     z = logits.astype(np.float64) / temperature
     keep = np.ones_like(z, dtype=bool)
     if top_k:
@@ -76,40 +77,61 @@ def reference_draw(logits: np.ndarray, u: float, *, temperature: float, top_k: i
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         before = np.cumsum(p[order]) - p[order]  # mass of the more likely ids
-        drop = order[before >= top_p]
-        p[drop] = 0.0
-        p /= p.sum()
-    cdf = np.cumsum(p)
-    return int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        keep[order[before >= top_p]] = False
+    return z, keep
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"temperature": 1.0, "top_k": 0, "top_p": 1.0},
-        {"temperature": 0.7, "top_k": 0, "top_p": 1.0},
-        {"temperature": 1.3, "top_k": 5, "top_p": 1.0},
-        {"temperature": 1.0, "top_k": 0, "top_p": 0.6},
-        {"temperature": 0.8, "top_k": 9, "top_p": 0.8},
-    ],
-)
-def test_sampler_draws_the_inverse_cdf_of_the_warped_distribution(settings: dict) -> None:
+def reference_draw(logits: np.ndarray, u: np.ndarray, **settings) -> int:
+    """Gumbel-max over the kept ids of the warped logits with the uniforms u (V,): float64."""
+    z, keep = warped(logits, **settings)
+    with np.errstate(divide="ignore"):
+        return int(np.argmax(np.where(keep, z - np.log(-np.log(u)), -np.inf)))
+
+
+SETTINGS = [
+    {"temperature": 1.0, "top_k": 0, "top_p": 1.0},
+    {"temperature": 0.7, "top_k": 0, "top_p": 1.0},
+    {"temperature": 1.3, "top_k": 5, "top_p": 1.0},
+    {"temperature": 1.0, "top_k": 0, "top_p": 0.6},
+    {"temperature": 0.8, "top_k": 9, "top_p": 0.8},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_sampler_takes_the_gumbel_max_of_the_warped_logits(settings: dict) -> None:
     torch.manual_seed(0)
     logits = torch.randn(64, 40) * 2  # (B, V)
-    uniforms = torch.rand(64, 1, dtype=torch.float64)  # (B, 1)
     cfg = GenerateConfig(**settings)
-    scores = SeededSampler(uniforms, prompt_width=3, cfg=cfg)(torch.zeros(64, 3, dtype=torch.long), logits)
+    gens = [prompt_generator(0, b) for b in range(64)]
+    scores = SeededSampler(gens, cfg=cfg)(torch.zeros(64, 3, dtype=torch.long), logits)
     got = scores.argmax(-1)
     assert torch.isinf(scores).sum() == 64 * 39  # one finite (0) entry per row: greedy takes the draw
-    want = [reference_draw(logits[b].numpy(), float(uniforms[b, 0]), **settings) for b in range(64)]
+    u = [torch.rand(40, generator=prompt_generator(0, b), dtype=torch.float64).numpy() for b in range(64)]
+    want = [reference_draw(logits[b].numpy(), u[b], **settings) for b in range(64)]
     assert got.tolist() == want
 
 
+@pytest.mark.parametrize("settings", [SETTINGS[0], SETTINGS[4]])
+def test_sampler_draws_follow_the_warped_distribution(settings: dict) -> None:
+    """20,000 draws (4,000 streams x 5 steps) of one row: frequencies match the float64 warped softmax (chi-square)."""
+    logits = torch.tensor([1.5, 0.2, -0.4, 0.9, -2.0, 0.0, -1.0, 0.6, -0.2, 0.3])  # (V=10,)
+    z, keep = warped(logits.numpy(), **settings)
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    probs /= probs.sum()
+    sampler = SeededSampler([prompt_generator(7, b) for b in range(4000)], cfg=GenerateConfig(**settings))
+    rows = logits.expand(4000, -1)  # (4000, V)
+    draws = torch.cat([sampler(torch.zeros(4000, 1, dtype=torch.long), rows).argmax(-1) for _ in range(5)])
+    n, counts = len(draws), np.bincount(draws.numpy(), minlength=10)
+    assert counts[~keep].sum() == 0
+    chi2 = float((((counts - n * probs) ** 2)[keep] / (n * probs[keep])).sum())
+    assert chi2 < 30.0, (chi2, counts, probs)  # <= 9 degrees of freedom: P(chi2 >= 30) < 5e-4
+
+
 def test_prompt_streams_are_per_prompt_and_stable() -> None:
-    a = prompt_uniforms(0, [5, 2], 7)  # (2, 7)
-    b = prompt_uniforms(0, [2, 9, 5], 7)
+    a = gumbel_noise([prompt_generator(0, 5), prompt_generator(0, 2)], 7)  # (2, 7)
+    b = gumbel_noise([prompt_generator(0, 2), prompt_generator(0, 9), prompt_generator(0, 5)], 7)
     assert torch.equal(a[0], b[2]) and torch.equal(a[1], b[0])
-    assert not torch.equal(prompt_uniforms(1, [5], 7)[0], a[0])
+    assert not torch.equal(gumbel_noise([prompt_generator(1, 5)], 7)[0], a[0])
 
 
 def test_generated_tokens_are_draws_from_the_teachers_own_forward(world) -> None:
@@ -121,13 +143,14 @@ def test_generated_tokens_are_draws_from_the_teachers_own_forward(world) -> None
     outs = generate_ids(teacher, prompts, cfg)  # one left-padded batch
     assert any(len(new) >= 5 for new, _ in outs)
     for p, (new, stopped) in zip(prompts, outs, strict=True):
-        u = prompt_uniforms(cfg.seed, [p.index], cfg.max_new_tokens)[0]
+        gen = prompt_generator(cfg.seed, p.index)
         seq = list(p.ids) + new + ([teacher.tokenizer.eos_token_id] if stopped else [])
         with torch.no_grad():
             logits = teacher.model(input_ids=torch.tensor([seq])).logits[0].double()  # (T, V)
         for t in range(len(seq) - len(p.ids)):
             row = logits[len(p.ids) - 1 + t].numpy()
-            assert seq[len(p.ids) + t] == reference_draw(row, float(u[t]), temperature=0.9, top_k=20, top_p=1.0)
+            u = torch.rand(row.shape[0], generator=gen, dtype=torch.float64).numpy()  # (V,) step t's uniforms
+            assert seq[len(p.ids) + t] == reference_draw(row, u, temperature=0.9, top_k=20, top_p=1.0)
         assert stopped or len(new) == cfg.max_new_tokens
 
 
