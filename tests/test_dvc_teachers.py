@@ -113,3 +113,21 @@ def test_an_extra_teacher_in_params_yaml_is_cached_by_its_own_stage_and_trained_
 
     tiny_llama(VOCAB, max_positions=SEQ, seed=6).save_pretrained(work / "models" / "teacher-b")  # retrained
     assert set(json.loads(_dvc(work, "status", "--json"))) == {"cache_teacher@teacher-b"}  # train follows its out
+
+
+def test_extra_teachers_are_validated_naming_the_key() -> None:
+    from kdcache.config.base import ConfigError
+    from kdcache.config.extra_teachers import check_cache_sources, load_extra_teachers
+
+    assert load_extra_teachers(None) == {} and load_extra_teachers({}) == {}
+    assert load_extra_teachers({"teacher-b": "models/b"}) == {"teacher-b": "models/b"}
+    with pytest.raises(ConfigError, match=r"extra_teachers: must be a mapping of names .* got list"):
+        load_extra_teachers(["models/b"])
+    with pytest.raises(ConfigError, match=r"extra_teachers: name 'a/b' must be 1-64 letters"):
+        load_extra_teachers({"a/b": "models/b"})
+    with pytest.raises(ConfigError, match=r"extra_teachers.b: must be a teacher model directory \(a path\), got 3"):
+        load_extra_teachers({"b": 3})
+    train = {"caches": [{"path": "cache/demo", "weight": 1}, {"path": "cache/teachers/c", "weight": 1}]}
+    check_cache_sources({"c": "models/c"}, "cache/teachers", {"train": train})
+    with pytest.raises(ConfigError, match=r"train.caches\[1\].path: cache/teachers/c is in paths.teacher_caches .* "):
+        check_cache_sources({"b": "models/b"}, "cache/teachers", {"train": train})

@@ -35,7 +35,8 @@ def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
     if layout.has_samples:
         names += ["sample_lengths", "sample_ids", "sample_counts"]
     v2 = {name: layout.blob_dtypes()[name] for name in position_shapes(layout, hidden=True)}  # stored as in the shard
-    return {n: STAGED_DTYPES.get(n, layout.id_dtype) for n in names} | v2
+    dtypes = STAGED_DTYPES | dict(zip(("topk_codes", "topk_tail"), layout.value_dtypes, strict=True))  # as stored
+    return {n: dtypes.get(n, layout.id_dtype) for n in names} | v2
 
 
 def staged_schema(layout: TargetLayout) -> pa.Schema:

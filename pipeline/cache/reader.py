@@ -290,11 +290,11 @@ class CacheReader:
             out["topk_ids"], codes, keep = gather_ragged(
                 parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive, dtypes=staged_columns(lay)
             )
-            tail = np.empty((B, T), np.uint16)
+            tail = np.empty((B, T), lay.value_dtypes[1])
             for shard, sel, local in parts:
                 tail[sel] = shard.fixed["topk_tail"][local]
             mask = keep if lay.adaptive else None  # fixed k: every entry is real, two full passes saved
-            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, mask)  # (B, T, k), -inf padded, as reader[i]
+            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, mask, encoding=lay.value_encoding)  # as reader[i]
             out["topk_log_tail"] = decode_log_tail(tail).astype(np.float32)  # (B, T)
             out["topk_mask"] = keep
         if lay.has_samples and (want is None or any(k.startswith("sample_") for k in want)):
