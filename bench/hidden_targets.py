@@ -3,12 +3,16 @@ with and without the feature loss at the same steps.
 
 1. Bytes: a default (sampled S = 16) cache of the val split with ``cache.hidden_layers: [-1]``, ``hidden_dim: 64``;
    each column group's compressed size from the Parquet footers (``kdcache.cache.shards.column_bytes``).
-2. Quality: a cache of the first ``--train-sequences`` train sequences with the same hidden targets; one student
-   per variant (feature_weight 0, then each ``--variants`` entry ``loss:weight``), same seed, steps, batch and
-   data order; val CE of each exported student over the val split (next-token CE, nats/token).
+2. Quality: a cache of the first ``--train-sequences`` train sequences with the same hidden targets, one per
+   ``--projections`` entry (``cache.hidden_projection``); per ``--seeds`` entry, one student per variant
+   (feature_weight 0 unless ``--no-baseline``, then each ``--variants`` entry ``loss:weight`` on each
+   projection's cache), same seed, steps, batch and data order; val CE of each exported student over the val
+   split (next-token CE, nats/token).
 
     python bench/hidden_targets.py --teacher models/demo-teacher --tokens data/tokens --train-sequences 256 \
         --steps 100 --batch 8 --variants mse:1,cosine:1 --json bench/results/hidden_targets.json
+    python bench/hidden_targets.py --skip-bytes --projections orthogonal,pca --seeds 0,1 --variants mse:1 \
+        --no-baseline --steps 60 --json bench/results/hidden_pca.json
 """
 
 from __future__ import annotations
@@ -76,12 +80,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--variants", default="mse:1,cosine:1", help="loss:weight,... (feature_weight 0 always runs)")
-    p.add_argument("--seed", type=int, default=0, help="train.seed (student init and data order)")
+    p.add_argument("--seeds", default="0", help="train.seed values (student init and data order), comma-separated")
+    p.add_argument("--projections", default="orthogonal", help="cache.hidden_projection values, comma-separated")
+    p.add_argument("--no-baseline", action="store_true", help="skip the feature_weight 0 student")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-bytes", action="store_true", help="skip part 1 (the val cache's bytes/token)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(a.threads or max(1, torch.get_num_threads()))
     hidden = {"hidden_layers": (-1,), "hidden_dim": a.dim}
+    projections = [x for x in a.projections.split(",") if x]
     result: dict = {
         "command": "python bench/hidden_targets.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)
@@ -101,14 +109,19 @@ def main() -> None:
             tokenizer_fingerprint=src.tokenizer_fingerprint,
             meta={k: v for k, v in src.manifest.items() if k in ("packing", "corpus")},
         )
-        result["train_cache"] = cache_bytes(a.teacher, str(sub), CacheConfig(split="train", **hidden), root / "train")
-        print(json.dumps(result["train_cache"], indent=1), flush=True)
-        runs = [("none", 0.0)] + [(v.split(":")[0], float(v.split(":")[1])) for v in a.variants.split(",") if v]
+        result["train_cache"] = {}
+        for proj in projections:
+            cfg = CacheConfig(split="train", hidden_projection=proj, **hidden)
+            result["train_cache"][proj] = cache_bytes(a.teacher, str(sub), cfg, root / f"train-{proj}")
+            print(json.dumps(result["train_cache"][proj], indent=1), flush=True)
+        variants = [(v.split(":")[0], float(v.split(":")[1])) for v in a.variants.split(",") if v]
+        runs = [] if a.no_baseline else [("none", 0.0, projections[0])]
+        runs += [(loss, weight, proj) for loss, weight in variants for proj in projections]
         result["runs"] = []
-        for loss, weight in runs:
+        for seed, (loss, weight, proj) in ((int(x), r) for x in a.seeds.split(",") for r in runs):
             cfg = TrainConfig(
                 max_steps=a.steps,
-                seed=a.seed,
+                seed=seed,
                 batch_size=a.batch,
                 warmup_steps=max(1, a.steps // 10),
                 checkpoint_every=a.steps,
@@ -117,10 +130,12 @@ def main() -> None:
                 feature_loss="mse" if loss == "none" else loss,
             )
             began = time.perf_counter()
-            out = root / f"student-{loss}-{weight:g}"
-            summary = train(cfg, cache_dir=root / "train", out_dir=out)
+            out = root / f"student-{loss}-{weight:g}-{proj}-seed{seed}"
+            summary = train(cfg, cache_dir=root / f"train-{proj}", out_dir=out)
             log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
             run = {
+                "seed": seed,
+                "projection": proj if weight else None,
                 "feature_loss": loss,
                 "feature_weight": weight,
                 "steps": summary["steps"],
