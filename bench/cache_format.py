@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 import zstandard
 
+from kdcache.cache import codec
 from kdcache.cache import format as cf
 from kdcache.cache import rows as rows_mod
 from kdcache.cache.format import SequenceTargets, TargetLayout
@@ -49,6 +50,7 @@ from kdcache.teacher import load_teacher, teacher_logits
 from kdcache.token_data import open_tokens
 
 RESULTS = Path(__file__).parent / "results" / "cache_format.json"
+VALUE_RESULTS = Path(__file__).parent / "results" / "value_codes.json"
 BASE_OPTS = {"compression": "zstd", "use_dictionary": False, "write_page_checksum": True}
 
 
@@ -63,20 +65,35 @@ class Scored:
     ids: np.ndarray  # (P, K) int64 top-K ids, descending probability
     lp: np.ndarray  # (P, K) float32 fp32 log-softmax values
     log_tail: np.ndarray  # (P,) float64 log of the mass outside the top K
+    lp64: np.ndarray  # (P, K) float64 log-softmax of the same logits (the dense reference)
+    log_z: np.ndarray  # (len(TAUS), P) float64 logsumexp_v(log p_v / tau), full vocabulary
+    tail_tau: dict[tuple[int, float], np.ndarray]  # (k, tau) -> (P,) float64 log of the tempered mass outside the top k
     entropy: np.ndarray  # (P,) float32 nats
     samples: dict[int, tuple[np.ndarray, np.ndarray]]  # S -> (ids (P, S), counts (P, S)) padded with count 0
     vocab: int
 
 
+TAUS = (0.5, 2.0, 4.0)
+"""Re-tempering temperatures checked against the dense float64 computation (tau0 = 1)."""
+
+
 def score(
-    teacher_path: str, tokens_dir: str, *, sequences: int, k_max: int, samples: list[int], batch_size: int = 8
+    teacher_path: str,
+    tokens_dir: str,
+    *,
+    sequences: int,
+    k_max: int,
+    samples: list[int],
+    batch_size: int = 8,
+    ks: tuple[int, ...] = (),
 ) -> Scored:
     teacher = load_teacher(TeacherConfig(path=teacher_path, device="cpu", dtype="float32"))
     split = open_tokens(tokens_dir, "train")
     ids_all = np.asarray(split.ids[:sequences], dtype=np.int64)  # (R, T)
     R, T = ids_all.shape
     V = split.vocab_size
-    parts: dict[str, list] = {"ids": [], "lp": [], "tail": [], "ent": []}
+    parts: dict[str, list] = {"ids": [], "lp": [], "tail": [], "ent": [], "lp64": [], "logz": []}
+    tails: dict[tuple[int, float], list] = {(k, t): [] for k in ks for t in TAUS}
     sampled: dict[int, list] = {s: [] for s in samples}
     for b0 in range(0, R, batch_size):
         batch = torch.from_numpy(ids_all[b0 : b0 + batch_size])
@@ -88,6 +105,13 @@ def score(
         parts["lp"].append(top_lp.numpy())
         parts["tail"].append(rest.numpy())
         parts["ent"].append(-(lp.exp() * lp).sum(-1).numpy())
+        lp64 = torch.log_softmax(logits.double(), dim=-1).reshape(-1, V)  # the float64 dense reference
+        parts["lp64"].append(lp64.gather(1, top_ids).numpy())
+        parts["logz"].append(torch.stack([(lp64 / t).logsumexp(-1) for t in TAUS]).numpy())
+        for k in ks:
+            for t in TAUS:  # tempered mass outside the top k, exactly
+                rest_t = (lp64 / t).scatter(1, top_ids[:, :k], float("-inf")).logsumexp(-1)
+                tails[(k, t)].append((rest_t - (lp64 / t).logsumexp(-1)).numpy())
         seqs = torch.arange(b0, b0 + len(batch))
         for s in samples:
             lay = TargetLayout(kind="sampled", vocab_size=V, seq_len=T, samples=s, seed=0)
@@ -98,6 +122,9 @@ def score(
         ids=np.concatenate(parts["ids"]).astype(np.int64),
         lp=np.concatenate(parts["lp"]),
         log_tail=np.concatenate(parts["tail"]),
+        lp64=np.concatenate(parts["lp64"]),
+        log_z=np.concatenate(parts["logz"], axis=1),
+        tail_tau={key: np.concatenate(v) for key, v in tails.items()},
         entropy=np.concatenate(parts["ent"]),
         samples={s: tuple(np.concatenate([p[i] for p in v]) for i in (0, 1)) for s, v in sampled.items()},
         vocab=V,
@@ -115,12 +142,14 @@ class TopK:
     lengths: np.ndarray  # (P,) int64
     log_tail: np.ndarray  # (P,) float64
     mass: float = 0.0
+    lp64: np.ndarray | None = None  # (P, k) float64 reference log-probs (-inf padding)
 
     def __post_init__(self) -> None:
         keep = np.arange(self.k)[None, :] < self.lengths[:, None]
         order = np.argsort(np.where(keep, self.ids, np.iinfo(np.int64).max), axis=1, kind="stable")
         self.sorted_ids = np.take_along_axis(self.ids, order, 1)
         self.sorted_lp = np.take_along_axis(self.lp, order, 1)
+        self.sorted_lp64 = None if self.lp64 is None else np.take_along_axis(self.lp64, order, 1)
 
 
 def topk_setting(sc: Scored, k: int, mass: float = 0.0) -> TopK:
@@ -140,6 +169,7 @@ def topk_setting(sc: Scored, k: int, mass: float = 0.0) -> TopK:
         lengths=lengths,
         log_tail=log_tail,
         mass=mass,
+        lp64=np.where(pad, -np.inf, sc.lp64[:, :k]),
     )
 
 
@@ -323,11 +353,14 @@ def gap_candidate(
     return Candidate(name, encode, decode, opts, stage=stage)
 
 
-def v1_candidate(level: int | None = None) -> Candidate:
-    """The chosen format, through ``kdcache.cache.format`` itself (encode_table / stage_rows)."""
+def v1_candidate(
+    level: int | dict[str, int] | None = None, encoding: str = cf.VALUE_ENCODING, name: str = ""
+) -> Candidate:
+    """The chosen format, through ``kdcache.cache.format`` itself (encode_table / stage_rows), with the value
+    ``encoding`` (``targets.value_encoding``) and zstd ``level`` (an int, or per column)."""
 
     def layout(s: TopK, T: int, V: int) -> TargetLayout:
-        return TargetLayout(kind="topk", vocab_size=V, seq_len=T, top_k=s.k, mass=s.mass)
+        return TargetLayout(kind="topk", vocab_size=V, seq_len=T, top_k=s.k, mass=s.mass, value_encoding=encoding)
 
     def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
         R, T = input_ids.shape
@@ -350,14 +383,14 @@ def v1_candidate(level: int | None = None) -> Candidate:
         st = rows_mod.stage_rows(lay, t)
         a, n = st.arrays, st.arrays["topk_lengths"]
         keep = np.arange(s.k)[None, :] < n[:, None]
-        lp = cf.decode_topk_logprobs(cf.padded(a["topk_codes"], n, s.k, 0), a["topk_tail"], keep)
+        lp = cf.decode_topk_logprobs(cf.padded(a["topk_codes"], n, s.k, 0), a["topk_tail"], keep, encoding=encoding)
         return cf.padded(a["topk_ids"].astype(np.int64), n, s.k, 0), lp
 
     def stage(t: pa.Table, s: TopK) -> rows_mod.StagedRows:
         return rows_mod.stage_rows(layout(s, len(s.lengths) // t.num_rows, VOCAB), t)
 
     opts = dict(cf.PARQUET_OPTIONS) | ({"compression_level": level} if level else {})
-    return Candidate(f"v1 (zstd {opts['compression_level']})", encode, decode, opts, stage=stage)
+    return Candidate(name or f"v1 (zstd {opts['compression_level']})", encode, decode, opts, stage=stage)
 
 
 VOCAB = 0  # set from the scored data before candidates run
@@ -390,7 +423,7 @@ def fidelity(s: TopK, ids: np.ndarray, lp: np.ndarray) -> dict[str, float]:
         o = np.argsort(np.where(kp, i, V + np.arange(s.k)), axis=1)
         return np.take_along_axis(i, o, 1), np.take_along_axis(v, o, 1)
 
-    true_ids, true_lp = by_id(s.ids, s.lp.astype(np.float64), keep)
+    true_ids, true_lp = by_id(s.ids, s.lp.astype(np.float64) if s.lp64 is None else s.lp64, keep)  # float64 dense
     got_ids, got_lp = by_id(ids, lp.astype(np.float64), np.isfinite(lp))
     if not np.array_equal(np.where(keep, true_ids, -1), np.where(keep, got_ids, -1)):
         raise AssertionError(f"{s.name}: decoded ids differ from the encoded ids")
@@ -528,6 +561,147 @@ def loader_throughput(sc: Scored, s: TopK, *, batch_size: int, repeat: int) -> d
     return {"stage_tok_s": R * T / min(stage_times), "batch_tok_s": n / batch_s}
 
 
+# ----------------------------------------------------------------------------- value encodings (issue 12.7, 10)
+
+
+def rank_candidate() -> Candidate:
+    """Rank-ordered deltas: ids in descending-probability order (uint16 planes, no gap coding) + ``log32`` codes
+    as non-negative deltas down the ranks (uint32 planes) + the ``log32`` tail code: what sorting by probability
+    buys against the ids' gap coding (same values, same precision as ``log32``)."""
+
+    def encode(s: TopK, input_ids: np.ndarray) -> pa.Table:
+        R = len(input_ids)
+        lp = s.lp.astype(np.float64)  # (P, k) descending
+        codes = np.rint(np.minimum((lp[:, :1] - lp) * codec.FINE_SCALE, codec.FINE_MAX_CODE)).astype(np.int64)
+        deltas = np.diff(codes, axis=1, prepend=0).astype("<u4")
+        log_mass = np.logaddexp.reduce(lp, axis=1)
+        return _rows_table(
+            {
+                "seq_index": list(range(R)),
+                "input_ids": [cf.to_planes(r.astype("<u2")) for r in input_ids],
+                "topk_ids": [cf.to_planes(r) for r in _per_row(s.ids.astype("<u2"), R)],
+                "topk_codes": [cf.to_planes(r) for r in _per_row(deltas, R)],
+                "topk_tail": [cf.to_planes(r) for r in np.split(cf.encode_tail(s.log_tail, log_mass, "<u4"), R)],
+            }
+        )
+
+    def decode(t: pa.Table, s: TopK) -> tuple[np.ndarray, np.ndarray]:
+        def flat(name: str, dtype: str) -> np.ndarray:
+            return np.concatenate([cf.from_planes(b, np.dtype(dtype)) for b in t.column(name).to_pylist()])
+
+        ids, deltas, tail = flat("topk_ids", "<u2"), flat("topk_codes", "<u4"), flat("topk_tail", "<u4")
+        codes = deltas.reshape(-1, s.k).cumsum(axis=1, dtype=np.uint32)
+        lp = cf.decode_topk_logprobs(codes, tail, None, encoding=cf.FINE_ENCODING)
+        return ids.reshape(-1, s.k).astype(np.int64), lp
+
+    return Candidate("rank-ordered ids + log32 deltas", encode, decode, dict(cf.PARQUET_OPTIONS), stage=decode)
+
+
+def retempering(s: TopK, sc: Scored, ids: np.ndarray, lp: np.ndarray) -> dict[str, float]:
+    """Re-tempered top-k probabilities p_i(tau) = exp(log p_i / tau - L_tau) and tail mass 1 - sum_K p_i(tau), with
+    the exact float64 L_tau (what ``topk_log_z`` stores to 1e-6 nats), against the dense float64 computation: max
+    relative error over entries; the tail's over positions whose tempered tail is >= 1e-3."""
+    order = np.argsort(ids, axis=1)
+    got = np.take_along_axis(lp.astype(np.float64), order, 1)
+    true = s.sorted_lp64
+    out = {}
+    for j, tau in enumerate(TAUS):
+        log_z = sc.log_z[j][:, None]
+        t_true, t_got = true / tau - log_z, got / tau - log_z
+        out[f"rel_p_tau{tau:g}"] = float(np.abs(np.expm1(t_got - t_true)).max())
+        tail_true = np.exp(sc.tail_tau[(s.k, tau)])
+        tail_got = 1.0 - np.exp(t_got).sum(axis=1)
+        big = tail_true >= 1e-3
+        out[f"rel_tail_tau{tau:g}"] = float(np.abs(tail_got[big] / tail_true[big] - 1).max()) if big.any() else 0.0
+    return out
+
+
+def measure_values(c: Candidate, s: TopK, sc: Scored, repeat: int) -> dict[str, Any]:
+    """``measure_topk`` + per-column bytes, re-tempering errors and the per-batch decode speed (codes -> log-probs)."""
+    row = measure_topk(c, s, sc.input_ids, repeat)
+    blob = write_parquet(c.encode(s, sc.input_ids), c.options)
+    meta = pq.read_metadata(pa.BufferReader(blob)).row_group(0)
+    n_tok = sc.input_ids.size
+    for i in range(meta.num_columns):
+        col = meta.column(i)
+        row[f"bytes_{col.path_in_schema}"] = col.total_compressed_size / n_tok
+    ids, lp = c.decode(pq.read_table(pa.BufferReader(blob)), s)
+    row |= retempering(s, sc, ids, lp)
+    encoding = cf.VALUE_ENCODINGS.get(c.name.split()[1].rstrip(",")) if c.name.startswith("v2 ") else None
+    if encoding:
+        T = sc.input_ids.shape[1]
+        lay = TargetLayout(kind="topk", vocab_size=VOCAB, seq_len=T, top_k=s.k, value_encoding=encoding)
+        st = rows_mod.stage_rows(lay, pq.read_table(pa.BufferReader(blob), use_threads=False))
+        codes, tail = st.arrays["topk_codes"].reshape(-1, s.k), st.arrays["topk_tail"]
+        dec_s, _ = best_time(lambda: cf.decode_topk_logprobs(codes, tail, None, encoding=encoding), repeat)
+        row["decode_tok_s"] = n_tok / dec_s
+        row["value_encoding"] = encoding
+    return row
+
+
+def value_candidates() -> list[Candidate]:
+    ids6 = {"topk_ids": 6}
+    return [
+        naive_candidate("<i4", "fp16"),
+        v1_candidate(encoding=cf.VALUE_ENCODING, name="v2 rel8 (format 2.0's first)"),
+        v1_candidate(encoding=cf.ABS_ENCODING, name="v2 abs8"),
+        v1_candidate(encoding=cf.FINE_ENCODING, name="v2 log32"),
+        v1_candidate(level=ids6, encoding=cf.VALUE_ENCODING, name="v2 rel8, ids at zstd 6"),
+        v1_candidate(level=ids6, encoding=cf.ABS_ENCODING, name="v2 abs8, ids at zstd 6"),
+        rank_candidate(),
+    ]
+
+
+def run_values(sc: Scored, ks: list[int], repeat: int, out_path: Path, command: str) -> None:
+    rows = []
+    for k in ks:
+        s = topk_setting(sc, k)
+        for c in value_candidates():
+            rows.append(measure_values(c, s, sc, repeat))
+    base = {r["setting"]: r["bytes_per_token"] for r in rows if r["candidate"].startswith("int32 ids + fp16")}
+    for r in rows:
+        r["vs_baseline"] = r["bytes_per_token"] / base[r["setting"]]
+        value_columns = ("bytes_topk_codes", "bytes_topk_code_base", "bytes_topk_tail", "bytes_topk_logprobs")
+        r["bytes_values"] = sum(r.get(c, 0.0) for c in value_columns)
+    cols = [
+        ("encoding", "candidate", ""),
+        ("targets", "setting", ""),
+        ("bytes/token", "bytes_per_token", ".1f"),
+        ("vs baseline", "vs_baseline", ".3f"),
+        ("ids B", "bytes_topk_ids", ".1f"),
+        ("values+tail B", "bytes_values", ".1f"),
+        ("mean KL", "kl", ".2e"),
+        ("max rel p, tau 0.5", "rel_p_tau0.5", ".1e"),
+        ("tau 2", "rel_p_tau2", ".1e"),
+        ("tau 4", "rel_p_tau4", ".1e"),
+        ("max rel tail, tau 0.5", "rel_tail_tau0.5", ".1e"),
+        ("tau 2", "rel_tail_tau2", ".1e"),
+        ("tau 4", "rel_tail_tau4", ".1e"),
+        ("encode tok/s", "encode_tok_s", ",.0f"),
+        ("stage tok/s", "stage_tok_s", ",.0f"),
+        ("decode tok/s", "decode_tok_s", ",.0f"),
+    ]
+    print("\n## value encodings\n\n" + table(rows, cols))
+    out = {"command": command, "machine": machine_info(1), "data": data_info(sc), "taus": list(TAUS), "rows": rows}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "pyarrow": pa.__version__,
+        "load_avg_1m_at_end": os.getloadavg()[0],
+    }
+
+
+def data_info(sc: Scored) -> dict[str, Any]:
+    return {"tokens": int(sc.input_ids.size), "vocab": sc.vocab, "mean_entropy": float(sc.entropy.mean())}
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -576,6 +750,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", choices=["all", "values"], default="all", help="values: the value encodings table only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pa.set_cpu_count(args.threads)
@@ -583,8 +758,23 @@ def main() -> None:
         [t(x) for x in a.split(",") if x] for t, a in ((int, args.ks), (float, args.masses), (int, args.samples))
     )
     t0 = time.perf_counter()
-    sc = score(args.teacher, args.tokens, sequences=args.sequences, k_max=max(ks), samples=samples)
+    values_only = args.only == "values"
+    sc = score(
+        args.teacher,
+        args.tokens,
+        sequences=args.sequences,
+        k_max=max(ks),
+        samples=[] if values_only else samples,
+        ks=tuple(ks),
+    )
     VOCAB = sc.vocab
+    command = "python bench/cache_format.py " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if k != "out" and not (k == "only" and v == "all")
+    )
+    if values_only:
+        out = Path(args.out) if args.out != str(RESULTS) else VALUE_RESULTS
+        run_values(sc, ks, args.repeat, out, command)
+        return
     print(
         f"scored {sc.input_ids.size} tokens in {time.perf_counter() - t0:.1f}s; "
         f"mean entropy {sc.entropy.mean():.3f} nats"

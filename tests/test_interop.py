@@ -36,9 +36,11 @@ from kdcache.token_data import open_tokens
 
 V, N, T = 48, 12, 16
 CONFIGS = {
-    "topk": CacheConfig(targets="topk", top_k=8, batch_size=4, rows_per_shard=5),
-    "adaptive": CacheConfig(targets="topk", top_k=8, mass=0.1, batch_size=4, rows_per_shard=5),
-    "both": CacheConfig(targets="both", top_k=4, samples=16, batch_size=4, rows_per_shard=5),
+    # rel8: codes relative to each position's max survive a float export and re-import exactly (imports write
+    # rel8; abs8's absolute codes move with the renormalizing offset -- tests/test_value_codes.py exports abs8)
+    "topk": CacheConfig(targets="topk", top_k=8, batch_size=4, rows_per_shard=5, value_encoding="rel8"),
+    "adaptive": CacheConfig(targets="topk", top_k=8, mass=0.1, batch_size=4, rows_per_shard=5, value_encoding="rel8"),
+    "both": CacheConfig(targets="both", top_k=4, samples=16, batch_size=4, rows_per_shard=5, value_encoding="rel8"),
     "sampled": CacheConfig(targets="sampled", samples=16, batch_size=4, rows_per_shard=5),
 }
 

@@ -23,6 +23,23 @@ TAIL_SCALE = 1024.0
 TAIL_LOGIT_MAX = 24.0
 TAIL_EMPTY = 65535
 """Tail code for an empty tail (k = V, or logit(p_tail) < 24 - 65534/1024 ~ -40)."""
+VALUE_ENCODING = f"u8-pow{VALUE_GAMMA:.4f}-rel+u16-tail-logit/{int(TAIL_SCALE)}"
+"""Format 2.0's first value encoding (``rel8``): uint8 codes uniform in (p / p_max) ** (1/3), relative to each
+position's max, + uint16 tail codes. The default of ``TargetLayout`` (imports, v1 caches)."""
+ABS_GAMMA = 0.25
+"""``abs8``: uint8 codes uniform in the *absolute* probability p ** (1/4) (bench/cache_format.py chose 1/4)."""
+ABS_ENCODING = f"u8-abspow{ABS_GAMMA:.4f}-minref+u16-tail-logit/{int(TAIL_SCALE)}"
+"""``abs8``: codes round(255 p ** (1/4)), stored minus the position's smallest code (``topk_code_base``)."""
+FINE_SCALE = 4096.0
+"""``log32``: codes are round(4096 * (log p_max - log p)), i.e. steps of 1/4096 nat (error <= 1.2e-4 nats)."""
+FINE_MAX_CODE = (1 << 24) - 1
+"""``log32`` codes saturate here (4096 nats below the max: exact in float32, beyond any float32 probability)."""
+FINE_TAIL_SCALE = float(1 << 20)
+FINE_TAIL_EMPTY = (1 << 32) - 1
+FINE_ENCODING = f"u32-log-rel/{int(FINE_SCALE)}+u32-tail-logit/{int(FINE_TAIL_SCALE)}"
+"""``log32``: uint32 log-domain codes + uint32 tail codes at 2 ** -20 logit steps (for exact re-tempering)."""
+VALUE_ENCODINGS = {"abs8": ABS_ENCODING, "rel8": VALUE_ENCODING, "log32": FINE_ENCODING}
+"""``cache.value_encoding`` -> the manifest's ``targets.value_encoding`` (cache/README.md, "Value encodings")."""
 
 
 class CacheFormatError(ValueError):
@@ -126,41 +143,137 @@ def value_table(gamma: float = VALUE_GAMMA, levels: int = VALUE_LEVELS) -> tuple
     return rel.astype(np.float32), np.exp(rel.astype(np.float32).astype(np.float64))
 
 
-def encode_tail(log_tail: np.ndarray, log_mass: np.ndarray) -> np.ndarray:
-    """log p_tail, log (1 - p_tail) per position -> uint16 log-odds codes (``TAIL_EMPTY``: no tail)."""
+def value_code_dtypes(encoding: str) -> tuple[np.dtype, np.dtype]:
+    """A ``targets.value_encoding`` -> (value code dtype, tail code dtype); refuses encodings this kdcache does not
+    know, naming the ones it reads."""
+    if encoding in (VALUE_ENCODING, ABS_ENCODING):
+        return np.dtype("u1"), np.dtype("<u2")
+    if encoding == FINE_ENCODING:
+        return np.dtype("<u4"), np.dtype("<u4")
+    raise CacheFormatError(
+        f"targets.value_encoding {encoding!r} is not supported by this kdcache (reads "
+        f"{', '.join(repr(e) for e in VALUE_ENCODINGS.values())}); upgrade kdcache"
+    )
+
+
+def encode_topk_values(
+    encoding: str, logprobs: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Flat log-probs (n,) in segments of ``lengths`` (each >= 1) -> (value codes (n,), per-position base codes
+    (P,) uint8 for ``abs8`` else None, log of each segment's mass (P,) float64)."""
+    value_code_dtypes(encoding)
+    if encoding == VALUE_ENCODING:
+        codes, log_mass = encode_values(logprobs, lengths)
+        return codes, None, log_mass
+    lp, starts = logprobs.astype(np.float64), segment_starts(lengths)
+    if lp.size == 0:
+        return np.zeros(0, value_code_dtypes(encoding)[0]), np.zeros(len(lengths), np.uint8), np.zeros(len(lengths))
+    top = np.maximum.reduceat(lp, starts)  # (P,)
+    rel = lp - np.repeat(top, lengths.astype(np.int64))  # (n,) <= 0
+    log_mass = top + np.log(np.add.reduceat(np.exp(rel), starts, dtype=np.float64))
+    if encoding == FINE_ENCODING:
+        return np.rint(np.minimum(-rel * FINE_SCALE, FINE_MAX_CODE)).astype("<u4"), None, log_mass
+    codes = np.rint(np.exp(ABS_GAMMA * lp) * VALUE_LEVELS).clip(0, VALUE_LEVELS).astype(np.uint8)
+    base = np.minimum.reduceat(codes, starts)  # (P,) the position's smallest code
+    return codes - np.repeat(base, lengths.astype(np.int64)), base, log_mass
+
+
+def add_base(codes: np.ndarray, base: np.ndarray, lengths: np.ndarray, *, where: str) -> np.ndarray:
+    """``abs8``: stored codes + each position's base code -> the absolute uint8 codes a reader decodes."""
+    out = codes.astype(np.uint16) + np.repeat(base, lengths.astype(np.int64))
+    if out.size and int(out.max()) > VALUE_LEVELS:
+        raise CacheFormatError(f"{where}: topk_codes + topk_code_base exceed {VALUE_LEVELS}")
+    return out.astype(np.uint8)
+
+
+def check_fine_codes(codes: np.ndarray, lengths: np.ndarray, *, where: str) -> None:
+    """``log32``: each position's largest entry is code 0 and every code is at most ``FINE_MAX_CODE`` -- else a
+    position could decode to exp(-huge) everywhere, i.e. an infinite offset."""
+    nonempty = lengths > 0
+    if codes.size and (
+        int(codes.max()) > FINE_MAX_CODE or np.any(np.minimum.reduceat(codes, segment_starts(lengths)[nonempty]))
+    ):
+        raise CacheFormatError(f"{where}: log32 codes above {FINE_MAX_CODE} or positions without a code-0 entry")
+
+
+@functools.lru_cache(maxsize=4)
+def abs_table() -> tuple[np.ndarray, np.ndarray]:
+    """``abs8``: (log p per code (256,) float32, its exp as float64); code 0 decodes to its cell's middle, 0.25/255."""
+    u = np.maximum(np.arange(VALUE_LEVELS + 1, dtype=np.float64), 0.25) / VALUE_LEVELS
+    lp = np.log(u) / ABS_GAMMA
+    return lp.astype(np.float32), np.exp(lp.astype(np.float32).astype(np.float64))
+
+
+def _tail_code(dtype: np.dtype) -> tuple[float, int]:
+    """Tail code dtype -> (steps per logit unit, the empty-tail code): uint16 1024 / 65535, uint32 2**20 / 2**32-1."""
+    return (FINE_TAIL_SCALE, FINE_TAIL_EMPTY) if np.dtype(dtype) == np.dtype("<u4") else (TAIL_SCALE, TAIL_EMPTY)
+
+
+def encode_tail(log_tail: np.ndarray, log_mass: np.ndarray, dtype: Any = "<u2") -> np.ndarray:
+    """log p_tail, log (1 - p_tail) per position -> log-odds tail codes of ``dtype`` (uint16: 1/1024 logit steps,
+    ``TAIL_EMPTY`` = no tail; uint32: 2 ** -20 steps, ``FINE_TAIL_EMPTY``)."""
+    dtype = np.dtype(dtype)
+    scale, empty = _tail_code(dtype)
     with np.errstate(invalid="ignore"):
         logit = log_tail.astype(np.float64) - log_mass.astype(np.float64)
-    code = np.rint((TAIL_LOGIT_MAX - logit) * TAIL_SCALE)
-    empty = ~(code < TAIL_EMPTY)  # also catches NaN from -inf - -inf
-    return np.where(empty, TAIL_EMPTY, code.clip(0, TAIL_EMPTY - 1)).astype(np.uint16)
+    code = np.rint((TAIL_LOGIT_MAX - logit) * scale)
+    is_empty = ~(code < empty)  # also catches NaN from -inf - -inf
+    return np.where(is_empty, empty, code.clip(0, empty - 1)).astype(dtype)
+
+
+def _tail_logit(tail_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale, empty = _tail_code(tail_codes.dtype)
+    return TAIL_LOGIT_MAX - tail_codes.astype(np.float64) / scale, tail_codes == empty
 
 
 def decode_log_mass(tail_codes: np.ndarray) -> np.ndarray:
     """Tail codes -> log of the kept mass, log(1 - p_tail) = -softplus(logit), float64."""
-    logit = TAIL_LOGIT_MAX - tail_codes.astype(np.float64) / TAIL_SCALE
-    return np.where(tail_codes == TAIL_EMPTY, 0.0, -np.log1p(np.exp(logit)))  # logit <= 24: no overflow
+    logit, empty = _tail_logit(tail_codes)
+    return np.where(empty, 0.0, -np.log1p(np.exp(logit)))  # logit <= 24: no overflow
 
 
 def decode_log_tail(tail_codes: np.ndarray) -> np.ndarray:
-    """Tail codes -> log p_tail = log sigmoid(logit), float64; -inf where there is no tail (``TAIL_EMPTY``)."""
-    logit = TAIL_LOGIT_MAX - tail_codes.astype(np.float64) / TAIL_SCALE
+    """Tail codes -> log p_tail = log sigmoid(logit), float64; -inf where there is no tail (the empty code)."""
+    logit, empty = _tail_logit(tail_codes)
     with np.errstate(divide="ignore"):
-        return np.where(tail_codes == TAIL_EMPTY, -np.inf, -np.logaddexp(0.0, -logit))
+        return np.where(empty, -np.inf, -np.logaddexp(0.0, -logit))
 
 
-def decode_topk_logprobs(codes: np.ndarray, tail_codes: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+def decode_topk_logprobs(
+    codes: np.ndarray,
+    tail_codes: np.ndarray,
+    keep: np.ndarray | None = None,
+    *,
+    encoding: str = VALUE_ENCODING,
+    float64: bool = False,
+) -> np.ndarray:
     """Padded value codes (..., k) + tail codes (...,) -> float32 log-probs (..., k), -inf where not ``keep``.
 
     logprob = rel(code) + log(1 - p_tail) - log(sum over the position's entries of exp(rel)): the
     kept mass is exactly 1 - p_tail. Readers and batches both call this, so they agree bit for bit.
+    ``encoding`` is the cache's ``targets.value_encoding`` (``abs8`` codes are absolute, base added back);
+    ``float64`` skips the final float32 rounding (exports whose readers recompute 1 - sum exp).
     """
-    rel, exp_rel = value_table()
-    terms = exp_rel[codes]  # (..., k) float64
+    code_dtype, tail_dtype = value_code_dtypes(encoding)
+    if codes.dtype != code_dtype or tail_codes.dtype != tail_dtype:
+        raise CacheFormatError(
+            f"value codes {codes.dtype}/{tail_codes.dtype} do not match the value encoding {encoding!r}"
+        )
+    if encoding == FINE_ENCODING:
+        rel = codes.astype(np.float32) * np.float32(-1.0 / FINE_SCALE)  # exact: codes < 2 ** 24
+        terms = np.exp(rel, dtype=np.float64)
+    else:
+        table, exp_table = value_table() if encoding == VALUE_ENCODING else abs_table()
+        rel, terms = table.take(codes), exp_table.take(codes)  # (..., k) float32, float64 (take: 1.5x [])
     if keep is not None:
         terms = np.where(keep, terms, 0.0)
-    offsets = (decode_log_mass(tail_codes) - np.log(terms.sum(axis=-1))).astype(np.float32)  # (...,)
-    lp = rel[codes] + offsets[..., None]  # (..., k) float32
-    return lp if keep is None else np.where(keep, lp, np.float32(-np.inf))
+    offsets = decode_log_mass(tail_codes) - np.log(terms.sum(axis=-1))  # (...,) float64
+    if float64:
+        lp = rel + offsets[..., None]
+    else:
+        lp = rel  # a new array (take / astype): add in place
+        lp += offsets.astype(np.float32)[..., None]
+    return lp if keep is None else np.where(keep, lp, -np.inf if float64 else np.float32(-np.inf))
 
 
 # ----------------------------------------------------------------------------- rows <-> blobs

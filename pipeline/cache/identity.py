@@ -8,7 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcache.cache.format import MANIFEST_NAME, SIGNALS, HiddenSpec, Manifest, TargetLayout
+from kdcache.cache.format import (
+    MANIFEST_NAME,
+    SIGNALS,
+    VALUE_ENCODING,
+    VALUE_ENCODINGS,
+    HiddenSpec,
+    Manifest,
+    TargetLayout,
+)
 from kdcache.cache.hidden import hidden_targets
 from kdcache.cache.signals import byte_spans
 from kdcache.cache.writer import CacheWriteError
@@ -44,6 +52,7 @@ def target_layout(
         temperature=cfg.temperature,
         seed=cfg.seed if sampled else 0,
         temperatures=tuple(float(t) for t in cfg.temperatures) if topk else (),
+        value_encoding=VALUE_ENCODINGS[cfg.value_encoding] if topk else VALUE_ENCODING,
         signals=SIGNALS,
         max_token_bytes=max_token_bytes,
         hidden=hidden,
@@ -58,7 +67,8 @@ def default_cache_name(
 ) -> str:
     """A content-addressed directory name: same teacher, corpus and targets -> same name.
 
-    e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``; hidden-state
+    e.g. ``3f2a9c1b-77d0e4a2-train-top32``, ``…-train-top64m0.99-t2``, ``…-val-top32-s16seed0``, ``…-top32-log32``
+    (top-k value codes other than ``abs8``); hidden-state
     targets add ``h<layers>d<dim>p<projection sha256[:8]>``, e.g. ``…-h2d64p1c0ffee0``.
     """
     parts = []
@@ -70,6 +80,8 @@ def default_cache_name(
         parts.append(f"t{layout.temperature:g}")
     if layout.temperatures:
         parts.append("z" + "+".join(f"{t:g}" for t in layout.temperatures))
+    if layout.has_topk and layout.value_encoding != VALUE_ENCODINGS["abs8"]:  # the default value codes: no suffix
+        parts.append({v: k for k, v in VALUE_ENCODINGS.items()}.get(layout.value_encoding, "values"))
     if teacher_context:
         parts.append("ctx" + teacher_context["sha256"][:8])
     if layout.hidden:

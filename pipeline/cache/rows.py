@@ -13,12 +13,14 @@ import pyarrow as pa
 
 from kdcache.cache.codec import (
     CacheFormatError,
+    add_base,
+    check_fine_codes,
     column_values,
     decode_gaps,
     decode_topk_logprobs,
     encode_gaps,
     encode_tail,
-    encode_values,
+    encode_topk_values,
     padded,
     row_blobs,
     sorted_entries,
@@ -38,7 +40,7 @@ def _topk_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str
         i, v = sorted_entries(t.topk_ids, t.topk_logprobs, n, layout.vocab_size)
         ids.append(i), lps.append(v), lengths.append(n.astype(np.int64)), tails.append(t.topk_log_tail)
     n = np.concatenate(lengths)
-    codes, log_mass = encode_values(np.concatenate(lps), n)  # (sum n,), (R*T,)
+    codes, base, log_mass = encode_topk_values(layout.value_encoding, np.concatenate(lps), n)  # (sum n,), (R*T,)
     with np.errstate(divide="ignore"):
         approx = np.log(np.clip(-np.expm1(log_mass), 0.0, None))  # tail from the kept mass when not given
     log_tail = np.concatenate(
@@ -48,12 +50,14 @@ def _topk_columns(layout: TargetLayout, rows: list[SequenceTargets]) -> dict[str
         ]
     )
     per_row = np.array([x.sum() for x in lengths], np.int64)
-    dtypes, R = layout.blob_dtypes(), len(rows)
-    out = {"topk_lengths": row_blobs(n, np.full(R, layout.seq_len), dtypes["topk_lengths"])} if layout.adaptive else {}
+    dtypes, R, (code_dtype, tail_dtype) = layout.blob_dtypes(), len(rows), layout.value_dtypes
+    per_position = np.full(R, layout.seq_len)
+    out = {"topk_lengths": row_blobs(n, per_position, dtypes["topk_lengths"])} if layout.adaptive else {}
+    out |= {"topk_code_base": row_blobs(base, per_position, np.dtype("u1"))} if base is not None else {}
     return out | {
         "topk_ids": row_blobs(encode_gaps(np.concatenate(ids), n), per_row, dtypes["topk_ids"]),
-        "topk_codes": row_blobs(codes, per_row, np.dtype("u1")),
-        "topk_tail": row_blobs(encode_tail(log_tail, log_mass), np.full(R, layout.seq_len), np.dtype("<u2")),
+        "topk_codes": row_blobs(codes, per_row, code_dtype),
+        "topk_tail": row_blobs(encode_tail(log_tail, log_mass, tail_dtype), per_position, tail_dtype),
     }
 
 
@@ -176,6 +180,10 @@ def stage_rows(layout: TargetLayout, table: pa.Table, *, where: str = "rows") ->
         _check_lengths(lengths, 1, k, f"{where}: topk_lengths")
         per_row = lengths.reshape(R, T).sum(axis=1, dtype=np.int64)
         codes, tail = column("topk_codes", per_row), column("topk_tail", per_position)
+        if "topk_code_base" in dtypes:  # abs8: codes are stored minus their position's smallest code
+            codes = add_base(codes, column("topk_code_base", per_position), lengths, where=f"{where}: topk_codes")
+        elif codes.dtype == np.dtype("<u4"):  # log32
+            check_fine_codes(codes, lengths, where=f"{where}: topk_codes")
         arrays |= {
             "topk_lengths": lengths.astype(np.uint16),
             "topk_ids": decode_gaps(column("topk_ids", per_row), lengths, layout.id_dtype),
@@ -222,7 +230,7 @@ def unpack_row(
         keep = np.arange(layout.top_k)[None, :] < lengths[:, None]  # (T, k)
         out.topk_ids = padded(a["topk_ids"], lengths, layout.top_k, 0)
         out.topk_logprobs = decode_topk_logprobs(
-            padded(a["topk_codes"], lengths, layout.top_k, 0), a["topk_tail"], keep
+            padded(a["topk_codes"], lengths, layout.top_k, 0), a["topk_tail"], keep, encoding=layout.value_encoding
         )
         out.topk_lengths = lengths.copy()
     if layout.has_samples:

@@ -32,6 +32,13 @@ class CacheConfig:
     float32, about 3 bytes/token each after compression: training at any of them (``train.temperature``)
     re-tempers top-k + tail targets exactly. Top-k caches only (sampled ids are drawn at ``temperature``);
     e.g. [2.0, 4.0]."""
+    value_encoding: Literal["abs8", "rel8", "log32"] = "abs8"
+    """How top-k log-probs are stored (cache/README.md "Value encodings"; bench/results/value_codes.md). ``abs8``:
+    one byte per entry, uniform in p ** (1/4) -- the smallest (top-64: 0.40x int32 ids + fp16 values) at KL
+    error ~5e-5 nats (it grows with top_k: 7e-5 at 128; prefer rel8 above that); ``rel8``: format 2.0's first
+    code, uniform in (p / p_max) ** (1/3) (KL ~1e-5, +14 B/token at top-64); ``log32``: 1/4096-nat steps, for
+    re-tempering (``temperatures``, ``train.temperature``) within 0.1% of the dense teacher at tau >= tau0 / 2,
+    at about twice abs8's bytes. Top-k caches only."""
     batch_size: int = 8
     """Sequences per teacher forward. Part of the determinism contract: bf16/fp16 outputs
     depend on batch shape, so a cache is byte-identical only for the same batch size and dtype."""
@@ -111,6 +118,12 @@ class CacheConfig:
             s,
             "hidden_projection",
             f"must be orthogonal|pca, got {self.hidden_projection!r}",
+        )
+        check(
+            self.value_encoding in ("abs8", "rel8", "log32"),
+            s,
+            "value_encoding",
+            f"must be abs8|rel8|log32, got {self.value_encoding!r}",
         )
         check(self.batch_size > 0, s, "batch_size", "must be > 0")
         check(self.rows_per_shard > 0, s, "rows_per_shard", "must be > 0")

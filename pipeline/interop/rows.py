@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from kdcache.cache.codec import decode_log_mass, decode_log_tail, padded, value_table
+from kdcache.cache.codec import decode_log_tail, padded
 from kdcache.cache.format import Manifest, TargetLayout, decode_topk_logprobs
 from kdcache.cache.rows import StagedRows, position_shapes
 from kdcache.cache.shards import CacheError, check_shard_file, decode_shard, read_shard, sha_error
@@ -78,10 +78,9 @@ def decode_staged(layout: TargetLayout, staged: StagedRows, *, float64: bool = F
         lengths = a["topk_lengths"].astype(np.int64)  # (R*T,)
         keep = np.arange(layout.top_k)[None, :] < lengths[:, None]  # (R*T, k)
         codes = padded(a["topk_codes"], lengths, layout.top_k, 0)  # (R*T, k)
-        if float64:
-            logprobs = topk_logprobs_float64(codes, a["topk_tail"], keep)  # (R*T, k) float64
-        else:
-            logprobs = decode_topk_logprobs(codes, a["topk_tail"], keep)  # (R*T, k) float32, -inf padded
+        logprobs = decode_topk_logprobs(  # (R*T, k) float32 (float64 with ``float64``), -inf padded
+            codes, a["topk_tail"], keep, encoding=layout.value_encoding, float64=float64
+        )
         ragged["topk_ids"] = (a["topk_ids"].astype(np.int32), lengths)
         ragged["topk_logprobs"] = (logprobs[keep], lengths)
         tail = decode_log_tail(a["topk_tail"]).astype(np.float32).reshape(R, T)
@@ -94,14 +93,6 @@ def decode_staged(layout: TargetLayout, staged: StagedRows, *, float64: bool = F
         for name, shape in position_shapes(layout).items()
     }
     return DecodedRows(layout, staged.seq_index, staged.input_ids.astype(np.int32), ragged, tail, positional)
-
-
-def topk_logprobs_float64(codes: np.ndarray, tail_codes: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``decode_topk_logprobs`` without its final float32 rounding: (P, k) codes -> (P, k) float64 log-probs."""
-    rel, exp_rel = value_table()
-    terms = np.where(keep, exp_rel[codes], 0.0)  # (P, k)
-    offsets = decode_log_mass(tail_codes) - np.log(terms.sum(axis=-1))  # (P,) log(1 - p_tail) - log sum
-    return np.where(keep, rel[codes].astype(np.float64) + offsets[:, None], -np.inf)
 
 
 def to_arrow(rows: DecodedRows) -> pa.Table:
