@@ -157,14 +157,14 @@ def test_generated_tokens_are_draws_from_the_teachers_own_forward(world) -> None
 # ----------------------------------------------------------------------------- the corpus on disk
 
 
-def test_output_does_not_depend_on_the_batch_size(world, tmp_path) -> None:
+def test_output_does_not_depend_on_the_batch_size_or_kv_cache(world, tmp_path) -> None:
     teacher = TeacherConfig(path=str(world["teacher"]))
     rows = {}
-    for bs in (1, 3, 8):
-        generate_corpus(teacher, cfg_for(world, batch_size=bs), out_dir=tmp_path / f"b{bs}")
-        rows[bs] = rows_of(tmp_path / f"b{bs}")
-    assert len(rows[1]) >= 8 and rows[1] == rows[3] == rows[8]
-    assert len(list((tmp_path / "b3").glob("part-*.jsonl"))) == -(-len(rows[1]) // 3)
+    for bs, kv in ((1, "static"), (3, "static"), (8, "static"), (3, "dynamic")):
+        generate_corpus(teacher, cfg_for(world, batch_size=bs, kv_cache=kv), out_dir=tmp_path / f"b{bs}{kv}")
+        rows[bs, kv] = rows_of(tmp_path / f"b{bs}{kv}")
+    assert len(rows[1, "static"]) >= 8 and len({tuple(r) for r in rows.values()}) == 1
+    assert len(list((tmp_path / "b3static").glob("part-*.jsonl"))) == -(-len(rows[1, "static"]) // 3)
 
 
 def test_manifest_records_teacher_prompts_and_settings(world, tmp_path) -> None:
