@@ -110,6 +110,7 @@ def build_cache(
     world_size: int | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    overlap: bool = True,
 ) -> Manifest | None:
     """Score this rank's missing shards into the cache directory; rank 0 then writes the manifest.
 
@@ -134,6 +135,9 @@ def build_cache(
     manifest, the others drop their rows. The ranks all-reduce a failure flag after every batch, so a
     rank's write error stops the others there, not in a forward's collective. The TP group must be
     the whole world (TP x data parallel is refused).
+
+    ``overlap``: sparsify each batch while the next batch's forward runs (``kdcache.cache.scoring``); the files
+    are the same either way.
 
     Raises ``CacheWriteError`` on mismatched inputs, foreign shards in ``out_dir``, non-finite
     teacher logits with ``on_nan: fail`` or a failed write (naming the file); a failed run leaves
@@ -163,6 +167,7 @@ def build_cache(
             world_size=world_size,
             progress=progress,
             context=context,
+            overlap=overlap,
         )
 
 
@@ -177,6 +182,7 @@ def _build_cache(
     world_size: int | None,
     progress: bool,
     context: TeacherContext | None = None,
+    overlap: bool = True,
 ) -> Manifest | None:
     """``build_cache`` in its claimed and locked directory ``out_dir``."""
     group = group_rank_world()
@@ -237,6 +243,7 @@ def _build_cache(
             projection=torch.from_numpy(hidden[1]).to(teacher.device) if hidden else None,
             write=writes,
             after_batch=stop_if_a_rank_failed if lockstep else None,
+            overlap=overlap,
         )
     except Exception as e:
         if group and not isinstance(e, RankFailed):  # a RankFailed rank has met the failing one already

@@ -4,14 +4,16 @@
 to a sparsify lane (``SparsifyLane``): the LM head, sparse targets, the host-side checks and the hand-off to
 the background ``ShardWriter`` (``finish_batch``) run there while the next batch's forward runs here. With
 CUDA the lane's kernels go to a second stream, waiting on an event recorded after the forward, so they
-overlap the next forward on the GPU; on a CPU they run on a worker thread (``SPARSIFY_THREADS`` intra-op
-threads). Results do not depend on the overlap: every batch is sparsified from the same hidden states by the
-same functions, and the lane hands batches to the writer in order, so the files are byte-identical.
+overlap the next forward on the GPU; on a CPU they run on a worker thread given the cores the forward's
+intra-op threads leave free (serially when there are none: the forward already keeps every core busy).
+Results do not depend on the overlap: every batch is sparsified from the same hidden states by the same
+functions, and the lane hands batches to the writer in order, so the files are byte-identical.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,8 +36,14 @@ from kdcache.token_data import TokenSplit
 log = logging.getLogger(__name__)
 
 SPARSIFY_THREADS: int | None = None
-"""Intra-op threads of the CPU sparsify worker; None: torch's default for a new thread (the process's count).
+"""Intra-op threads of the CPU sparsify worker; None: the cores the forward leaves free (``spare_cores``).
 Set per thread (OpenMP), so the forward keeps its own count."""
+
+
+def spare_cores() -> int:
+    """Cores this process may use beyond the forward's intra-op threads (``torch.get_num_threads()``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, cores - torch.get_num_threads())
 
 
 class SparsifyLane:
@@ -44,13 +52,18 @@ class SparsifyLane:
     ``enabled=False``: each job runs at once on the calling thread (what a lockstep build needs: its
     collectives stay on one thread). ``submit`` first waits for the previous job (re-raising its error), so at
     most one batch is being sparsified while the next is forwarded. On CUDA the jobs run on a second stream.
+    On a CPU the worker thread only pays where the forward leaves cores idle: with no spare core
+    (``spare_cores``, e.g. torch's default of one thread per core) jobs run serially; with some (the forward
+    limited by ``torch.set_num_threads`` / OMP_NUM_THREADS) the worker takes them (``SPARSIFY_THREADS``).
     """
 
     def __init__(self, device: torch.device, *, enabled: bool = True) -> None:
-        self.device, self.enabled = device, enabled
+        self.device = device
         self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.stream = torch.cuda.Stream(device=device) if enabled and self.cuda else None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-sparsify") if enabled else None
+        self.threads = SPARSIFY_THREADS or spare_cores()
+        self.enabled = enabled and (self.cuda or device.type == "cpu" and self.threads > 0)
+        self.stream = torch.cuda.Stream(device=device) if self.enabled and self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-sparsify") if self.enabled else None
         self.pending: Future | None = None
         self.wait_s = 0.0
 
@@ -70,8 +83,7 @@ class SparsifyLane:
 
     def _run(self, job: Callable[[], None], ready: Any) -> None:
         if self.stream is None:
-            if SPARSIFY_THREADS:
-                torch.set_num_threads(SPARSIFY_THREADS)  # this thread's OpenMP team only
+            torch.set_num_threads(self.threads)  # this thread's OpenMP team only
             job()
             return
         torch.cuda.set_device(self.device)  # the current device is per thread

@@ -248,9 +248,9 @@ whole chunk in one step (big kernels)."""
 
 
 def group_rows(vocab_size: int, device_type: str, chunk_rows: int) -> int:
-    """Rows per full-vocabulary step within a chunk (``GROUP_BYTES``)."""
+    """Rows per full-vocabulary step within a chunk (``GROUP_BYTES``; at least 8: per-op overhead at large V)."""
     budget = GROUP_BYTES.get(device_type)
-    return chunk_rows if budget is None else max(1, min(chunk_rows, budget // (4 * vocab_size)))
+    return chunk_rows if budget is None else min(chunk_rows, max(8, budget // (4 * vocab_size)))
 
 
 def _sparsify_group(
@@ -274,14 +274,13 @@ def _sparsify_group(
     r = x.shape[0]
     xs = x.sub_(x.amax(dim=-1, keepdim=True))  # (r, V) shifted logits, max 0
     e = torch.exp(xs, out=e)  # (r, V) unnormalized probabilities, max 1
-    z = e.sum(dim=-1, keepdim=True)  # (r, 1) in [1, V]
+    summed = e if sums is None else block_sums(e, out=sums)  # with samples, Z from their block sums: a pass fewer
+    z = summed.sum(dim=-1, keepdim=True)  # (r, 1) in [1, V]
     log_z = z.log()  # (r, 1)
     dot = (e * xs).sum(dim=-1).div_(z.view(r))  # (r,) sum p * xs <= 0; one (r, V) temporary
     out["nonfinite"][rows] = ~torch.isfinite(dot)
     out["entropy"][rows] = log_z.view(r) - dot
     teacher_signals(xs, log_z, layout, out, rows, next_ids)
-    if sums is not None:
-        block_sums(e, out=sums)
     del e
     if not layout.has_topk:
         out["topk_mass"][rows] = 0.0
