@@ -15,6 +15,7 @@ import torch
 from test_cache_format import LAYOUTS, assert_same_targets, random_targets
 
 from kdcache.cache.format import Manifest, SequenceTargets, ShardInfo, TargetLayout
+from kdcache.cache.mapped import STAGED_SUFFIX
 from kdcache.cache.reader import CacheError, CacheReader, open_cache
 from kdcache.cache.rows import encode_table
 from kdcache.cache.verify import verify_cache
@@ -278,7 +279,7 @@ def test_a_flipped_byte_is_caught_when_staging_even_with_size_verification(cache
     reader[0]  # an intact shard stages fine
     with pytest.raises(CacheError, match=f"{shard}: sha256 .* does not match"):
         reader[16]
-    assert not (staging / f"{Manifest.load(path).shards[3].sha256}.arrow").exists()  # nothing staged for it
+    assert not list(staging.glob(f"{Manifest.load(path).shards[3].sha256}*"))  # nothing staged for it
     with pytest.raises(CacheError, match="shard-00003.parquet: sha256"):
         open_cache(path, staging_dir=staging, verify="full")
 
@@ -380,12 +381,14 @@ def test_shards_are_staged_once_by_sha256_and_reused_on_reopen(caches, staging) 
     path = caches["sampled"][0]
     shas = {s.sha256 for s in Manifest.load(path).shards}
     first = [open_cache(path, staging_dir=staging)[i] for i in range(N)]
-    staged = {p.name: p.stat().st_ino for p in staging.glob("*.arrow")}
-    assert {name.split("-")[0] for name in staged} == shas and all(len(n.split("-")[1]) == 16 + 6 for n in staged)
+    staged = {p.name: p.stat().st_ino for p in staging.glob(f"*{STAGED_SUFFIX}")}
+    assert {name.split("-")[0] for name in staged} == shas and all(
+        len(n.split("-")[1]) == 16 + len(STAGED_SUFFIX) for n in staged
+    )
     reader = open_cache(path, staging_dir=staging)
     again = [reader[i] for i in range(N)]
     _epoch(reader, 4)
-    assert {p.name: p.stat().st_ino for p in staging.glob("*.arrow")} == staged  # same files, never rewritten
+    assert {p.name: p.stat().st_ino for p in staging.glob(f"*{STAGED_SUFFIX}")} == staged  # same files, never rewritten
     assert not list(staging.glob("*.tmp")) and not list(staging.glob(".*.tmp"))
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["sample_counts"], b["sample_counts"])
@@ -397,7 +400,7 @@ def test_a_damaged_staged_file_is_set_aside_and_restaged_not_trusted(caches, sta
 
     path = caches["topk"][0]
     want = open_cache(path, staging_dir=staging)[0]
-    (staged,) = staging.glob(f"{Manifest.load(path).shards[0].sha256}-*.arrow")
+    (staged,) = staging.glob(f"{Manifest.load(path).shards[0].sha256}-*{STAGED_SUFFIX}")
     data = bytearray(staged.read_bytes())
     if damage == "truncated":
         data = data[:-64]
@@ -416,14 +419,14 @@ def test_a_damaged_staged_file_is_set_aside_and_restaged_not_trusted(caches, sta
 def _xxh_matches_name(path) -> bool:
     import xxhash
 
-    return xxhash.xxh3_64(path.read_bytes()).hexdigest() == path.name.split("-")[1].removesuffix(".arrow")
+    return xxhash.xxh3_64(path.read_bytes()).hexdigest() == path.name.split("-")[1].removesuffix(STAGED_SUFFIX)
 
 
 def test_staging_is_bounded_by_evicting_the_least_recently_used_files(caches, staging) -> None:
     path = caches["topk"][0]
     reader = open_cache(path, staging_dir=staging, staging_max_bytes=1, prefetch=0)  # tiny bound: keep the newest
     rows = [reader[i] for i in range(N)]
-    assert len(rows) == N and len(list(staging.glob("*.arrow"))) == 1
+    assert len(rows) == N and len(list(staging.glob(f"*{STAGED_SUFFIX}"))) == 1
     np.testing.assert_array_equal(reader[0]["topk_ids"], open_cache(path, staging_dir=staging / "fresh")[0]["topk_ids"])
 
 
@@ -465,7 +468,7 @@ def test_default_staging_dir_comes_from_the_environment(caches, tmp_path, monkey
     monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "env-staging"))
     reader = open_cache(caches["topk"][0])
     reader[0]
-    assert reader.staging_dir == tmp_path / "env-staging" and list(reader.staging_dir.glob("*.arrow"))
+    assert reader.staging_dir == tmp_path / "env-staging" and list(reader.staging_dir.glob(f"*{STAGED_SUFFIX}"))
     assert not list(caches["topk"][0].glob(".*"))  # nothing written into the (DVC-tracked) cache dir
 
 
@@ -476,7 +479,7 @@ def test_prefetch_stages_the_next_shards_in_the_background(caches, staging) -> N
     for future in list(reader._futures.values()):
         future.result(timeout=30)
     shas = [s.sha256 for s in reader.meta.shards]
-    assert {p.name.split("-")[0] for p in staging.glob("*.arrow")} == set(shas[:3])
+    assert {p.name.split("-")[0] for p in staging.glob(f"*{STAGED_SUFFIX}")} == set(shas[:3])
     reader.close()
 
 

@@ -1,72 +1,170 @@
-"""The staged layout of a shard: decoded arrays as one Arrow IPC record batch of per-row blobs, and
-``MappedShard``, numpy views into a memory-mapped staged file (no copies).
+"""The staged layout of a shard (version 2): one Arrow IPC record batch of per-row blobs, each column's rows
+either raw little-endian values or one zstd frame per row, and ``MappedShard``, which memory-maps such a file
+and decodes only the rows a batch selects.
+
+Why compact: the uncompressed staged copy (v1) was 1.8-3.3x the Parquet bytes (ids widen to 4 bytes past
+V = 65,536; sample counts and lengths were uint16), so a 1B-token cache needed several times its size in
+local scratch. Here each column keeps the Parquet's element width, and staging compresses columns in order
+of the bytes zstd saves (ids first: 128-256 B/token raw at top-64) until the copy is about ``TARGET_RATIO``
+x the Parquet bytes; the rest (top-k value codes barely compress) stay raw and are gathered zero-copy, as
+decoding costs more than gathering. A compressed row is its values' little-endian bytes or, when that
+compresses clearly smaller (``PLANES_MIN_GAIN``), the low byte planes that hold them (18-bit ids at
+V = 151,936: 3 planes of the 4 bytes). Ids stay absolute, so batches need no prefix sum.
+``bench/staging.py`` measures bytes and loader speed against v1.
 
 ``staging`` decides where such files live and when they can be trusted; this module only knows
-their columns.
+their columns. ``STAGED_VERSION`` is in every file's schema metadata and ``STAGED_SUFFIX`` in its name:
+a staged copy of another layout version is never read as this one.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import zstandard
 
 from kdcache.cache.format import TargetLayout
 from kdcache.cache.rows import StagedRows, position_shapes
-from kdcache.cache.shards import malformed
+from kdcache.cache.shards import CacheError
 
-STAGED_DTYPES = {
-    "topk_lengths": np.dtype("<u2"),
-    "topk_codes": np.dtype("u1"),
-    "topk_tail": np.dtype("<u2"),
-    "sample_lengths": np.dtype("<u2"),
-    "sample_counts": np.dtype("<u2"),
-}
-"""Staged (decoded, memory-mapped) element types; ids keep ``layout.id_dtype``."""
+STAGED_VERSION = 2
+"""Layout version of staged files (v1: uncompressed ``.arrow`` files, which this reader ignores)."""
+STAGED_SUFFIX = ".v2.ipc"
+"""Staged file names end ``<shard sha256>-<xxh3 of the bytes>`` + this suffix."""
+META_KEY = b"kdcache.staged"
+ZSTD_LEVEL = 1
+"""Staging compresses at zstd level 1: level 3 saves < 1% more here and stages ~1.7x slower."""
+MIN_SAVING = 0.10
+"""A column is stored compressed only if zstd saves at least this fraction of its bytes."""
+TARGET_RATIO = 1.35
+"""Staging compresses columns (most bytes saved first) until the staged copy is about this many times the
+Parquet shard: decoding a compressed column costs more than gathering a raw one, so columns the bound does not
+need stay raw (the demo's sampled cache compresses its ids and counts; a top-64 cache only its ids)."""
+CODECS = ("raw", "zstd", "zstd-planes")
+"""Per column: raw little-endian values (gathered zero-copy), or one zstd frame per row of the row's
+little-endian bytes, or of its low byte planes (``planes`` bytes of each value; byte 0 of every value, then
+byte 1, ...; see ``PLANES_MIN_GAIN``)."""
+PLANES_MIN_GAIN = 0.10
+"""Byte planes are chosen over plain little-endian values only if they compress the sample this much smaller:
+reassembling values from planes costs ~6x a plain cast (ids at V = 151,936: planes 25% smaller, kept)."""
+SAMPLE_ROWS = 8
+"""Rows of a column compressed each way to choose its codec."""
+_local = threading.local()
+_LITTLE = sys.byteorder == "little"
 
 
 def staged_columns(layout: TargetLayout) -> dict[str, np.dtype]:
-    """Blob columns of a staged shard and their element dtypes (fixed top-k stores no lengths)."""
+    """Blob columns of a staged shard and their element dtypes: the Parquet's widths (``blob_dtypes``)
+    with ids absolute; fixed top-k stores no lengths."""
+    dtypes = layout.blob_dtypes()
     names = ["input_ids"]
     if layout.has_topk:
         names += (["topk_lengths"] if layout.adaptive else []) + ["topk_ids", "topk_codes", "topk_tail"]
     if layout.has_samples:
         names += ["sample_lengths", "sample_ids", "sample_counts"]
-    v2 = {name: layout.blob_dtypes()[name] for name in position_shapes(layout, hidden=True)}  # stored as in the shard
-    dtypes = STAGED_DTYPES | dict(zip(("topk_codes", "topk_tail"), layout.value_dtypes, strict=True))  # as stored
-    return {n: dtypes.get(n, layout.id_dtype) for n in names} | v2
+    names += list(position_shapes(layout, hidden=True))
+    return {n: dtypes[n] for n in names}
 
 
 def staged_schema(layout: TargetLayout) -> pa.Schema:
-    """large_binary (64-bit offsets) blobs, so no shard hits Arrow's 2 GiB limit."""
+    """large_binary (64-bit offsets) blobs, so no shard hits Arrow's 2 GiB limit (metadata not included)."""
     return pa.schema(
         [pa.field("seq_index", pa.int64(), nullable=False)]
         + [pa.field(n, pa.large_binary(), nullable=False) for n in staged_columns(layout)]
     )
 
 
-def staged_table(staged: StagedRows, layout: TargetLayout) -> pa.Table:
-    """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps)."""
+def _row_sizes(staged: StagedRows, layout: TargetLayout, name: str) -> np.ndarray:
+    """(R,) values per row of column ``name``."""
     R, T = staged.input_ids.shape
-    arrays, shapes = [pa.array(staged.seq_index, pa.int64())], position_shapes(layout, hidden=True)
+    shapes = position_shapes(layout, hidden=True)
+    if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths") or name in shapes:
+        return np.full(R, int(np.prod(shapes.get(name, (T,)))), np.int64)
+    lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
+    return lens.reshape(R, T).sum(axis=1, dtype=np.int64)
+
+
+def staged_table(
+    staged: StagedRows, layout: TargetLayout, *, parquet_bytes: int | None = None, codecs: dict[str, str] | None = None
+) -> pa.Table:
+    """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps).
+
+    Columns are compressed in order of the bytes zstd saves on them (estimated on their first ``SAMPLE_ROWS``
+    rows, each with its smaller codec), until the staged copy is estimated to fit ``TARGET_RATIO`` x
+    ``parquet_bytes``; the rest stay raw (gathered zero-copy, the cheapest to decode). Without
+    ``parquet_bytes``, every column that zstd shrinks by ``MIN_SAVING`` is compressed. ``codecs`` forces a
+    column's codec (tests)."""
+    R = staged.input_ids.shape[0]
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}  # name -> (values, row ends, spec)
+    saving: dict[str, tuple[str, float]] = {}  # column -> (best codec, estimated bytes saved)
     for name, dtype in staged_columns(layout).items():
-        flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name], dtype)
-        if name in ("input_ids", "topk_lengths", "topk_tail", "sample_lengths") or name in shapes:
-            per_row = np.full(R, int(np.prod(shapes.get(name, (T,)))), np.int64)
+        flat = np.ascontiguousarray(staged.input_ids if name == "input_ids" else staged.arrays[name]).reshape(-1)
+        if flat.dtype != dtype and flat.size and np.any(flat.astype(dtype) != flat):
+            raise ValueError(f"staged column {name}: values do not fit {dtype}")  # the content checks prevent it
+        flat = flat.astype(dtype, copy=False)
+        ends = np.cumsum(_row_sizes(staged, layout, name))  # (R,)
+        spec = {"dtype": dtype.str, "codec": (codecs or {}).get(name, "raw"), "planes": _planes_needed(flat)}
+        columns[name] = (flat, ends, spec)
+        if name not in (codecs or {}):
+            sample = np.split(flat[: ends[min(SAMPLE_ROWS, R) - 1]], ends[: min(SAMPLE_ROWS, R) - 1]) if R else []
+            codec, fraction = _best_codec(sample, spec["planes"], compressor)
+            if fraction >= MIN_SAVING:
+                saving[name] = (codec, fraction * flat.nbytes)
+    total = sum(flat.nbytes for flat, _, _ in columns.values())
+    for name in sorted(saving, key=lambda n: -saving[n][1]):
+        if parquet_bytes is not None and total <= TARGET_RATIO * parquet_bytes:
+            break
+        columns[name][2]["codec"], total = saving[name][0], total - saving[name][1]
+    arrays, chosen = [pa.array(staged.seq_index, pa.int64())], {}
+    for name, (flat, ends, spec) in columns.items():
+        if spec["codec"] == "raw":
+            data = flat.view(np.uint8)
+            offsets = np.concatenate([[0], ends]) * np.dtype(spec["dtype"]).itemsize
         else:
-            lens = staged.arrays["topk_lengths" if name.startswith("topk") else "sample_lengths"]
-            per_row = lens.reshape(R, T).sum(axis=1, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(per_row)]) * dtype.itemsize  # (R+1,) byte offsets
+            frames = [
+                compressor.compress(_encode(row, spec["codec"], spec["planes"])) for row in np.split(flat, ends[:-1])
+            ]
+            data = np.frombuffer(b"".join(frames), np.uint8)
+            offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames], dtype=np.int64)])
+        chosen[name] = spec
         arrays.append(
             pa.LargeBinaryArray.from_buffers(
-                pa.large_binary(),
-                R,
-                [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(flat.reshape(-1).view(np.uint8))],
+                pa.large_binary(), R, [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(data)]
             )
         )
-    return pa.Table.from_arrays(arrays, schema=staged_schema(layout))
+    meta = {META_KEY: json.dumps({"version": STAGED_VERSION, "columns": chosen}, sort_keys=True).encode()}
+    return pa.Table.from_arrays(arrays, schema=staged_schema(layout).with_metadata(meta))
+
+
+def _planes_needed(flat: np.ndarray) -> int:
+    """Low bytes that hold every value of an unsigned column (ids < 151,936 need 3 of 4); else all bytes."""
+    if flat.dtype.kind != "u" or not flat.size:
+        return flat.dtype.itemsize
+    return max(1, (int(flat.max()).bit_length() + 7) // 8)
+
+
+def _encode(row: np.ndarray, codec: str, planes: int) -> bytes:
+    """A row's bytes before zstd: little-endian values ('zstd') or their low ``planes`` byte planes."""
+    if codec == "zstd":
+        return row.tobytes()
+    return np.ascontiguousarray(row.view(np.uint8).reshape(-1, row.dtype.itemsize)[:, :planes].T).tobytes()
+
+
+def _best_codec(sample: list[np.ndarray], planes: int, compressor: zstandard.ZstdCompressor) -> tuple[str, float]:
+    """(the compressed codec that makes ``sample`` smallest, the fraction of its bytes it saves)."""
+    raw = sum(row.nbytes for row in sample)
+    sizes = {
+        codec: sum(len(compressor.compress(_encode(row, codec, planes))) for row in sample) for codec in CODECS[1:]
+    }
+    best = "zstd-planes" if sizes["zstd-planes"] < (1 - PLANES_MIN_GAIN) * sizes["zstd"] else "zstd"
+    return best, (1 - sizes[best] / raw) if raw else 0.0
 
 
 def map_staged(path: Path) -> pa.Table:
@@ -76,83 +174,195 @@ def map_staged(path: Path) -> pa.Table:
     return table.combine_chunks()  # a no-op (zero copy) for the single record batch that staging writes
 
 
-class MappedShard:
-    """One staged shard's columns as numpy views into the mapped file (no copies).
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One decompressor per thread (they are not thread-safe)."""
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
 
-    ``flat[c]``: every value of blob column c, (n,); ``starts[c]``: (rows + 1,) element offsets into it;
-    ``fixed[c]``: (rows, width) for fixed-width columns (input_ids, lengths, offsets, fixed top-k).
+
+class MappedShard:
+    """One staged shard: ``seq_index`` (rows,), and per column the mapped blob bytes, decoded on access.
+
     Columns are those of ``staged_columns``: ids absolute and ascending per position, top-k values as
-    uint8 codes plus a tail code per position (``cache_format.decode_topk_logprobs``).
+    uint8 codes plus a tail code per position (``cache_format.decode_topk_logprobs``). ``codec[c]``:
+    'raw' columns are numpy views (``flat[c]`` every value, ``starts[c]`` (rows + 1,) element offsets,
+    ``fixed[c]`` (rows, width) for fixed-width columns); 'zstd' columns are decoded per row by
+    ``take_fixed`` / ``take_ragged``. Ragged targets' ``lengths`` are decoded once, at map time (1-2 bytes
+    per position).
     """
 
-    def __init__(
-        self,
-        seq_index: np.ndarray,
-        flat: dict[str, np.ndarray],
-        starts: dict[str, np.ndarray],
-        fixed: dict[str, np.ndarray],
-        layout: TargetLayout,
-    ) -> None:
-        self.seq_index, self.flat, self.starts, self.fixed, self.layout = seq_index, flat, starts, fixed, layout
+    def __init__(self, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> None:
+        self.layout, self.rows, self.where = layout, rows, where
+        columns = _check_schema(table, layout, rows, where)
+        T = layout.seq_len
+        self.width = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
+        self.width |= {name: int(np.prod(shape)) for name, shape in position_shapes(layout, hidden=True).items()}
+        if layout.has_topk and not layout.adaptive:
+            self.width |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
+        self.dtype = {name: np.dtype(spec["dtype"]) for name, spec in columns.items()}
+        self.codec = {name: spec["codec"] for name, spec in columns.items()}
+        self.planes = {name: int(spec.get("planes", 0)) for name, spec in columns.items()}
+        self.data, self.offsets, self.flat, self.starts, self.fixed = {}, {}, {}, {}, {}
+        for name, dtype in self.dtype.items():
+            data, offsets = _blob_bytes(table.column(name).combine_chunks(), f"{where}:{name}")
+            self.data[name], self.offsets[name] = data, offsets
+            if self.codec[name] == "raw":
+                if np.any(offsets % dtype.itemsize):
+                    raise _damaged(where, f"column {name}: rows are not whole {dtype.itemsize}-byte values")
+                self.flat[name] = data[offsets[0] : offsets[-1]].view(dtype)
+                self.starts[name] = (offsets - offsets[0]) // dtype.itemsize
+                if name in self.width:
+                    self._check_sizes(name)
+                    self.fixed[name] = self.flat[name].reshape(rows, self.width[name])
+        self.entries: dict[str, np.ndarray] = {}  # (rows,) entries per row of ragged targets
+        self.lengths_rows: dict[str, np.ndarray] = {}  # (rows, T) entries per position
+        for prefix, limit in (("topk", layout.top_k), ("sample", layout.samples)):
+            if f"{prefix}_lengths" in self.dtype:
+                lens = np.empty((rows, T), np.int64)
+                self.take_fixed(f"{prefix}_lengths", np.arange(rows), lens, np.arange(rows))
+                if rows and int(lens.max()) > limit:
+                    raise _damaged(where, f"{prefix}_lengths above the limit {limit}")
+                self.lengths_rows[prefix], self.entries[prefix] = lens, lens.sum(axis=1)
+            elif prefix == "topk" and layout.has_topk:
+                self.entries[prefix] = np.full(rows, T * layout.top_k, np.int64)
+        for name in self.flat.keys() - self.width.keys():  # raw ragged columns
+            self._check_sizes(name)
+        self.seq_index = table.column("seq_index").to_numpy()
+
+    def _check_sizes(self, name: str) -> None:
+        """A raw column's rows hold the values ``sizes`` says (fixed width, or the entries its lengths give)."""
+        if not np.array_equal(np.diff(self.starts[name]), self.sizes(name, np.arange(self.rows))):
+            raise _damaged(self.where, f"column {name} has rows of the wrong length")
 
     @classmethod
     def from_table(cls, table: pa.Table, layout: TargetLayout, *, rows: int, where: str) -> MappedShard:
-        if table.schema != staged_schema(layout) or table.num_rows != rows:
-            raise malformed(
-                where,
-                f"schema {table.schema} and {table.num_rows} rows, expected {staged_schema(layout)} and {rows} rows",
-            )
-        T = layout.seq_len
-        widths = {"input_ids": T, "topk_lengths": T, "topk_tail": T, "sample_lengths": T}
-        widths |= {name: int(np.prod(shape)) for name, shape in position_shapes(layout, hidden=True).items()}
-        if layout.has_topk and not layout.adaptive:
-            widths |= {"topk_ids": T * layout.top_k, "topk_codes": T * layout.top_k}
-        flat, starts, fixed = {}, {}, {}
-        for name, dtype in staged_columns(layout).items():
-            flat[name], starts[name] = _blob_values(table.column(name).combine_chunks(), dtype, f"{where}:{name}")
-            if name in widths:
-                if not np.all(np.diff(starts[name]) == widths[name]):
-                    raise malformed(
-                        where, f"column {name} has rows of the wrong length (expected {widths[name]} values)"
-                    )
-                fixed[name] = flat[name].reshape(rows, widths[name])
-        for prefix, vals, limit in (("topk", "topk_codes", layout.top_k), ("sample", "sample_counts", layout.samples)):
-            if f"{prefix}_lengths" in fixed:
-                lens = fixed[f"{prefix}_lengths"]  # (rows, T)
-                per_row = lens.sum(axis=1, dtype=np.int64)
-                if int(lens.max(initial=0)) > limit or not all(
-                    np.array_equal(np.diff(starts[c]), per_row) for c in (f"{prefix}_ids", vals)
-                ):
-                    raise malformed(where, f"{prefix}_lengths disagree with the {prefix} blobs (limit {limit})")
-        seq_index = table.column("seq_index").to_numpy()
-        return cls(seq_index, flat, starts, fixed, layout)
+        return cls(table, layout, rows=rows, where=where)
+
+    def sizes(self, name: str, local: np.ndarray) -> np.ndarray:
+        """(len(local),) values per row of column ``name``."""
+        if name in self.width:
+            return np.full(len(local), self.width[name], np.int64)
+        return self.entries["topk" if name.startswith("topk") else "sample"][local]
+
+    def take_fixed(self, name: str, local: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """Fixed-width column ``name``: row ``local[i]`` into ``out[at[i]]``; ``out`` (B, width) C-contiguous,
+        any dtype (cast)."""
+        if self.codec[name] == "raw":
+            out[at] = self.fixed[name][local]
+            return
+        for j, i in zip(local.tolist(), at.tolist(), strict=True):
+            self._decode(name, j, out[i])
+
+    def take_ragged(self, name: str, local: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """Ragged column ``name`` (per-entry ids or values): row ``local[i]``'s entries into
+        ``out[at[i] : at[i] + entries]``; ``out`` flat, any dtype (cast)."""
+        sizes = self.sizes(name, local)
+        if self.codec[name] == "raw":
+            out[ranges(at, sizes)] = self.flat[name][ranges(self.starts[name][local], sizes)]
+            return
+        for j, i, n in zip(local.tolist(), at.tolist(), sizes.tolist(), strict=True):
+            self._decode(name, j, out[i : i + n])
+
+    def _decode(self, name: str, j: int, dst: np.ndarray) -> None:
+        """Row j of a compressed column into ``dst`` (a contiguous 1-D view of its length, any dtype: cast)."""
+        dtype, offsets, n, codec = self.dtype[name], self.offsets[name], dst.shape[0], self.codec[name]
+        raw = _decompressor().decompress(self.data[name][offsets[j] : offsets[j + 1]])
+        planes = self.planes[name] if codec == "zstd-planes" else dtype.itemsize
+        if len(raw) != n * planes:
+            raise _damaged(self.where, f"column {name} row {j}: {len(raw)} bytes, expected {n} values")
+        if codec == "zstd" or dtype.itemsize == 1:
+            dst[...] = np.frombuffer(raw, dtype)
+            return
+        direct = dtype.kind == "u" and dst.dtype.kind in "iu" and dst.dtype.itemsize >= dtype.itemsize and _LITTLE
+        target = dst if direct else np.empty(n, dtype)  # ``dtype`` is explicitly little-endian
+        if planes < target.dtype.itemsize:
+            target[...] = 0
+        view = target.view(np.uint8).reshape(n, target.dtype.itemsize)  # the little-endian bytes of each value
+        for q, plane in enumerate(np.frombuffer(raw, np.uint8).reshape(planes, n)):
+            view[:, q] = plane
+        if not direct:
+            dst[...] = target
 
     def lengths(self, prefix: str, local: np.ndarray) -> np.ndarray:
         """(len(local), T) entries per position of rows ``local`` ('topk' or 'sample')."""
         if prefix == "topk" and not self.layout.adaptive:
             return np.full((len(local), self.layout.seq_len), self.layout.top_k, np.int64)
-        return self.fixed[f"{prefix}_lengths"][local]
+        return self.lengths_rows[prefix][local]
 
     def row(self, j: int) -> dict[str, Any]:
-        """Row j: seq_index, input_ids and one array slice per staged column (``unpack_row`` input)."""
+        """Row j: seq_index, input_ids and one array per staged column (``unpack_row`` input, new arrays)."""
         out: dict[str, Any] = {"seq_index": int(self.seq_index[j])}
-        for name, values in self.flat.items():
-            out[name] = values[self.starts[name][j] : self.starts[name][j + 1]]
+        one, zero = np.array([j]), np.zeros(1, np.int64)
+        for name, dtype in self.dtype.items():
+            if name in self.width:
+                out[name] = np.empty((1, self.width[name]), dtype)
+                self.take_fixed(name, one, out[name], zero)
+                out[name] = out[name][0]
+            else:
+                out[name] = np.empty(int(self.sizes(name, one)[0]), dtype)
+                self.take_ragged(name, one, out[name], zero)
         if self.layout.has_topk and not self.layout.adaptive:
-            out["topk_lengths"] = self.lengths("topk", np.array([j]))[0]
+            out["topk_lengths"] = self.lengths("topk", one)[0]
         return out
 
 
-def _blob_values(arr: pa.Array, dtype: np.dtype, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """A large_binary array -> (all values as ``dtype``, (rows + 1,) element offsets), zero copy."""
+def _check_schema(table: pa.Table, layout: TargetLayout, rows: int, where: str) -> dict[str, dict[str, str]]:
+    """The staged file's column specs (dtype, codec), after refusing another layout, version or row count."""
+    try:
+        meta = json.loads((table.schema.metadata or {})[META_KEY])
+        columns = meta["columns"]
+        version = meta["version"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise _damaged(where, f"no staged-layout metadata ({e!r}); not a version-{STAGED_VERSION} staged file") from e
+    expected = staged_columns(layout)
+    if (
+        version != STAGED_VERSION
+        or table.schema.remove_metadata() != staged_schema(layout)
+        or table.num_rows != rows
+        or set(columns) != set(expected)
+        or any(not _spec_ok(columns[n], expected[n]) for n in expected)
+    ):
+        raise _damaged(
+            where,
+            f"staged layout v{version}, schema {table.schema.remove_metadata()}, columns {columns} and "
+            f"{table.num_rows} rows; expected v{STAGED_VERSION}, {staged_schema(layout)}, dtypes "
+            f"{ {n: d.str for n, d in expected.items()} } and {rows} rows",
+        )
+    return columns
+
+
+def _damaged(where: str, what: str) -> CacheError:
+    """A staged file that is not what this kdcache writes (``staging`` sets it aside and stages the shard afresh)."""
+    return CacheError(f"{where}: {what}; not a usable staged copy — delete it (a reader sets it aside and restages)")
+
+
+def _spec_ok(spec: dict, dtype: np.dtype) -> bool:
+    planes = spec.get("planes")
+    return (
+        spec.get("dtype") == dtype.str
+        and spec.get("codec") in CODECS
+        and isinstance(planes, int)
+        and 1 <= planes <= dtype.itemsize
+    )
+
+
+def _blob_bytes(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A large_binary array -> (its data bytes, (rows + 1,) byte offsets into them), zero copy."""
     if arr.null_count:
-        raise malformed(where, "null values")
+        raise _damaged(where, "null values")
     _, off_buf, data_buf = arr.buffers()
     offsets = (
         np.frombuffer(off_buf, np.int64)[arr.offset : arr.offset + len(arr) + 1] if off_buf else np.zeros(1, np.int64)
     )
-    rel = offsets - offsets[0]
     data = np.frombuffer(data_buf, np.uint8) if data_buf else np.zeros(0, np.uint8)
-    if np.any(rel % dtype.itemsize) or np.any(np.diff(rel) < 0) or offsets[0] < 0 or offsets[-1] > data.size:
-        raise malformed(where, f"blob offsets are inconsistent or not multiples of {dtype.itemsize} bytes")
-    return data[offsets[0] : offsets[-1]].view(dtype), rel // dtype.itemsize
+    if np.any(np.diff(offsets) < 0) or offsets[0] < 0 or offsets[-1] > data.size:
+        raise _damaged(where, "blob offsets are inconsistent")
+    return data, offsets
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(starts[i], starts[i] + lengths[i])`` -> (sum(lengths),) int64, no Python loop."""
+    lengths = lengths.astype(np.int64)
+    return np.repeat(starts.astype(np.int64) - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))

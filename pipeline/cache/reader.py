@@ -22,11 +22,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from kdcache.cache.codec import decode_log_tail
-from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout, decode_topk_logprobs
-from kdcache.cache.gather import gather_hidden, gather_positions, gather_ragged
+from kdcache.cache.format import CacheFormatError, Manifest, TargetLayout
+from kdcache.cache.gather import assemble
 from kdcache.cache.hidden_format import load_projection
-from kdcache.cache.mapped import MappedShard, staged_columns
+from kdcache.cache.mapped import MappedShard
 from kdcache.cache.prefetch import pin_batch
 from kdcache.cache.rows import unpack_row
 from kdcache.cache.shards import CacheError, check_shard_file, sha_error
@@ -273,51 +272,14 @@ class CacheReader:
         )  # workers reopen nothing: forked, they keep the mapped reader (``_after_fork``)
 
     def _assemble(self, idx: np.ndarray, want: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
-        """Vectorized gather of sequences ``idx`` (global positions) from their mapped shards; decodes the
-        top-k / sampled targets only if ``want`` (None = all) names one of their keys."""
-        lay, B, T = self.layout, len(idx), self.layout.seq_len
+        """Gather and decode sequences ``idx`` (global positions) from their mapped shards (``gather.assemble``)."""
         shard_of = np.searchsorted(self._offsets, idx, side="right") - 1  # (B,)
         parts = [
             (self._shard(int(s)), sel, idx[sel] - self._offsets[s])
             for s in np.unique(shard_of)
             for sel in [np.flatnonzero(shard_of == s)]
         ]
-        out: dict[str, np.ndarray] = {"input_ids": np.empty((B, T), np.int64), "seq_index": np.empty(B, np.int64)}
-        for shard, sel, local in parts:
-            out["input_ids"][sel] = shard.fixed["input_ids"][local]
-            out["seq_index"][sel] = shard.seq_index[local]
-        if lay.has_topk and (want is None or any(k.startswith("topk_") for k in want)):
-            out["topk_ids"], codes, keep = gather_ragged(
-                parts, "topk", (B, T, lay.top_k), fixed=not lay.adaptive, dtypes=staged_columns(lay)
-            )
-            tail = np.empty((B, T), lay.value_dtypes[1])
-            for shard, sel, local in parts:
-                tail[sel] = shard.fixed["topk_tail"][local]
-            mask = keep if lay.adaptive else None  # fixed k: every entry is real, two full passes saved
-            out["topk_logprobs"] = decode_topk_logprobs(codes, tail, mask, encoding=lay.value_encoding)  # as reader[i]
-            out["topk_log_tail"] = decode_log_tail(tail).astype(np.float32)  # (B, T)
-            out["topk_mask"] = keep
-        if lay.has_samples and (want is None or any(k.startswith("sample_") for k in want)):
-            width = max((int(p[0].fixed["sample_lengths"][p[2]].max(initial=0)) for p in parts), default=0)
-            ids, counts, _ = gather_ragged(
-                parts, "sample", (B, T, max(width, 1)), fixed=False, dtypes=staged_columns(lay)
-            )
-            if int(counts.sum(axis=-1, dtype=np.int64).max(initial=0)) > lay.samples:
-                raise CacheError(
-                    f"{self.path}: sample counts at a position sum to more than the {lay.samples} draws the "
-                    "manifest records (cache.samples); the cache is damaged: run `kdcache verify` and rebuild it"
-                )  # checked here, off the training thread: kd_loss checks only CPU tensors
-            out["sample_ids"], out["sample_counts"] = ids, counts.astype(np.float32)
-            out["sample_total"] = np.full((B, T), lay.samples, np.float32)  # draws made per position
-        z = self.log_z_index(self.temperature)
-        if z is not None and (want is None or "topk_log_z" in want):
-            out["topk_log_z"] = gather_positions(parts, "topk_log_z", (B, len(lay.temperatures), T))[:, z]  # (B, T)
-        for name in [f"teacher_{s}" for s in lay.signals] + (["byte_lengths"] if lay.max_token_bytes else []):
-            if want is None or name in want:
-                out[name] = gather_positions(parts, name, (B, T))
-        for name, scale_name in lay.hidden.columns().items() if lay.hidden else ():
-            if want is None or name in want:
-                out[name] = gather_hidden(parts, name, scale_name, (B, T, lay.hidden.dim))
+        out = assemble(parts, self.layout, want, log_z=self.log_z_index(self.temperature), where=str(self.path))
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     # -- staging, mapping, prefetch

@@ -1,14 +1,18 @@
 """Staged copies of cache shards on local disk: where they live, when they can be trusted, how many.
 
-Each Parquet shard is decoded once into an uncompressed Arrow IPC file (``mapped``) and memory-mapped;
-readers fancy-index the mapped bytes. The design holds on a GPU box with shared storage:
+Each Parquet shard is decoded and checked once, then written as a compact Arrow IPC file (``mapped``,
+layout version 2: per-row zstd frames where they pay, raw values elsewhere; about 1.0-1.3x the Parquet
+bytes, ``bench/results/staging.md``) and memory-mapped; batches decode only the rows they select. The
+design holds on a GPU box with shared storage:
 
 - **Where.** ``staging_dir=``, else ``$KDCACHE_STAGING_DIR``, else node-local scratch:
   ``$TMPDIR`` (``tempfile.gettempdir()``) ``/kdcache-staging-<uid>``. Never inside the cache (a
   ``.staging/`` in ``cache/<name>/`` would change the DVC output's hash), and by default never on a
   home directory, which is usually NFS with a quota.
-- **Names.** ``<shard sha256>-<xxh3-64 of the staged bytes>.arrow``: the name says which shard it
-  is and what its bytes must hash to. Files are written under a private temporary name and
+- **Names.** ``<shard sha256>-<xxh3-64 of the staged bytes>.v2.ipc`` (``mapped.STAGED_SUFFIX``): the
+  name says which shard it is, what its bytes must hash to and which staged layout they hold (the
+  layout version is in the file's metadata too); copies of layout v1 (``.arrow``) are never read, only
+  counted and evicted. Files are written under a private temporary name and
   *created if absent* (``os.link``): a name that exists is never replaced or rewritten, so no
   process that has it mapped (here or on another node) can die of SIGBUS/ESTALE.
 - **Trust.** A staged file is served only after its bytes hash (xxh3, several GB/s) to its name,
@@ -18,7 +22,8 @@ readers fancy-index the mapped bytes. The design holds on a GPU box with shared 
 - **Concurrency.** A per-shard ``flock`` lets one process stage while DataLoader workers or ranks on
   the same node wait; a filesystem without locks (some NFS/Lustre mounts) is refused with the fix.
 - **Bounded.** With ``max_bytes`` (``$KDCACHE_STAGING_MAX_GB``), staging evicts the least recently
-  used staged files until the directory fits (a process that has an evicted file mapped keeps it).
+  used staged files (v1 copies included) until the directory fits (a process that has an evicted file
+  mapped keeps it).
   Temporary files of killed stagers (their pid is gone) are removed when a reader opens the dir.
 """
 
@@ -38,11 +43,13 @@ import pyarrow as pa
 import xxhash
 
 from kdcache.cache.format import ShardInfo, TargetLayout
-from kdcache.cache.mapped import MappedShard, map_staged, staged_table
+from kdcache.cache.mapped import STAGED_SUFFIX, MappedShard, map_staged, staged_table
 from kdcache.cache.shards import CacheError, content_problems, decode_shard, read_shard
 
 log = logging.getLogger(__name__)
 _HASH_CHUNK = 8 << 20
+LEGACY_SUFFIXES = (".arrow",)
+"""Staged copies of earlier layout versions: counted and evicted, never read."""
 _verified: set[tuple[str, int, int]] = set()
 """(path, inode, size) of staged files this process has hashed: each is hashed once per process."""
 
@@ -65,9 +72,19 @@ def default_max_bytes() -> int | None:
         raise CacheError(f"KDCACHE_STAGING_MAX_GB={value!r}: not a number of GiB (e.g. 50)") from e
 
 
+def staged_files(staging_dir: Path) -> list[Path]:
+    """Staged copies in ``staging_dir``, this layout's and earlier ones' (not temporary or damaged files)."""
+    if not staging_dir.is_dir():
+        return []
+    return [p for suffix in (STAGED_SUFFIX, *LEGACY_SUFFIXES) for p in staging_dir.glob(f"*{suffix}")]
+
+
 def staging_size(staging_dir: Path) -> tuple[int, int]:
     """(number of staged files, their total bytes) in ``staging_dir``."""
-    sizes = [p.stat().st_size for p in staging_dir.glob("*.arrow")] if staging_dir.is_dir() else []
+    sizes = []
+    for p in staged_files(staging_dir):
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+            sizes.append(p.stat().st_size)
     return len(sizes), sum(sizes)
 
 
@@ -89,7 +106,7 @@ def load_shard(
 def stage_shard(
     path: Path, info: ShardInfo, layout: TargetLayout, staging_dir: Path, *, max_bytes: int | None = None
 ) -> Path:
-    """Decode a Parquet shard into ``<staging_dir>/<sha256>-<xxh3>.arrow`` unless a trusted copy exists."""
+    """Decode a Parquet shard into ``<staging_dir>/<sha256>-<xxh3>.v2.ipc`` unless a trusted copy exists."""
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(staging_dir / f".{info.sha256}.lock"):
@@ -113,13 +130,13 @@ def _write_staged(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir
     problems = content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
     if problems:
         raise CacheError(f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again")
-    table = staged_table(staged, layout)
+    table = staged_table(staged, layout, parquet_bytes=info.bytes)
     MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
     tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        target = staging_dir / f"{info.sha256}-{_xxh(tmp)}.arrow"
+        target = staging_dir / f"{info.sha256}-{_xxh(tmp)}{STAGED_SUFFIX}"
         if target.exists():  # same bytes under the same name: damaged earlier (it failed its hash), set aside
             _set_aside(target, "its bytes do not hash to its name")
         os.link(tmp, target)  # create if absent: never replaces a name another process may have mapped
@@ -130,11 +147,11 @@ def _write_staged(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir
 
 def _trusted_copy(staging_dir: Path, info: ShardInfo) -> Path | None:
     """A staged copy of ``info`` whose bytes hash to its name, else None (damaged ones are set aside)."""
-    for candidate in sorted(staging_dir.glob(f"{info.sha256}-*.arrow")):
+    for candidate in sorted(staging_dir.glob(f"{info.sha256}-*{STAGED_SUFFIX}")):
         try:
             st = candidate.stat()
             key = (str(candidate), st.st_ino, st.st_size)
-            if key in _verified or _xxh(candidate) == candidate.name[len(info.sha256) + 1 : -len(".arrow")]:
+            if key in _verified or _xxh(candidate) == candidate.name[len(info.sha256) + 1 : -len(STAGED_SUFFIX)]:
                 _verified.add(key)
                 return candidate
         except FileNotFoundError:  # evicted meanwhile
@@ -165,14 +182,18 @@ def evict(staging_dir: Path, *, max_bytes: int, keep: Path | None = None) -> lis
     Deleting a mapped file is safe: the process that mapped it keeps its pages until it unmaps.
     Returns the deleted paths.
     """
-    gone = [p for p in staging_dir.glob("*.arrow.damaged-*")]
-    files = sorted(staging_dir.glob("*.arrow"), key=lambda p: p.stat().st_mtime_ns)  # oldest use first
-    total = sum(p.stat().st_size for p in files)
+    gone = [p for suffix in (STAGED_SUFFIX, *LEGACY_SUFFIXES) for p in staging_dir.glob(f"*{suffix}.damaged-*")]
+    stats = {}
+    for p in staged_files(staging_dir):
+        with contextlib.suppress(FileNotFoundError):  # evicted by another process meanwhile
+            stats[p] = p.stat()
+    files = sorted(stats, key=lambda p: stats[p].st_mtime_ns)  # oldest use first (v1 copies are never used)
+    total = sum(st.st_size for st in stats.values())
     for p in files:
         if total <= max_bytes:
             break
         if p != keep:
-            total -= p.stat().st_size
+            total -= stats[p].st_size
             gone.append(p)
     for p in gone:
         p.unlink(missing_ok=True)
