@@ -2,10 +2,10 @@
 tokens, mixed in the student's vocabulary.
 
 The lead teacher's token data fixes the text. Another teacher's token data is the lead's, row by row,
-re-tokenized by that teacher (:func:`retokenize_rows`, :func:`retokenize_split`: the bytes each lead row
-spells and its special tokens, through :class:`kdcache.crosstok.Aligner`), so its cache covers the same
-text in the same rows, in the same order (same row count and shard sizes: the same data order). Rows
-of two teachers cut the text in the same places, which two ``kdcache prepare`` runs would not do.
+re-tokenized by that teacher (:mod:`kdcache.retokenize`: the bytes each lead row spells and its special
+tokens, through :class:`kdcache.crosstok.Aligner`), so its cache covers the same text in the same rows,
+in the same order (same row count and shard sizes: the same data order). Rows of two teachers cut the
+text in the same places, which two ``kdcache prepare`` runs would not do.
 
 :class:`CrossTeachersBatches` takes the aligned batches of every cache (as ``MultiCacheReader`` zips them)
 and sends each teacher's rows to the student through its own
@@ -22,92 +22,17 @@ vocabulary: the mixture, its tail as for one tokenizer); a position no teacher a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.crosstok import Aligner, CrossTokenizerBatches, student_row_length
-from kdcache.fingerprint import tokenizer_fingerprint
+from kdcache.crosstok import CrossTokenizerBatches
+from kdcache.multi_cache import unzip_parts
 from kdcache.multi_teacher import mix_sampled, mix_topk, normalized_weights
-from kdcache.packing import packing_of, pad_id_for, valid_lengths
-from kdcache.token_data import open_tokens, write_tokens
 from kdcache.tokenizer import tokenizer_vocab_size
 
-__all__ = ["CrossTeachersBatches", "retokenize_rows", "retokenize_split"]
-
-
-def retokenize_rows(
-    rows: np.ndarray, *, packing: dict[str, Any], aligner: Aligner, seq_len: int, pad_id: int
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Lead rows (N, T) -> the other teacher's rows (N, ``seq_len``) int64: each row's real tokens' text in
-    the other tokenizer (``aligner``: lead -> other), padded with ``pad_id``. Returns the rows and what
-    was cut: ``tokens_cut`` (beyond ``seq_len``), ``lost_bytes`` (broken characters at row edges, cut tokens)."""
-    lengths = valid_lengths(torch.from_numpy(np.asarray(rows, np.int64)), packing).tolist()  # (N,)
-    aligned = aligner.align_rows(
-        [np.asarray(r[:n], np.int64) for r, n in zip(rows, lengths, strict=True)], max_len=seq_len
-    )
-    out = np.full((len(aligned), seq_len), pad_id, np.int64)  # (N, seq_len)
-    for b, a in enumerate(aligned):
-        out[b, : len(a.student_ids)] = a.student_ids
-    counts = {
-        "tokens_cut": sum(a.student_tokens_cut for a in aligned),
-        "lost_bytes": sum(a.lost_bytes for a in aligned),
-    }
-    return out, counts
-
-
-def retokenize_split(
-    tokens_dir: str | Path,
-    *,
-    lead_tokenizer: Any,
-    tokenizer: Any,
-    out_dir: str | Path,
-    splits: Sequence[str] = ("train", "val"),
-    seq_len: int = 0,
-) -> dict[str, Any]:
-    """Token data for another teacher: every split of the lead's token data in ``tokens_dir`` re-tokenized
-    row by row by ``tokenizer`` (:func:`retokenize_rows`), written to ``out_dir`` (``documents`` packing
-    with the tokenizer's pad id; ``retokenized_from`` names the lead's splits). ``seq_len`` 0: the longest
-    of the first 256 train rows + 5% (``kdcache.crosstok.student_row_length``). Returns the manifest."""
-    aligner = Aligner(lead_tokenizer, tokenizer)
-    lead = {name: open_tokens(tokens_dir, name) for name in splits}
-    packing = packing_of(next(iter(lead.values())).manifest)
-    if not seq_len:
-        first = np.asarray(lead[splits[0]].ids[:256], np.int64)
-        lengths = valid_lengths(torch.from_numpy(first), packing).tolist()
-        seq_len = student_row_length(aligner, [r[:n] for r, n in zip(first, lengths, strict=True)])
-    pad = pad_id_for(tokenizer)
-    rows = {
-        name: retokenize_rows(
-            np.asarray(t.ids, np.int64), packing=packing, aligner=aligner, seq_len=seq_len, pad_id=pad
-        )
-        for name, t in lead.items()
-    }
-    meta = {
-        "packing": {
-            "mode": "documents",
-            "eos_id": int(tokenizer.eos_token_id),
-            "pad_id": pad,
-            "prefix": [],
-            "suffix": [],
-        },
-        "retokenized_from": {
-            "path": str(tokens_dir),
-            "tokenizer_fingerprint": next(iter(lead.values())).tokenizer_fingerprint,
-            "splits": {name: t.fingerprint for name, t in lead.items()},
-            "cut": {name: counts for name, (_, counts) in rows.items()},
-        },
-    }
-    return write_tokens(
-        out_dir,
-        {name: ids for name, (ids, _) in rows.items()},
-        vocab_size=tokenizer_vocab_size(tokenizer),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        meta=meta,
-    )
+__all__ = ["CrossTeachersBatches"]
 
 
 class CrossTeachersBatches:
@@ -142,11 +67,13 @@ class CrossTeachersBatches:
             for t, p in zip(teacher_tokenizers, packings, strict=True)
         ]
         self.vocab = tokenizer_vocab_size(student_tokenizer)
-        self.rows = 0
+        self.rows = self.soft = 0
         self.rows_mismatched = [0] * len(self.crosses)
         self.aligned = [0] * len(self.crosses)
 
-    def apply(self, parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def apply(self, batch: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``batch``: the caches' batches, or one ``MultiCacheReader(cross=True)`` batch holding them all."""
+        parts = unzip_parts(batch, len(self.crosses)) if isinstance(batch, dict) else batch
         outs = [c.apply(p) for c, p in zip(self.crosses, parts, strict=True)]
         lead = outs[0]
         ids, ce_mask = lead["input_ids"], lead["ce_mask"]  # (B, L), (B, L)
@@ -161,6 +88,7 @@ class CrossTeachersBatches:
             self.aligned[k] += int(a.sum())
             avail.append(a)
         self.rows += B
+        self.soft += int(torch.stack(avail).any(0).sum())
         avail_t = torch.stack(avail)  # (M, B, L)
         w = self.weights.view(-1, 1, 1) * avail_t  # (M, B, L)
         total = w.sum(0, keepdim=True)  # (1, B, L)
@@ -178,17 +106,24 @@ class CrossTeachersBatches:
             )
         return result
 
+    def reset(self) -> None:
+        """Forget what earlier batches kept (``report`` starts again from zero)."""
+        for c in self.crosses:
+            c.reset()
+        self.rows = self.soft = 0
+        self.rows_mismatched, self.aligned = [0] * len(self.crosses), [0] * len(self.crosses)
+
     def report(self) -> dict[str, Any]:
-        """Per teacher: what its alignment and projection kept (``CrossTokenizerBatches.report``), the rows
-        whose student ids differed from the lead's, and the share of the lead's student tokens it targets."""
-        tokens = max(self.crosses[0].report()["student_tokens"], 1)
-        return {
-            "teachers": [
-                c.report() | {"rows_mismatched": m, "soft_target_fraction_used": a / tokens}
-                for c, m, a in zip(self.crosses, self.rows_mismatched, self.aligned, strict=True)
-            ],
-            "rows": self.rows,
-        }
+        """The lead's ``CrossTokenizerBatches.report`` with ``soft_target_fraction``: the student tokens some
+        teacher targets; ``teachers``: each one's report, the rows whose student ids differed from the lead's
+        and the share of the student tokens it targets."""
+        lead = self.crosses[0].report()
+        tokens = max(lead["student_tokens"], 1)
+        teachers = [
+            c.report() | {"rows_mismatched": m, "soft_target_fraction_used": a / tokens}
+            for c, m, a in zip(self.crosses, self.rows_mismatched, self.aligned, strict=True)
+        ]
+        return lead | {"soft_target_fraction": self.soft / tokens, "teachers": teachers, "rows": self.rows}
 
 
 def _topk_part(out: dict[str, Tensor], avail: Tensor) -> dict[str, Tensor]:

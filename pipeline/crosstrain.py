@@ -11,7 +11,9 @@ from typing import Any
 
 from kdcache.cache.reader import CacheReader
 from kdcache.config.base import ConfigError
-from kdcache.crosstok import CrossTokenizerBatches, student_row_length
+from kdcache.crossmulti import CrossTeachersBatches
+from kdcache.crosstok import Aligner, CrossTokenizerBatches, student_row_length
+from kdcache.multi_cache import MultiCacheReader
 from kdcache.packing import packing_of, valid_lengths
 from kdcache.tokenizer import TokenizerError, load_tokenizer, text_normalization
 
@@ -54,6 +56,42 @@ def cross_tokenizer_batches(
         cross.seq_len = student_row_length(cross.aligner, real)
         cross.apply(first)
     report = cross.report() | {"student_seq_len": cross.seq_len, "rows_measured": rows}
+    cross.reset()
+    return cross, report
+
+
+def cross_teachers_batches(
+    reader: MultiCacheReader, teacher_tokenizers: list[Any], student_tokenizer: Any, *, method: str
+) -> tuple[CrossTeachersBatches, dict[str, Any]]:
+    """As :func:`cross_tokenizer_batches` for several caches of teachers with different tokenizers
+    (``kdcache.crossmulti``; ``reader``: ``open_caches(..., cross=True)``): the student row length fitted
+    to the lead cache's first ``MEASURE_ROWS`` rows, what every teacher keeps on them."""
+    if method == "uld":
+        raise ConfigError(
+            "train.cross_tokenizer=uld with several train.caches: sorted probabilities of different teachers do "
+            "not mix; use exact or prefix"
+        )
+    lead = reader.readers[0]
+    packings = [packing_of(r.meta.corpus) for r in reader.readers]
+    rows = min(len(lead), MEASURE_ROWS)
+    first = next(iter(lead.batches(max(rows, 1), seed=0, shuffle=False, drop_last=False, keys=("input_ids",))), None)
+    seq_len = 8
+    if first is not None:
+        lengths = valid_lengths(first["input_ids"], packings[0]).tolist()  # (rows,) real tokens per row
+        aligner = Aligner(teacher_tokenizers[0], student_tokenizer)
+        seq_len = student_row_length(aligner, [first["input_ids"][b, :n].numpy() for b, n in enumerate(lengths)])
+    cross = CrossTeachersBatches(
+        teacher_tokenizers,
+        student_tokenizer,
+        weights=reader.weights.tolist(),
+        method=method,
+        student_seq_len=seq_len,
+        packings=packings,
+    )
+    batch = next(iter(reader.batches(max(rows, 1), seed=0, shuffle=False, drop_last=False)), None)
+    if batch is not None:
+        cross.apply(batch)
+    report = cross.report() | {"student_seq_len": seq_len, "rows_measured": rows}
     cross.reset()
     return cross, report
 

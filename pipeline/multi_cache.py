@@ -46,6 +46,12 @@ SAME_DATA: tuple[tuple[str, Any], ...] = (
     ("sequences cached (stats.num_skipped: sequences dropped for NaN logits)", lambda m: m.num_rows),
 )
 """What caches combined per token must share, and how to read it from a manifest."""
+SAME_ROWS: tuple[tuple[str, Any], ...] = (
+    ("corpus.num_sequences", lambda m: m.corpus.get("num_sequences")),
+    ("targets.temperature", lambda m: m.targets.get("temperature")),
+    ("sequences cached (stats.num_skipped: sequences dropped for NaN logits)", lambda m: m.num_rows),
+)
+"""What caches of teachers with different tokenizers over the same rows of text must share (``cross``)."""
 
 
 def open_caches(
@@ -54,12 +60,14 @@ def open_caches(
     *,
     combine: str = "mixture",
     combine_temperature: float = 1.0,
+    cross: bool = False,
     **open_kwargs: Any,
 ) -> MultiCacheReader:
     """Open every cache (``open_cache(path, **open_kwargs)``), check them (module docstring) and wrap them.
 
     ``weights``: one per cache, >= 0, normalized to sum to 1.  ``combine``: a ``kdcache.multi_teacher``
-    combiner; ``combine_temperature``: T of ``nll_softmax``.
+    combiner; ``combine_temperature``: T of ``nll_softmax``.  ``cross``: teachers of different tokenizers
+    (``kdcache.crossmulti``): the batches are zipped, not combined (``MultiCacheReader``).
     """
     if len(paths) != len(weights):
         raise CacheError(f"train.caches: {len(paths)} caches but {len(weights)} weights; give one weight per cache")
@@ -67,7 +75,7 @@ def open_caches(
     try:
         for path in paths:
             readers.append(open_cache(path, **open_kwargs))
-        return MultiCacheReader(readers, weights, combine=combine, combine_temperature=combine_temperature)
+        return MultiCacheReader(readers, weights, combine=combine, combine_temperature=combine_temperature, cross=cross)
     except BaseException:
         for r in readers:
             r.close()
@@ -89,7 +97,13 @@ def cache_sources(paths: Sequence[str], weights: str | None) -> list[dict[str, A
 
 
 class MultiCacheReader:
-    """Aligned batches of several caches, combined (``kdcache.multi_teacher.combine_batches``)."""
+    """Aligned batches of several caches, combined (``kdcache.multi_teacher.combine_batches``).
+
+    ``cross``: caches of teachers with different tokenizers over the same rows of text (``kdcache.crossmulti``:
+    the other teachers' token data re-tokenized from the lead's). Only the data order is checked here
+    (row count, shard sizes, temperature); a batch is the lead's with every other cache's tensors added
+    under ``teacher<k>/<key>`` (``CROSS_PREFIX``), for ``kdcache.crossmulti.CrossTeachersBatches`` to
+    project and mix in the student's vocabulary (which checks the text row by row)."""
 
     def __init__(
         self,
@@ -98,6 +112,7 @@ class MultiCacheReader:
         *,
         combine: str = "mixture",
         combine_temperature: float = 1.0,
+        cross: bool = False,
     ) -> None:
         if len(readers) < 1:
             raise CacheError("train.caches: no cache given")
@@ -106,9 +121,15 @@ class MultiCacheReader:
         except ValueError as e:
             raise CacheError(f"train.caches: {e}") from e
         self.readers, self.combine, self.combine_temperature = list(readers), combine, combine_temperature
+        self.cross = cross
+        if cross and combine != "mixture":
+            raise CacheError(
+                f"train.combine={combine}: teachers of different tokenizers are mixed per student position; "
+                "set train.combine: mixture"
+            )
         lead = self.readers[0]
         for other in self.readers[1:]:
-            _check_same_data(lead, other)
+            _check_same_data(lead, other, checks=SAME_ROWS if cross else SAME_DATA)
         self.signal = SIGNAL_OF.get(combine)
         for r in self.readers:
             if self.signal is not None and self.signal.removeprefix("teacher_") not in r.layout.signals:
@@ -153,6 +174,10 @@ class MultiCacheReader:
         try:
             for parts in zip(*streams, strict=True):
                 self._check_rows(parts)
+                if self.cross:
+                    out = zip_parts(parts)
+                    yield pin_batch(out) if pin_memory else out
+                    continue
                 out = combine_batches(
                     parts,
                     self.weights,
@@ -170,7 +195,7 @@ class MultiCacheReader:
     def _check_rows(self, parts: Sequence[dict[str, torch.Tensor]]) -> None:
         lead = parts[0]
         for r, part in zip(self.readers[1:], parts[1:], strict=True):
-            for key in ("seq_index", "input_ids"):
+            for key in ("seq_index",) if self.cross else ("seq_index", "input_ids"):  # cross: other ids, same text
                 if not torch.equal(part[key], lead[key]):
                     raise CacheError(
                         f"{r.path}: its batch holds other sequences ({key}) than {self.readers[0].path}'s at the same "
@@ -188,8 +213,27 @@ class MultiCacheReader:
         self.close()
 
 
-def _check_same_data(lead: CacheReader, other: CacheReader) -> None:
-    for what, read in SAME_DATA:
+CROSS_PREFIX = "teacher{}/"
+"""Key prefix of cache k's tensors (k >= 1) in a ``cross`` batch."""
+
+
+def zip_parts(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of M caches' batches: the first as is, cache k's keys under ``CROSS_PREFIX.format(k)``."""
+    out = dict(parts[0])
+    for k, part in enumerate(parts[1:], 1):
+        out |= {CROSS_PREFIX.format(k) + key: value for key, value in part.items()}
+    return out
+
+
+def unzip_parts(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """The M batches ``zip_parts`` packed (the keys of the first: those without a ``CROSS_PREFIX``)."""
+    prefixes = [CROSS_PREFIX.format(k) for k in range(1, count)]
+    lead = {k: v for k, v in batch.items() if not k.startswith("teacher") or "/" not in k}
+    return [lead] + [{k[len(p) :]: v for k, v in batch.items() if k.startswith(p)} for p in prefixes]
+
+
+def _check_same_data(lead: CacheReader, other: CacheReader, *, checks: tuple = SAME_DATA) -> None:
+    for what, read in checks:
         a, b = read(lead.meta), read(other.meta)
         if a != b:
             why = (

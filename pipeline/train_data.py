@@ -23,6 +23,7 @@ from kdcache.config.train import TrainConfig
 from kdcache.crosstok import CrossTokenizerBatches
 from kdcache.crosstrain import (
     check_cross_temperature,
+    cross_teachers_batches,
     cross_tokenizer_batches,
     load_student_tokenizer_dir,
     log_cross_report,
@@ -119,15 +120,27 @@ def open_inputs(
 def open_cross_tokenizer(
     cfg: TrainConfig, cache_dir: str | Path, cache_tok: Any
 ) -> tuple[CacheReader, Any, CrossTokenizerBatches, dict]:
-    """``train.cross_tokenizer``: the student's own tokenizer re-tokenizes each row (``kdcache.crosstok``)."""
-    if len(cfg.caches) > 1:
-        raise ConfigError("train.cross_tokenizer: one cache only for now; set train.caches: [] (or one cache)")
+    """``train.cross_tokenizer``: the student's own tokenizer re-tokenizes each row (``kdcache.crosstok``);
+    several ``train.caches``: teachers of any tokenizers over the same rows of text (``kdcache.crossmulti``)."""
     if cfg.feature_weight > 0:
         raise ConfigError(
             "train.cross_tokenizer: feature distillation reads the teacher's positions, which the student's "
             "do not match; set train.feature_weight: 0"
         )
     student_tok = load_student_tokenizer_dir(cfg.student_tokenizer or cfg.student.path)
+    if len(cfg.caches) > 1:
+        paths = [c.path for c in cfg.caches]
+        caches = open_caches(
+            paths, [c.weight for c in cfg.caches], combine=cfg.combine, cross=True, temperature=cfg.temperature
+        )
+        toks = [load_cache_tokenizer(p) for p in paths]
+        for r, tok, p in zip(caches.readers, toks, paths, strict=True):
+            check_cache_tokenizer(r, tok, cache_dir=p)
+        tau = caches.layout.temperature
+        check_cross_temperature(cfg.cross_tokenizer, loss=cfg.loss, temperature=cfg.temperature, cache_temperature=tau)
+        crossing, report = cross_teachers_batches(caches, toks, student_tok, method=cfg.cross_tokenizer)
+        log_cross_report(report, teacher_tokenizer=toks[0], student_tokenizer=student_tok)
+        return caches, student_tok, crossing, report
     reader = open_cache(cache_dir, temperature=cfg.temperature)
     check_cache_tokenizer(reader, cache_tok, cache_dir=cache_dir)
     tau = reader.layout.temperature

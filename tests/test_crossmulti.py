@@ -16,11 +16,12 @@ from kdcache.cache.build import build_cache
 from kdcache.cache.reader import open_cache
 from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
-from kdcache.crossmulti import CrossTeachersBatches, retokenize_split
+from kdcache.crossmulti import CrossTeachersBatches
 from kdcache.crossproj import build_projection
 from kdcache.crosstok import Aligner, event_map, student_row_length
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.packing import packing_of, valid_lengths
+from kdcache.retokenize import retokenize_split
 from kdcache.teacher import load_teacher
 from kdcache.token_data import open_tokens, write_tokens
 from kdcache.tokenizer import token_bytes
@@ -181,3 +182,53 @@ def test_uld_is_refused_with_several_teachers(world: dict) -> None:
         CrossTeachersBatches(
             [world["a"], world["b"]], world["s"], weights=WEIGHTS, method="uld", student_seq_len=8, packings=[{}, {}]
         )
+
+
+def test_the_trainer_distills_one_student_from_two_teachers_of_different_tokenizers(world: dict, tmp_path) -> None:
+    import json
+    import math
+    from dataclasses import replace
+
+    from kdcache.config.base import ConfigError
+    from kdcache.config.train import CacheSourceConfig, StudentConfig, TrainConfig
+    from kdcache.train import train
+
+    world["s"].save_pretrained(tmp_path / "student_tokenizer")
+    caches = tuple(CacheSourceConfig(path=str(r.path), weight=w) for r, w in zip(world["caches"], WEIGHTS, strict=True))
+    cfg = TrainConfig(
+        max_steps=2,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        log_every=100,
+        student=StudentConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        cross_tokenizer="prefix",
+        student_tokenizer=str(tmp_path / "student_tokenizer"),
+        caches=caches,
+    )
+    summary = train(cfg, cache_dir=world["caches"][0].path, out_dir=tmp_path / "s")
+    assert summary["complete"] and math.isfinite(summary["final_loss"])
+    report = json.loads((tmp_path / "s" / "training.json").read_text())["vocab_map"]
+    assert len(report["teachers"]) == 2 and all(t["rows_mismatched"] == 0 for t in report["teachers"])
+    assert report["soft_target_fraction"] >= max(t["soft_target_fraction_used"] for t in report["teachers"]) > 0.3
+    with pytest.raises(ConfigError, match="uld with several train.caches"):
+        train(replace(cfg, cross_tokenizer="uld"), cache_dir=caches[0].path, out_dir=tmp_path / "u")
+
+
+def test_cross_caches_open_as_one_reader_zipping_their_batches(world: dict) -> None:
+    from kdcache.cache.shards import CacheError
+    from kdcache.multi_cache import open_caches, unzip_parts
+
+    paths = [r.path for r in world["caches"]]
+    with pytest.raises(CacheError, match="tokenizer.fingerprint differs"):
+        open_caches(paths, WEIGHTS)  # combined per token id: refused
+    with pytest.raises(CacheError, match="train.combine=min_nll: .*set train.combine: mixture"):
+        open_caches(paths, WEIGHTS, cross=True, combine="min_nll")
+    with open_caches(paths, WEIGHTS, cross=True) as reader:
+        batch = next(iter(reader.batches(4, seed=0, shuffle=False)))
+        parts = [next(iter(r.batches(4, seed=0, shuffle=False))) for r in world["caches"]]
+        for got, want in zip(unzip_parts(batch, 2), parts, strict=True):
+            assert set(got) == set(want)
+            for k in want:  # teacher_nll is NaN where there is no next token
+                torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True)
