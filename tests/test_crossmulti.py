@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+import sp_tokenizers
 import torch
 from conftest import tiny_llama
 from test_crosstok import STUDENT_MERGES, TEACHER_MERGES, hand_made
@@ -24,7 +25,7 @@ from kdcache.packing import packing_of, valid_lengths
 from kdcache.retokenize import retokenize_split
 from kdcache.teacher import load_teacher
 from kdcache.token_data import open_tokens, write_tokens
-from kdcache.tokenizer import token_bytes
+from kdcache.tokenizer import token_bytes, train_bpe_tokenizer
 
 pytestmark = pytest.mark.usefixtures("staging_one_thread")
 
@@ -232,3 +233,45 @@ def test_cross_caches_open_as_one_reader_zipping_their_batches(world: dict) -> N
             assert set(got) == set(want)
             for k in want:  # teacher_nll is NaN where there is no next token
                 torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_retokenized_rows_spell_the_lead_rows_text_on_adversarial_text(tmp_path) -> None:
+    """Rows cut inside multi-byte characters, whitespace runs, byte-fallback pieces: each re-tokenized row
+    spells the lead row's bytes without the broken characters at its edges, with its special tokens."""
+    from test_crosstok import ADVERSARIAL
+
+    from kdcache.retokenize import retokenize_rows
+
+    lead, other = train_bpe_tokenizer(ADVERSARIAL * 3, vocab_size=300), sp_tokenizers.metaspace_bpe(ADVERSARIAL, 300)
+    stream = [i for d in ADVERSARIAL for i in [*lead(d, add_special_tokens=False)["input_ids"], lead.eos_token_id]]
+    rows = np.asarray(stream[: len(stream) // 9 * 9]).reshape(-1, 9)
+    ids, cut = retokenize_rows(rows, packing={"mode": "stream"}, aligner=Aligner(lead, other), seq_len=64, pad_id=-1)
+    lb, ob = token_bytes(lead), token_bytes(other)
+    for row, new in zip(rows, ids, strict=True):
+        new = [i for i in new.tolist() if i >= 0]
+        want = [_with_dummy_prefix(_whole_characters(seg)) for seg in _segments(row.tolist(), lb)]
+        assert _segments(new, ob) == want  # the same text between the same special tokens
+    assert cut["tokens_cut"] == 0 and cut["lost_bytes"] > 0  # some rows start or end inside a character
+
+
+def _whole_characters(data: bytes) -> list[bytes]:
+    from kdcache.crosstok import utf8_pieces
+
+    return [data[a:b] for a, b in utf8_pieces(data)]
+
+
+def _with_dummy_prefix(pieces: list[bytes]) -> bytes:
+    """A Metaspace (prepend_scheme: always) tokenizer spells each piece it encodes with a leading space
+    unless the piece starts with one."""
+    return b"".join(p if p.startswith(b" ") else b" " + p for p in pieces)
+
+
+def _segments(ids: list[int], spelled: list[bytes]) -> list[bytes]:
+    """The bytes between special (zero-byte) tokens."""
+    out = [b""]
+    for i in ids:
+        if spelled[i]:
+            out[-1] += spelled[i]
+        else:
+            out.append(b"")
+    return out
