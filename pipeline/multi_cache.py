@@ -237,8 +237,8 @@ def _check_same_data(lead: CacheReader, other: CacheReader, *, checks: tuple = S
         a, b = read(lead.meta), read(other.meta)
         if a != b:
             why = (
-                "; teachers with different tokenizers are not combined yet (their rows cut the text at other "
-                "places): train from one of them, with train.cross_tokenizer if the student's tokenizer differs"
+                "; teachers with different tokenizers combine only through train.cross_tokenizer, over the same "
+                "rows of text: make the other teacher's tokens from the lead's with kdcache.retokenize.retokenize_split"
                 if what == "tokenizer.fingerprint"
                 else ""
             )
