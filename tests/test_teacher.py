@@ -277,7 +277,7 @@ def test_the_cache_stage_never_runs_the_full_forward_and_feeds_the_head_chunks(t
         raise AssertionError("the cache stage ran the model's full forward: (B, T, V) logits")
 
     monkeypatch.setattr(teacher.model, "forward", no_full_forward)
-    monkeypatch.setattr("kdcache.cache.build.cache_chunk_tokens", lambda vocab, device_type: 32)
+    monkeypatch.setattr("kdcache.cache.scoring.cache_chunk_tokens", lambda vocab, device_type: 32)
     tokens = open_tokens(tmp_path / "tokens", "train")
     build_cache(teacher, tokens, CacheConfig(targets="topk", top_k=4, batch_size=3), out_dir=tmp_path / "cache")
     assert seen and max(seen) == 32 and sum(seen) == 6 * 40  # every position once, 32 at a time
