@@ -180,10 +180,13 @@ def encode_topk_values(
 
 def add_base(codes: np.ndarray, base: np.ndarray, lengths: np.ndarray, *, where: str) -> np.ndarray:
     """``abs8``: stored codes + each position's base code -> the absolute uint8 codes a reader decodes."""
-    out = codes.astype(np.uint16) + np.repeat(base, lengths.astype(np.int64))
-    if out.size and int(out.max()) > VALUE_LEVELS:
+    if lengths.size and codes.size == lengths.size * int(lengths[0]) and np.all(lengths == lengths[0]):
+        out = (codes.reshape(lengths.size, -1) + base[:, None]).reshape(-1)  # fixed k: a broadcast, no repeat
+    else:
+        out = codes + np.repeat(base, lengths.astype(np.int64))
+    if out.size and np.any(out < codes):  # uint8 arithmetic wrapped: base + code > 255
         raise CacheFormatError(f"{where}: topk_codes + topk_code_base exceed {VALUE_LEVELS}")
-    return out.astype(np.uint8)
+    return out
 
 
 def check_fine_codes(codes: np.ndarray, lengths: np.ndarray, *, where: str) -> None:
