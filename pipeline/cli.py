@@ -128,6 +128,22 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from kdcache.cache.build import cache_corpus
 
+    if "://" in f"{args.cache_root} {args.out or ''}":  # an fsspec URL: build in --scratch, publish there
+        from kdcache.cache.remote import cache_corpus_to_url
+
+        print(
+            cache_corpus_to_url(
+                config_from_args(TeacherConfig, args, path=args.teacher),
+                config_from_args(CacheConfig, args),
+                tokens_dir=args.tokens,
+                url=args.out or args.cache_root,
+                scratch=args.scratch,
+                content_named=args.out is None,
+                progress=show_progress(),
+                overwrite=args.overwrite,
+            )
+        )
+        return
     out = cache_corpus(
         config_from_args(TeacherConfig, args, path=args.teacher),
         config_from_args(CacheConfig, args),
@@ -317,7 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
         "CACHE_ROOT/<teacher sha>-<corpus sha>-<split>-<targets>, named by content so that the same "
         "inputs and settings always give the same name",
     )
-    sp.add_argument("--cache-root", default="cache", metavar="DIR", help="parent of the default --out (default: cache)")
+    sp.add_argument(
+        "--cache-root",
+        default="cache",
+        metavar="DIR",
+        help="parent of the default --out (default: cache); --out or --cache-root may be an fsspec URL (s3://, gs://, "
+        "memory://, file://): the cache is built in --scratch, resumed from the URL's shards and published there, "
+        "manifest last (kdcache.cache.remote)",
+    )
+    sp.add_argument(
+        "--scratch",
+        default="cache/scratch",
+        metavar="DIR",
+        help="local directory a cache for a URL is built in (default: cache/scratch)",
+    )
     sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_config_flags(sp, TeacherConfig, skip=("path",))
     add_config_flags(sp, CacheConfig)
