@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kdcache.cache.prefetch import Prefetcher
 from kdcache.cache.reader import open_cache
+from kdcache.cache.staging import staging_size
 from kdcache.config.train import TrainConfig
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.losses import TARGET_KEYS
@@ -81,12 +82,14 @@ def tokens_per_s(make_batches, *, min_seconds: float) -> tuple[float, float]:
     return tokens / wall, tokens / used
 
 
-def loader_rates(cache: Path, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+def loader_rates(cache: Path, args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], float]:
+    """(tokens/s per loader, staged bytes / Parquet bytes once every shard is staged)."""
     rates = {}
     with open_cache(cache) as reader:
         rates["1 thread"] = tokens_per_s(
             lambda e: reader.batches(args.batch_size, seed=0, epoch=e, keys=KEYS), min_seconds=args.seconds
         )
+        staged = staging_size(reader.staging_dir)[1] / sum(s.bytes for s in reader.meta.shards)
 
         def prefetched(e: int) -> Prefetcher:
             return Prefetcher(reader.batches(args.batch_size, seed=0, epoch=e, keys=KEYS), depth=4)
@@ -97,7 +100,7 @@ def loader_rates(cache: Path, args: argparse.Namespace) -> dict[str, tuple[float
                 lambda e, n=n: reader.batches(args.batch_size, seed=0, epoch=e, keys=KEYS, workers=n),
                 min_seconds=args.seconds,
             )
-    return rates
+    return rates, staged
 
 
 def trainer_stall(tmp: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -143,12 +146,14 @@ def main() -> None:
             seq_len=args.seq_len,
             rows_per_shard=128,
         )
-        rates = loader_rates(cache, args)
+        rates, staged = loader_rates(cache, args)
         stall = trainer_stall(Path(tmp), args) if args.train_steps else {}
-    report(args, rates, stall)
+    report(args, rates, stall, staged)
 
 
-def report(args: argparse.Namespace, rates: dict[str, tuple[float, float]], stall: dict[str, float]) -> None:
+def report(
+    args: argparse.Namespace, rates: dict[str, tuple[float, float]], stall: dict[str, float], staged: float
+) -> None:
     result = {
         "command": "python " + " ".join(sys.argv),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -161,6 +166,7 @@ def report(args: argparse.Namespace, rates: dict[str, tuple[float, float]], stal
         "tokens_per_s": {name: wall for name, (wall, _) in rates.items()},
         "tokens_per_cpu_s": {name: cpu for name, (_, cpu) in rates.items()},
         "trainer_stall": stall,
+        "staged_over_parquet": staged,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -177,6 +183,7 @@ def report(args: argparse.Namespace, rates: dict[str, tuple[float, float]], stal
             f"{stall['trainer_tokens_per_s']:,.0f} tokens/s, waited {stall['data_wait_s_total']:.3f} s of "
             f"{stall['step_s_total']:.1f} s for batches (stall {100 * stall['stall_fraction']:.2f}%)"
         )
+    print(f"\nstaged copies: {staged:.2f}x the Parquet bytes")
     print(f"\nwrote {args.out}")
 
 
