@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdcache import __version__
+from kdcache.cli_tools import add_tool_commands
 from kdcache.config.base import ConfigError, load_params, load_section
 from kdcache.config.cache import CacheConfig
 from kdcache.config.corpus import CorpusConfig
@@ -76,7 +77,7 @@ def add_config_flags(
         kwargs: dict[str, Any] = {
             "dest": f"{cls.__name__}.{f.name}",
             "default": argparse.SUPPRESS,
-            "help": f"{docs.get(f.name, '')} (default: {default!r})",
+            "help": f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"),  # argparse formats help
         }
         hint = hints[f.name]
         origin = typing.get_origin(hint)
@@ -231,37 +232,6 @@ def cmd_report(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
         )
     )
-
-
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from kdcache.cache.describe import describe_manifest
-    from kdcache.cache.format import Manifest
-
-    manifest = Manifest.load(args.cache)
-    if args.json:
-        print(
-            json.dumps(
-                {k: v for k, v in dataclasses.asdict(manifest).items() if k != "shards"}
-                | {"num_shards": len(manifest.shards), "total_bytes": sum(s.bytes for s in manifest.shards)},
-                indent=2,
-            )
-        )
-    else:
-        print(describe_manifest(manifest, cache_dir=Path(args.cache)))
-
-
-def cmd_verify(args: argparse.Namespace) -> None:
-    from kdcache.cache.verify import verify_cache
-
-    problems = verify_cache(args.cache)
-    for p in problems:
-        print(f"BAD {p}")
-    if problems:
-        raise ValueError(
-            f"{args.cache}: {len(problems)} problem(s) found; do not train on this cache — "
-            "fix or rebuild the listed files (rerun the cache stage) or pull the cache again"
-        )
-    print(f"OK {args.cache}: the manifest's counts add up; every shard and tokenizer file matches it; nothing unlisted")
 
 
 def _student_config(spec: str) -> StudentConfig:
@@ -433,16 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="report", metavar="DIR", help="output report directory (default: report)")
     sp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
-    sp = command("inspect", cmd_inspect, "Summarize a cache's manifest: teacher, tokenizer, corpus, targets, size.")
-    sp.add_argument("cache", metavar="DIR")
-    sp.add_argument("--json", action="store_true", help="print the manifest (without the shard list) as JSON")
-    sp = command(
-        "verify",
-        cmd_verify,
-        "Check the whole cache: the manifest's counts, every shard's size, sha256, footer and contents, the "
-        "tokenizer files' sha256, and that no unlisted file sits in it.",
-    )
-    sp.add_argument("cache", metavar="DIR")
+    add_tool_commands(sub, OVERWRITE_HELP)  # inspect, verify, retokenize (kdcache.cli_tools)
     add_interop_commands(sub)  # export, import (kdcache.interop owns them)
     return p
 

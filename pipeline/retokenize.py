@@ -55,8 +55,15 @@ def retokenize_split(
     row by row by ``tokenizer`` (:func:`retokenize_rows`), written to ``out_dir`` (``documents`` packing
     with the tokenizer's pad id; ``retokenized_from`` names the lead's splits). ``seq_len`` 0: the longest
     of the first 256 train rows + 5% (``kdcache.crosstok.student_row_length``). Returns the manifest."""
-    aligner = Aligner(lead_tokenizer, tokenizer)
     lead = {name: open_tokens(tokens_dir, name) for name in splits}
+    made_by = next(iter(lead.values())).tokenizer_fingerprint
+    if tokenizer_fingerprint(lead_tokenizer) != made_by:
+        raise ValueError(
+            f"{tokens_dir}: this token data was not made by the given lead tokenizer (fingerprint "
+            f"{made_by[:12]}…, the lead tokenizer's {tokenizer_fingerprint(lead_tokenizer)[:12]}…); pass the "
+            "tokenizer of the teacher whose cache the rows come from (the one `kdcache prepare` used)"
+        )
+    aligner = Aligner(lead_tokenizer, tokenizer)
     packing = packing_of(next(iter(lead.values())).manifest)
     if not seq_len:
         first = np.asarray(lead[splits[0]].ids[:256], np.int64)
@@ -79,7 +86,7 @@ def retokenize_split(
         },
         "retokenized_from": {
             "path": str(tokens_dir),
-            "tokenizer_fingerprint": next(iter(lead.values())).tokenizer_fingerprint,
+            "tokenizer_fingerprint": made_by,
             "splits": {name: t.fingerprint for name, t in lead.items()},
             "cut": {name: counts for name, (_, counts) in rows.items()},
         },

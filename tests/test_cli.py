@@ -12,7 +12,7 @@ import pytest
 from kdcache.cli import build_parser, field_docs, main
 from kdcache.config.cache import CacheConfig
 
-COMMANDS = ["demo-teacher", "prepare", "cache", "train", "evaluate", "inspect", "verify"]
+COMMANDS = ["demo-teacher", "prepare", "cache", "train", "evaluate", "inspect", "verify", "retokenize"]
 
 
 def _kdcache(*args: str) -> subprocess.CompletedProcess:

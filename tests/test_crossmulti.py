@@ -275,3 +275,23 @@ def _segments(ids: list[int], spelled: list[bytes]) -> list[bytes]:
         else:
             out.append(b"")
     return out
+
+
+def test_kdcache_retokenize_writes_the_same_token_data_and_refuses_a_wrong_lead_tokenizer(
+    world: dict, tmp_path
+) -> None:
+    from kdcache.cli import main
+
+    root = world["root"]
+    for name in ("a", "b"):
+        assert (root / f"teacher-{name}" / "tokenizer.json").is_file()
+    argv = ["retokenize", "--tokens", str(root / "tokens-a"), "--tokenizer", str(root / "teacher-b")]
+    assert (
+        main([*argv, "--lead-tokenizer", str(root / "teacher-a"), "--out", str(tmp_path / "b"), "--splits", "train"])
+        == 0
+    )
+    assert np.array_equal(open_tokens(tmp_path / "b", "train").ids, open_tokens(root / "tokens-b", "train").ids)
+    wrong = main(
+        [*argv, "--lead-tokenizer", str(root / "teacher-b"), "--out", str(tmp_path / "c"), "--splits", "train"]
+    )
+    assert wrong == 1 and not (tmp_path / "c" / "manifest.json").exists()
