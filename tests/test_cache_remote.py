@@ -49,6 +49,7 @@ def test_a_cache_built_to_a_url_equals_the_local_build_and_reads_back(world, tmp
     for shard in Manifest.load(local).shards:  # byte-identical shards, listed with the same sha256
         assert published[shard.file] == (local / shard.file).read_bytes()
     assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in Manifest.load(local).shards]
+    assert not list((tmp_path / "scratch" / name).glob("shard-*")), "uploaded shards stay in scratch"
     back = fetch_cache(f"{url}/{name}", tmp_path / "fetched")
     with open_cache(back, staging_dir=tmp_path / "st1") as a, open_cache(local, staging_dir=tmp_path / "st2") as b:
         for i in (0, 11):
@@ -80,6 +81,7 @@ def test_a_rerun_resumes_from_the_shards_the_url_holds(world, tmp_path, caplog):
     assert "resumed 1 shard(s)" in caplog.text and "3 shards, 1 already done" in caplog.text
     assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in Manifest.load(local).shards]
     assert remote.manifest().shards == manifest.shards
+    assert sorted(p.name for p in (tmp_path / "s" / name).glob("shard-*")) == ["shard-00001.parquet"]  # resumed
 
 
 def test_urls_are_told_from_paths_and_an_unknown_scheme_is_refused_naming_it():

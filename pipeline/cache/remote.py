@@ -1,16 +1,17 @@
 """Caches at an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``, ...) instead of local disk + ``dvc push``.
 
 A cache is built where it always is -- a local directory, with its lock, ``.tmp`` files and fsync'd renames
-(``build``, ``writer``) -- and published to the URL with the same semantics as on disk: every file is put
-under a temporary name and moved to its final one (an object store's copy is atomic per object), the
-manifest last, so a reader of the URL sees either the previous cache or the whole new one, never a manifest
-naming a missing shard. A rerun resumes from what the URL holds: its finished shards are fetched into the
-local directory first (the build checks each one's build key in its footer and refuses shards of another
-cache), so only missing shards are scored, and a publish skips files the URL already holds with the
-manifest's sha256. ``fetch_cache`` copies a published cache to local disk for ``open_cache``.
+(``build``, ``writer``) -- and published to the URL with the same semantics as on disk: each shard is uploaded
+as soon as it is renamed into place and its local copy deleted (``ShardUploader``); every file is put under a
+temporary name and moved to its final one (an object store's copy is atomic per object); the manifest goes
+last, so a reader of the URL sees either the previous cache or the whole new one, never a manifest naming a
+missing shard. A rerun resumes from what the URL holds: its finished shards are fetched into the local
+directory first (the build checks each one's build key in its footer and refuses shards of another cache), so
+only missing shards are scored, and a publish skips shards the URL already holds with the manifest's sha256.
+``fetch_cache`` copies a published cache to local disk for ``open_cache``.
 
-Not here: uploading each shard as soon as it is written (the local directory holds the whole cache until it is
-published), and a lock on the URL (two jobs publishing the same URL at once are not refused).
+Not here: a lock on the URL (two jobs publishing the same URL at once are not refused), and torchrun (one
+process builds and publishes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +113,18 @@ def pull_shards(remote: RemoteCache, out: Path) -> list[str]:
     return pulled
 
 
-def publish_cache(out: Path, remote: RemoteCache) -> Manifest:
+def publish_cache(out: Path, remote: RemoteCache, *, uploaded: frozenset[str] = frozenset()) -> Manifest:
     """Upload the sealed local cache ``out`` to ``remote``: shards the URL lacks (or holds with another sha256
-    than its manifest's), the tokenizer and projection files, then the manifest, last."""
+    than its manifest's) unless ``uploaded`` during the build, the tokenizer and projection files, then the
+    manifest, last."""
     manifest = Manifest.load(out)
     published = remote.manifest()
     have = {s.file: s.sha256 for s in published.shards} if published else {}
     names = remote.names()
-    for name in sorted(n for n in names if n.endswith(".tmp")):  # left by a killed publish
+    for name in sorted(n for n in names if n.endswith(".tmp") and n[: -len(".tmp")] not in uploaded):  # killed
         remote.fs.rm(remote.path(name))
     for shard in manifest.shards:
-        if have.get(shard.file) != shard.sha256 or shard.file not in names:
+        if shard.file not in uploaded and (have.get(shard.file) != shard.sha256 or shard.file not in names):
             remote.put(out / shard.file, shard.file)
     extras = sorted((out / TOKENIZER_DIR).iterdir()) if (out / TOKENIZER_DIR).is_dir() else []
     extras += [out / PROJECTION_FILE] if (out / PROJECTION_FILE).exists() else []
@@ -131,6 +134,48 @@ def publish_cache(out: Path, remote: RemoteCache) -> Manifest:
     remote.put(out / MANIFEST_NAME, MANIFEST_NAME)
     log.info("cache %s published to %s: %d shards, manifest last", out, remote.url, len(manifest.shards))
     return manifest
+
+
+class ShardUploader:
+    """While a build runs, upload each shard as soon as the writer renames it into ``out`` (complete by then), and
+    delete the local copy: the writer keeps the shard's size, sha256 and statistics for the manifest (``seal``),
+    so the scratch directory holds the shards being written, not the cache. ``keep``: shards that were there
+    before the build (resumed; ``seal`` reads them from disk), left for ``publish_cache``."""
+
+    def __init__(self, out: Path, remote: RemoteCache, *, keep: set[str], interval_s: float = 0.2) -> None:
+        self.out, self.remote, self.keep, self.interval_s = out, remote, keep, interval_s
+        self.uploaded: set[str] = set()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdcache-shard-uploader", daemon=True)
+
+    def __enter__(self) -> ShardUploader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                stopping = self._stop.wait(self.interval_s)
+                self._scan()  # once more after the build: the last shard
+                if stopping:
+                    return
+        except BaseException as e:  # the build goes on; __exit__ re-raises, the rerun pulls what was uploaded
+            self._error = e
+
+    def _scan(self) -> None:
+        for path in sorted(self.out.glob("shard-*.parquet")):
+            name = path.name
+            if SHARD_PATTERN.match(name) and name not in self.keep and name not in self.uploaded:
+                self.remote.put(path, name)
+                self.uploaded.add(name)
+                path.unlink()
 
 
 def fetch_cache(url: str, out: Path, storage_options: dict[str, Any] | None = None) -> Path:
@@ -178,18 +223,20 @@ def cache_to_url(
     remote = RemoteCache(f"{url.rstrip('/')}/{local.name}" if content_named else url, storage_options)
     claim_output_dir(local, kind=CACHE_KIND, legacy=is_cache_dir, overwrite=overwrite)  # before pulling into it
     pull_shards(remote, local)
-    manifest = build_cache(
-        teacher,
-        tokens,
-        cfg,
-        out_dir=None if content_named else local,
-        cache_root=scratch,
-        progress=progress,
-        overwrite=overwrite,
-    )
+    keep = {p.name for p in local.glob("shard-*.parquet")}
+    with ShardUploader(local, remote, keep=keep) as uploader:
+        manifest = build_cache(
+            teacher,
+            tokens,
+            cfg,
+            out_dir=None if content_named else local,
+            cache_root=scratch,
+            progress=progress,
+            overwrite=overwrite,
+        )
     if manifest is None:  # one process scores every shard: only an error stops it short
         raise CacheWriteError(f"{local}: the build left shards missing; rerun it")
-    publish_cache(local, remote)
+    publish_cache(local, remote, uploaded=frozenset(uploader.uploaded))
     return manifest
 
 
