@@ -34,9 +34,9 @@ class CacheConfig:
     e.g. [2.0, 4.0]."""
     value_encoding: Literal["abs8", "rel8", "log32"] = "abs8"
     """How top-k log-probs are stored (cache/README.md "Value encodings"; bench/results/value_codes.md). ``abs8``:
-    one byte per entry, uniform in p ** (1/4) -- the smallest (top-64: 0.40x int32 ids + fp16 values) at KL
+    one byte per entry, uniform in p ** (1/4) -- the smallest (top-64: 0.37x int32 ids + fp16 values) at KL
     error ~5e-5 nats (it grows with top_k: 7e-5 at 128; prefer rel8 above that); ``rel8``: format 2.0's first
-    code, uniform in (p / p_max) ** (1/3) (KL ~1e-5, +14 B/token at top-64); ``log32``: 1/4096-nat steps, for
+    code, uniform in (p / p_max) ** (1/3) (KL ~1e-5, +16 B/token at top-64); ``log32``: 1/4096-nat steps, for
     re-tempering (``temperatures``, ``train.temperature``) within 0.1% of the dense teacher at tau >= tau0 / 2,
     at about twice abs8's bytes. Top-k caches only."""
     batch_size: int = 8
