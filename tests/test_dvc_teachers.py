@@ -5,7 +5,7 @@ default): each entry becomes a stage `cache_teacher@NAME` caching that teacher i
 `<paths.teacher_caches>/NAME`, and the train stages depend on that whole directory (`teacher_caches` writes its
 index, so it exists with no extra teacher). Here: no stage by default; one extra teacher and `train.caches`
 listing both caches give a `dvc repro train` that builds the extra cache first and trains from both; a changed
-extra teacher reruns its own cache stage only.
+extra teacher reruns its own cache stage only. (Five dvc calls, two stages that load torch: ~30 CPU-seconds.)
 """
 
 from __future__ import annotations
@@ -78,16 +78,13 @@ def work(tmp_path: Path) -> Path:
     teacher_b = work / "models" / "teacher-b"
     tiny_llama(VOCAB, max_positions=SEQ, seed=5).save_pretrained(teacher_b)
     word_tokenizer(VOCAB).save_pretrained(teacher_b)
-    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], [*DVC, "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True, capture_output=True)
+    _dvc(work, "init", "-q")
     return work
 
 
 def test_an_extra_teacher_in_params_yaml_is_cached_by_its_own_stage_and_trained_from(work: Path) -> None:
-    assert _dvc(work, "stage", "list", "--name-only").split() == ["teacher_caches", "train"]  # default: none
-    _dvc(work, "repro", "teacher_caches")  # no extra teacher: just the (empty) index
-    assert json.loads((work / "cache" / "teachers" / "teachers.json").read_text()) == {}
-    assert set(json.loads(_dvc(work, "status", "--json"))) == {"train"}  # never run; its deps all there
+    assert set(json.loads(_dvc(work, "status", "--json"))) == {"teacher_caches", "train"}  # default: no extra teacher
 
     _edit_params(
         work,
@@ -97,7 +94,6 @@ def test_an_extra_teacher_in_params_yaml_is_cached_by_its_own_stage_and_trained_
             "caches": [{"path": "cache/demo", "weight": 0.5}, {"path": "cache/teachers/teacher-b", "weight": 0.5}],
         },
     )
-    assert "cache_teacher@teacher-b" in _dvc(work, "stage", "list", "--name-only").split()
     ran = _dvc(work, "repro", "train")
     assert re.findall(r"Running stage '([^']+)'", ran) == ["teacher_caches", "cache_teacher@teacher-b", "train"]
     # (run in that order: train depends on the directory holding both stages' outputs)
