@@ -14,6 +14,13 @@ several documents per row with block-diagonal attention masks because every fami
 and every student take plain causal rows, and a masked pad costs only compute (on average half a
 row per document); ``stream`` packs without padding when documents are long or boundaries do
 not matter.
+
+``corpus.context_field`` (context distillation, ``kdcache.teacher_context``) names a column holding each
+document's teacher-only context. Prepare stores the distinct contexts once, tokenized as the teacher sees
+them (the tokenizer's leading special tokens, then the text's ids; an empty context is no tokens), and each
+row's context index (``kdcache.token_data``); a row never mixes documents of different contexts: packing
+restarts where the context changes (``stream`` packs the documents sorted by context, so each context's
+incomplete last row is dropped). The cache stage runs the teacher on ``[context; row]``.
 """
 
 from __future__ import annotations
@@ -82,6 +89,11 @@ def _load(builder: str, files: list[Path], **kwargs: Any) -> datasets.Dataset:
 
 def _read_text_files(files: list[Path], cfg: CorpusConfig) -> datasets.Dataset:
     """One document per file (universal newlines, like ``open()`` in text mode)."""
+    if cfg.context_field:
+        raise CorpusError(
+            f"{files[0]}: a text file holds no corpus.context_field={cfg.context_field!r} column — use JSON Lines or "
+            "Parquet documents with that field, or set corpus.context_field: null"
+        )
     if cfg.errors == "strict":
         for path in files:
             check_utf8(path)
@@ -117,10 +129,27 @@ def _read_table_file(path: Path, kind: str, cfg: CorpusConfig) -> datasets.Datas
     feature = ds.features[field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise CorpusError(f"{path}: column corpus.text_field={field!r} holds {feature}, not text")
-    ds = ds.select_columns([field])
+    if cfg.context_field:
+        _check_context_column(ds, path, cfg.context_field)
+    ds = ds.select_columns([field, *([cfg.context_field] if cfg.context_field else [])])
     if field != "text":
         ds = ds.rename_column(field, "text")
+    if cfg.context_field:
+        ds = ds.rename_column(cfg.context_field, "context")
     return ds.add_column("source", [str(path)] * len(ds))
+
+
+def _check_context_column(ds: datasets.Dataset, path: Path, field: str) -> None:
+    """Refuse a file without a text column ``field`` or with a document lacking it (missing or null)."""
+    how = "give every document this field ('' for no context), or set corpus.context_field: null"
+    if field not in ds.column_names:
+        raise CorpusError(f"{path}: no column corpus.context_field={field!r} (columns {ds.column_names}) — {how}")
+    feature = ds.features[field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise CorpusError(f"{path}: column corpus.context_field={field!r} holds {feature}, not text — {how}")
+    missing = next((i for i, c in enumerate(ds[field]) if c is None), None)
+    if missing is not None:
+        raise CorpusError(f"{path}: document {missing} (row order) has no corpus.context_field={field!r} — {how}")
 
 
 def _is_nonempty(batch: dict[str, list]) -> list[bool]:
@@ -276,31 +305,83 @@ def tokenize_and_pack(
     rows exist (0 = all). No row at all raises ``CorpusError`` unless ``allow_empty`` (then the
     result is ``(0, seq_len)``).
     """
+    return _tokenize_pack(
+        ds,
+        tokenizer,
+        seq_len=seq_len,
+        packing=packing,
+        max_sequences=max_sequences,
+        allow_empty=allow_empty,
+        seq_len_key=seq_len_key,
+        progress=progress,
+    )[0]
+
+
+def _tokenize_pack(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    packing: str,
+    max_sequences: int = 0,
+    allow_empty: bool = False,
+    seq_len_key: str = "prepare.seq_len",
+    progress: bool = False,
+    contexts: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenize_and_pack`` -> (rows (N, seq_len) int32, their contexts (N,) int32). ``contexts`` (D,): each
+    document's context index (None: all 0); packing restarts with a new packer where the context changes."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("tokenizer has no EOS token; documents cannot be separated — set eos_token")
     prefix, suffix = special_tokens_around(tokenizer)
     end = suffix if suffix[-1:] == [eos] else [*suffix, eos]
-    packer = row_packer(packing, seq_len=seq_len, pad_id=pad_id_for(tokenizer))
+    packers: list[tuple[Any, int]] = []  # (packer, context) per run of documents sharing a context
+    done, doc = 0, 0  # rows of the finished packers, documents read
     n_tokens, at_start = 0, True
     bar = tqdm(total=len(ds), desc="tokenize", unit="doc", disable=not progress)
     for texts, ends in _text_batches(ds):
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         for piece, is_end in zip(ids, ends.tolist(), strict=True):
+            context = int(contexts[doc]) if contexts is not None else 0
+            if at_start and (not packers or packers[-1][1] != context):
+                done += packers[-1][0].count if packers else 0
+                packers.append((row_packer(packing, seq_len=seq_len, pad_id=pad_id_for(tokenizer)), context))
             flat = np.fromiter(chain(prefix if at_start else (), piece, end if is_end else ()), dtype=np.int32)
             n_tokens += flat.size
-            packer.add(flat, document_end=is_end)
-            at_start = is_end
+            packers[-1][0].add(flat, document_end=is_end)
+            at_start, doc = is_end, doc + is_end
         bar.update(int(ends.sum()))
-        if max_sequences and packer.count >= max_sequences:
+        if max_sequences and done + packers[-1][0].count >= max_sequences:
             break
     bar.close()
-    rows = packer.rows(max_sequences)
+    parts = [p.rows() for p, _ in packers]
+    rows = np.concatenate(parts) if parts else np.zeros((0, seq_len), dtype=np.int32)  # (N, T)
+    row_contexts = np.repeat(np.array([c for _, c in packers], np.int32), [len(r) for r in parts])  # (N,)
+    if max_sequences:
+        rows, row_contexts = rows[:max_sequences], row_contexts[:max_sequences]
     if len(rows) == 0 and not allow_empty:
         raise CorpusError(
             f"corpus yields {n_tokens} tokens, fewer than {seq_len_key}={seq_len}; add text or lower seq_len"
         )
-    return rows
+    return rows, row_contexts
+
+
+def _document_contexts(
+    splits: dict[str, datasets.Dataset], tokenizer: Any
+) -> tuple[list[tuple[int, ...]], list[str], dict[str, np.ndarray]]:
+    """The distinct contexts (in order of first appearance) as the teacher sees them — the tokenizer's leading
+    special tokens then the text's ids, no tokens for an empty one — their texts, each split's (D,) index."""
+    index: dict[str, int] = {}
+    per_split = {
+        name: np.array([index.setdefault(c, len(index)) for c in ds["context"]], dtype=np.int32)
+        for name, ds in splits.items()
+    }
+    texts = list(index)
+    prefix, _ = special_tokens_around(tokenizer)
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    table = [tuple(int(i) for i in (*prefix, *t)) if x.strip() else () for x, t in zip(texts, ids, strict=True)]
+    return table, texts, per_split
 
 
 def prepare_tokens(
@@ -320,8 +401,14 @@ def prepare_tokens(
     docs = read_documents(corpus_cfg, progress=progress)
     splits = split_documents(docs, val_fraction=corpus_cfg.val_fraction)
     caps = {"train": prepare_cfg.max_train_sequences, "val": prepare_cfg.max_val_sequences}
-    packed = {
-        name: tokenize_and_pack(
+    contexts = _document_contexts(splits, tokenizer) if corpus_cfg.context_field else None
+    packed, row_contexts = {}, {}
+    for name, ds in splits.items():
+        doc_contexts = contexts[2][name] if contexts else None  # (D,)
+        if doc_contexts is not None and prepare_cfg.packing == "stream":  # each context's documents together
+            order = np.argsort(doc_contexts, kind="stable")
+            ds, doc_contexts = ds.select(order, keep_in_memory=True), doc_contexts[order]
+        packed[name], row_contexts[name] = _tokenize_pack(
             ds,
             tokenizer,
             seq_len=prepare_cfg.seq_len,
@@ -329,9 +416,8 @@ def prepare_tokens(
             max_sequences=caps[name],
             allow_empty=name == "val",
             progress=progress,
+            contexts=doc_contexts,
         )
-        for name, ds in splits.items()
-    }
     if len(packed["val"]) == 0:
         raise CorpusError(
             f"val split ({len(splits['val'])} documents) has no full sequence of "
@@ -357,4 +443,5 @@ def prepare_tokens(
         vocab_size=tokenizer_vocab_size(tokenizer),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         meta=meta,
+        contexts=(corpus_cfg.context_field, contexts[0], contexts[1], row_contexts) if contexts else None,
     )

@@ -321,9 +321,31 @@ def teacher_hidden(teacher: Teacher, input_ids: torch.Tensor) -> torch.Tensor:
         return _hidden(teacher.model, input_ids.to(teacher.device, non_blocking=True), where=teacher.info["path"])
 
 
-def context_hidden(teacher: Teacher, input_ids: torch.Tensor, context: tuple[int, ...] = ()) -> torch.Tensor:
+def context_hidden(
+    teacher: Teacher, input_ids: torch.Tensor, context: tuple[int, ...] | list[tuple[int, ...]] = ()
+) -> torch.Tensor:
     """``teacher_hidden`` of ``[context; row]`` for each row, cut to the rows' positions: (B, T, H), position t
-    the state after row[: t + 1] given the context (``kdcache.teacher_context``). Empty context: ``teacher_hidden``."""
+    the state after row[: t + 1] given the context (``kdcache.teacher_context``). Empty context: ``teacher_hidden``.
+
+    ``context`` a list: each row's own context (``corpus.context_field``). Rows whose contexts have the same
+    length run in one forward (no padding: each row's result is its own plain forward's), one forward per length.
+    """
+    if isinstance(context, list) and context:
+        lengths = [len(c) for c in context]
+        if len(set(lengths)) > 1:
+            out: torch.Tensor | None = None
+            for n in sorted(set(lengths)):
+                rows = [i for i, length in enumerate(lengths) if length == n]
+                part = context_hidden(teacher, input_ids[rows], [context[i] for i in rows])  # (b, T, H)
+                with torch.inference_mode():
+                    if out is None:
+                        out = part.new_empty((input_ids.shape[0], *part.shape[1:]))  # (B, T, H)
+                    out[torch.tensor(rows, device=out.device)] = part
+            return out
+        if not lengths[0]:
+            return teacher_hidden(teacher, input_ids)
+        prefix = torch.tensor(context, dtype=input_ids.dtype)  # (B, C) the rows' own contexts
+        return teacher_hidden(teacher, torch.cat([prefix, input_ids], dim=1))[:, lengths[0] :]  # (B, T, H)
     if not context:
         return teacher_hidden(teacher, input_ids)
     prefix = torch.tensor(context, dtype=input_ids.dtype).expand(input_ids.shape[0], -1)  # (B, C)

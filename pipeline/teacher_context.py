@@ -9,6 +9,11 @@ context and row[: t + 1]. The student trains on the rows alone, so it learns to 
 The manifest records ``corpus.teacher_context`` = {sha256 of the text's UTF-8 bytes (for a file:
 ``sha256sum FILE``), num_tokens, source}; it is part of the cache's identity (build key, resume check and
 content-derived name), so a cache is never resumed or reused under another context.
+
+A per-document context instead (``corpus.context_field``): prepare stores each row's context with the token
+data (``kdcache.token_data.RowContexts``); the teacher runs on ``[that row's context; row]`` and the manifest's
+``corpus.teacher_context`` is {source: "field:<name>", sha256 over the contexts and the rows' context indices,
+num_tokens (the longest context's), num_contexts} (``cache_context``), with the same role in the cache's identity.
 """
 
 from __future__ import annotations
@@ -68,6 +73,38 @@ def context_text(value: str, *, field: str = FIELD) -> tuple[str, bytes, str] | 
     return text, data, source
 
 
+def cache_context(cfg: Any, teacher: Any, tokens: Any) -> TeacherContext | None:
+    """The cache build's teacher context for ``tokens`` (a ``kdcache.token_data.TokenSplit``) under ``cfg`` (a
+    ``CacheConfig``): the fixed ``cache.teacher_context``, or the token data's per-row contexts
+    (``corpus.context_field``: ``ids`` empty, the rows' own contexts are ``tokens.contexts``), or None."""
+    rows = getattr(tokens, "contexts", None)
+    if rows is None:
+        return load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    source = f"token data {tokens.path} (corpus.context_field={rows.record['source'][len('field:') :]!r})"
+    if cfg.teacher_context:
+        raise TeacherContextError(
+            f"{FIELD} is set but {source} gives each document its own context — set one of them: "
+            "cache.teacher_context: '' or corpus.context_field: null (then rerun prepare)"
+        )
+    if cfg.hidden_layers:
+        raise TeacherContextError(
+            f"cache.hidden_layers with per-document contexts ({source}) is not supported — set cache.hidden_layers: []"
+        )
+    limit = _max_positions(teacher)
+    if isinstance(limit, int) and rows.record["num_tokens"] + tokens.seq_len > limit:
+        raise TeacherContextError(
+            f"{source}: its longest context ({rows.record['num_tokens']} tokens) + rows of {tokens.seq_len} exceed "
+            f"the teacher's max_position_embeddings {limit} — shorten the contexts or lower prepare.seq_len"
+        )
+    return TeacherContext(ids=(), text="", record=dict(rows.record))
+
+
+def _max_positions(teacher: Any) -> int | None:
+    config = teacher.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
 def load_teacher_context(value: str, teacher: Any, *, seq_len: int, field: str = FIELD) -> TeacherContext | None:
     """Tokenize the context for ``teacher`` (a ``kdcache.teacher.Teacher``); None when ``value`` is empty.
 
@@ -81,9 +118,7 @@ def load_teacher_context(value: str, teacher: Any, *, seq_len: int, field: str =
     tok = teacher.tokenizer
     prefix, _ = special_tokens_around(tok)
     ids = (*prefix, *tok(text, add_special_tokens=False, verbose=False)["input_ids"])
-    config = teacher.model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
+    limit = _max_positions(teacher)
     if isinstance(limit, int) and len(ids) + seq_len > limit:
         raise TeacherContextError(
             f"{field}: {len(ids)} context tokens + rows of {seq_len} exceed the teacher's max_position_embeddings "

@@ -2,10 +2,16 @@
 
 ``<dir>/<split>.arrow`` holds one column ``input_ids: fixed_size_list<int32>[seq_len]``, a row per
 packed sequence; it is memory-mapped on open, so a split of any size costs no RAM.
+
+Per-document teacher contexts (``corpus.context_field``, ``kdcache.corpus``): ``contexts.arrow`` holds the
+distinct contexts once (``ids: list<int32>`` as the teacher sees them, ``text``), each split's file a second
+column ``context_index: int32`` (the row's context), and the manifest ``contexts`` = {field, file, num_contexts}
+plus per split ``splits.<name>.contexts`` = {sha256, num_contexts, max_tokens} (``RowContexts.record``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +27,36 @@ from kdcache.outputs import claim_output_dir
 TOKENS_FORMAT = "kdcache-tokens"
 TOKENS_VERSION = 1
 MANIFEST = "manifest.json"
+CONTEXTS_FILE = "contexts.arrow"
 OUTPUT_KIND = "tokens"
 """The marker kind of a token directory (``kdcache.files``)."""
 
 
 class TokenDataError(ValueError):
     """Token data is missing, malformed or does not match what the caller expects."""
+
+
+@dataclass(frozen=True)
+class RowContexts:
+    """Each row's teacher-only context (``corpus.context_field``): ``table[index[row]]`` are its token ids."""
+
+    index: np.ndarray  # (N,) int32, read-only view of the mapped split file
+    table: tuple[tuple[int, ...], ...]  # the distinct contexts' ids
+    record: dict[str, Any]  # {source: "field:<name>", sha256, num_tokens (the longest), num_contexts}: provenance
+
+    def for_rows(self, seqs: np.ndarray) -> list[tuple[int, ...]]:
+        """The contexts of rows ``seqs``, one per row."""
+        return [self.table[i] for i in self.index[seqs].tolist()]
+
+
+def contexts_sha256(table: list[tuple[int, ...]] | tuple[tuple[int, ...], ...], index: np.ndarray) -> str:
+    """sha256 over the contexts' ids (each length-prefixed, int32 little-endian) then the rows' context indices:
+    the same for the same contexts in the same rows, whatever else the table holds."""
+    h = hashlib.sha256()
+    for ids in table:
+        h.update(np.int64(len(ids)).astype("<i8").tobytes() + np.asarray(ids, dtype="<i4").tobytes())
+    h.update(np.asarray(index, dtype="<i4").tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,7 @@ class TokenSplit:
     tokenizer_fingerprint: str
     manifest: dict[str, Any]
     path: Path | None = None  # the token directory
+    contexts: RowContexts | None = None  # per-document teacher contexts (corpus.context_field), else None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -53,8 +84,12 @@ def write_tokens(
     vocab_size: int,
     tokenizer_fingerprint: str,
     meta: dict[str, Any] | None = None,
+    contexts: tuple[str, list[tuple[int, ...]], list[str], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Write each (N, T) id array as ``<split>.arrow`` and the manifest last; returns the manifest.
+
+    ``contexts`` = (field, the distinct contexts' ids, their texts, each split's (N,) context index): per-row
+    teacher contexts (module docstring).
 
     Files are written to temporary names and renamed, so a crash never leaves a file that looks complete.
     ``out_dir`` must be new or token data kdcache wrote (``kdcache.outputs.claim_output_dir``): another
@@ -70,6 +105,12 @@ def write_tokens(
             raise TokenDataError(f"split {split!r}: ids outside [0, {vocab_size})")
         column = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ids.shape[1])
         table = pa.table({"input_ids": column})
+        if contexts is not None:
+            index = np.ascontiguousarray(contexts[3][split], dtype=np.int32)  # (N,)
+            n = len(contexts[1])
+            if index.shape != (ids.shape[0],) or (index.size and not 0 <= index.min() <= index.max() < n):
+                raise TokenDataError(f"split {split!r}: the context index must be (N,) in [0, {len(contexts[1])})")
+            table = table.append_column("context_index", pa.array(index))
         atomic_write(out / f"{split}.arrow", lambda tmp, table=table: _write_ipc(tmp, table))
         entries[split] = {
             "file": f"{split}.arrow",
@@ -77,6 +118,13 @@ def write_tokens(
             "num_tokens": int(ids.size),
             "fingerprint": array_fingerprint(ids),
         }
+        if contexts is not None:
+            used = np.unique(index)
+            entries[split]["contexts"] = {
+                "sha256": contexts_sha256(contexts[1], index),
+                "num_contexts": int(used.size),
+                "max_tokens": max((len(contexts[1][i]) for i in used.tolist()), default=0),
+            }
     seq_lens = {int(a.shape[1]) for a in splits.values()}
     if len(seq_lens) != 1:
         raise TokenDataError(f"all splits must share one seq_len, got {sorted(seq_lens)}")
@@ -89,6 +137,12 @@ def write_tokens(
         "splits": entries,
         **(meta or {}),
     }
+    if contexts is not None:
+        field, table, texts, _ = contexts
+        lists = pa.array([list(c) for c in table], type=pa.list_(pa.int32()))
+        ctx_table = pa.table({"ids": lists, "text": pa.array(texts, type=pa.string())})
+        atomic_write(out / CONTEXTS_FILE, lambda tmp: _write_ipc(tmp, ctx_table))
+        manifest["contexts"] = {"field": field, "file": CONTEXTS_FILE, "num_contexts": len(table)}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -180,7 +234,31 @@ def open_tokens(token_dir: str | Path, split: str) -> TokenSplit:
         tokenizer_fingerprint=manifest["tokenizer_fingerprint"],
         manifest=manifest,
         path=Path(token_dir),
+        contexts=_open_contexts(Path(token_dir), manifest, split, table) if "contexts" in manifest else None,
     )
+
+
+def _open_contexts(token_dir: Path, manifest: dict[str, Any], split: str, table: pa.Table) -> RowContexts:
+    """The split's ``RowContexts`` (``corpus.context_field``): the contexts table and the rows' index column."""
+    path = token_dir / CONTEXTS_FILE
+    info, entry = manifest["contexts"], manifest["splits"][split].get("contexts")
+    try:
+        check_regular_file(path, fix="rerun prepare")
+        lists = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all().column("ids").to_pylist()
+        index = table.column("context_index").combine_chunks().to_numpy(zero_copy_only=False)  # (N,) int32
+        if not isinstance(entry, dict) or len(lists) != info.get("num_contexts"):
+            raise TokenDataError("the manifest's contexts entries do not match the file")
+        if index.size and not 0 <= int(index.min()) <= int(index.max()) < len(lists):
+            raise TokenDataError(f"context_index outside [0, {len(lists)})")
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+        raise TokenDataError(f"{path}: cannot read the corpus contexts of split {split!r} ({e}) — rerun prepare") from e
+    record = {  # the cache's corpus.teacher_context: num_tokens = the longest context's (bounds the positions)
+        "source": f"field:{info['field']}",
+        "sha256": entry["sha256"],
+        "num_tokens": entry["max_tokens"],
+        "num_contexts": entry["num_contexts"],
+    }
+    return RowContexts(index=index, table=tuple(tuple(c) for c in lists), record=record)
 
 
 def verify_tokens(split: TokenSplit) -> None:

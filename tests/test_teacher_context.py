@@ -28,7 +28,9 @@ from kdcache.token_data import open_tokens
 
 VOCAB, T, K = 48, 16, 8
 CONTEXT = "w5 w6 w7 w8 w9 w10 w11"
-CFG = CacheConfig(targets="topk", top_k=K, batch_size=3, rows_per_shard=5, teacher_context=CONTEXT)
+CFG = CacheConfig(
+    targets="topk", top_k=K, batch_size=3, rows_per_shard=5, teacher_context=CONTEXT, value_encoding="rel8"
+)  # rel8: codes uniform in (p / p_max) ** VALUE_GAMMA, the check below (abs8's are absolute and renormalized)
 
 
 @pytest.fixture(scope="module")

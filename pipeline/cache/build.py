@@ -48,7 +48,7 @@ from kdcache.distributed import (
 )
 from kdcache.outputs import hold_output_dir
 from kdcache.teacher import Teacher, load_teacher
-from kdcache.teacher_context import TeacherContext, load_teacher_context
+from kdcache.teacher_context import TeacherContext, cache_context
 from kdcache.token_data import TokenSplit, open_tokens
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def build_cache(
     """
     group = group_rank_world()
     out = cache_dir_for(teacher, tokens, cfg, out_dir=out_dir, cache_root=cache_root)
-    context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    context = cache_context(cfg, teacher, tokens)  # cache.teacher_context, or corpus.context_field per row
     header = manifest_header(teacher, tokens, cfg, teacher_context=context and context.record)
     with hold_output_dir(
         out,

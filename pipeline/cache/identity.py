@@ -25,7 +25,7 @@ from kdcache.devices import runtime_key
 from kdcache.fingerprint import tokenizer_fingerprint
 from kdcache.packing import packing_of
 from kdcache.teacher import Teacher
-from kdcache.teacher_context import load_teacher_context
+from kdcache.teacher_context import cache_context
 from kdcache.token_data import TokenSplit
 from kdcache.tokenizer import tokenizer_vocab_size
 
@@ -105,7 +105,7 @@ def cache_dir_for(
     layout = target_layout(
         cfg, vocab_size=tokenizer_vocab_size(teacher.tokenizer), seq_len=tokens.seq_len, hidden=hidden and hidden[0]
     )
-    context = load_teacher_context(cfg.teacher_context, teacher, seq_len=tokens.seq_len)
+    context = cache_context(cfg, teacher, tokens)
     return Path(cache_root) / default_cache_name(teacher.info, tokens, layout, context and context.record)
 
 

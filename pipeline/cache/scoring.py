@@ -233,6 +233,8 @@ def forward_batch(
             f"token split {tokens.split!r}: sequences {seqs[0]}..{seqs[-1]} hold ids outside "
             f"[0, {layout.vocab_size}) — rerun prepare with this teacher's tokenizer"
         )
+    if getattr(tokens, "contexts", None) is not None:  # corpus.context_field: each row's own teacher context
+        context = tokens.contexts.for_rows(seqs)
     t0 = time.perf_counter()
     features: dict[str, torch.Tensor] = {}
     if layout.hidden and projection is not None:  # one forward: the LM head's input and the tapped layers
