@@ -18,6 +18,10 @@ Then the chosen format end to end (``kdcache.cache.format`` through a real cache
 ``bench/results/train_step.json``. Prints markdown tables; writes ``bench/results/cache_format.json``.
 
     python bench/cache_format.py --teacher models/demo-teacher --tokens data/tokens
+
+``--only values`` measures the top-k value encodings instead (``targets.value_encoding``: abs8, rel8, log32, plus
+rank-ordered deltas and zstd 6 ids): bytes per column, KL and re-tempered probabilities / tails at tau 0.5, 2, 4
+against the float64 dense log-softmax, encode / stage / decode tokens/s -> ``bench/results/value_codes.json``.
 """
 
 from __future__ import annotations
