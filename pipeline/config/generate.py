@@ -41,7 +41,7 @@ class GenerateConfig:
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0 = off."""
     seed: int = 0
     """Every prompt draws its Gumbel noise from its own stream, seeded by (seed, the prompt's index): batch size
-    and composition change no noise, only the logits' rounding, which flips about one draw in a million."""
+    and composition change no noise, only the logits' rounding, which flips < 1e-6 of the draws (demo teacher)."""
     batch_size: int = 64
     """Prompts per generate call; each finished batch is one part file (the unit of resume)."""
     kv_cache: Literal["static", "dynamic"] = "static"
