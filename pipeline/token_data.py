@@ -262,10 +262,16 @@ def _open_contexts(token_dir: Path, manifest: dict[str, Any], split: str, table:
 
 
 def verify_tokens(split: TokenSplit) -> None:
-    """Recompute the ids' fingerprint and compare with the manifest."""
+    """Recompute the ids' fingerprint (and the per-document contexts' sha256) and compare with the manifest."""
     actual = array_fingerprint(np.asarray(split.ids, dtype=np.int32))
     if actual != split.fingerprint:
         raise TokenDataError(
             f"token split {split.split!r}: fingerprint {actual[:12]}… != manifest {split.fingerprint[:12]}… "
             "— the file was modified; rerun prepare"
+        )
+    rows = split.contexts
+    if rows is not None and contexts_sha256(rows.table, rows.index) != rows.record["sha256"]:
+        raise TokenDataError(
+            f"token split {split.split!r}: its per-document contexts ({CONTEXTS_FILE}, context_index) differ from "
+            "the manifest's sha256 — the files were modified; rerun prepare"
         )

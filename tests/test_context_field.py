@@ -4,6 +4,7 @@ contexts, and the cached targets equal an independent forward of [that document'
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from kdcache.corpus import prepare_tokens
 from kdcache.corpus_files import CorpusError
 from kdcache.teacher import load_teacher
 from kdcache.teacher_context import TeacherContextError
-from kdcache.token_data import contexts_sha256, open_tokens
+from kdcache.token_data import TokenDataError, contexts_sha256, open_tokens, verify_tokens
 
 VOCAB, T, K = 48, 12, 8
 CONTEXTS = ["w5 w6 w7", "w8 w9", "w11 w12 w13", ""]  # two of one length, one shorter, one empty
@@ -69,6 +70,7 @@ def test_rows_carry_their_documents_context(world) -> None:
         assert rows is not None and len(rows.index) == len(tokens)
         assert rows.record["source"] == "field:ctx"
         assert rows.record["sha256"] == contexts_sha256(rows.table, rows.index)
+        verify_tokens(tokens)
         assert rows.record["num_tokens"] == max(len(rows.table[i]) for i in set(rows.index.tolist()))
         for i, row in enumerate(tokens.ids):
             body = tuple(int(t) for t in row[: list(row).index(0)])  # up to the document's EOS (id 0)
@@ -113,6 +115,9 @@ def test_other_contexts_change_the_identity_and_resume_is_refused(world, tmp_pat
     tokens2 = open_tokens(_prepare(world["root"], other, name="other"), "train")
     assert np.array_equal(tokens.ids, tokens2.ids) and tokens.fingerprint == tokens2.fingerprint  # same rows
     assert tokens.contexts.record["sha256"] != tokens2.contexts.record["sha256"]
+    swapped = replace(tokens2.contexts, record=tokens.contexts.record)  # other contexts, this manifest's sha256
+    with pytest.raises(TokenDataError, match="per-document contexts"):
+        verify_tokens(replace(tokens, contexts=swapped))
     build_cache(teacher, tokens, CFG, out_dir=tmp_path / "c")
     with pytest.raises(CacheDirError, match="corpus.teacher_context"):
         build_cache(teacher, tokens2, CFG, out_dir=tmp_path / "c")
