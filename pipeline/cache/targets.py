@@ -17,13 +17,23 @@ wrong ids; exact integer sums also make the draws independent of summation order
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from kdcache.cache.format import SequenceTargets, TargetLayout
+from kdcache.cache.sampling import (  # noqa: F401 (re-exported: generate, tests)
+    SAMPLE_BLOCK,
+    block_sums,
+    cumulative,
+    draw,
+    draw_blocks,
+    sample_uniforms,
+    sequence_seed,
+    unique_counts,
+)
 
 SMALL_KEYS = (
     "topk_ids",
@@ -54,21 +64,6 @@ about four such buffers at once (logits, log-probs, probabilities, top-k scratch
 def cache_chunk_tokens(vocab_size: int, device_type: str) -> int:
     """Positions per chunk in the cache stage on ``device_type`` (``CHUNK_BUDGET``; other devices as CUDA)."""
     return chunk_tokens_for(vocab_size, budget_bytes=CHUNK_BUDGET.get(device_type, CHUNK_BUDGET["cuda"]))
-
-
-def sequence_seed(seed: int, seq_index: int) -> int:
-    """A 63-bit generator seed for one sequence, stable across platforms and processes."""
-    digest = hashlib.sha256(f"kdcache-samples:{int(seed)}:{int(seq_index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sample_uniforms(seed: int, seq_indices: torch.Tensor | list[int], seq_len: int, samples: int) -> torch.Tensor:
-    """Uniforms in [0, 1) for each sequence, generated on the CPU: (B, T, S) float64 (53 random bits)."""
-    out = torch.empty((len(seq_indices), seq_len, samples), dtype=torch.float64)
-    for b, index in enumerate(torch.as_tensor(seq_indices).tolist()):
-        gen = torch.Generator().manual_seed(sequence_seed(seed, index))
-        torch.rand((seq_len, samples), generator=gen, out=out[b])  # (T, S)
-    return out
 
 
 def next_token_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -226,19 +221,36 @@ def _sparsify_chunk(
     e = torch.empty_like(x) if uniforms is not None else None  # (n, V) exp(x - max) kept for the draws
     sums = x.new_empty(n, -(-V // SAMPLE_BLOCK)) if uniforms is not None else None  # (n, blocks)
     step = group_rows(V, x.device.type, n)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        _sparsify_group(
-            x[a:b],
-            layout,
-            out,
-            slice(rows.start + a, rows.start + b),
-            None if next_ids is None else next_ids[a:b],
-            e=None if e is None else e[a:b],
-            sums=None if sums is None else sums[a:b],
-        )
-    if uniforms is not None:
-        out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(draw_blocks(e, sums, uniforms))
+    with one_thread_on_cpu(x.device.type):
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            _sparsify_group(
+                x[a:b],
+                layout,
+                out,
+                slice(rows.start + a, rows.start + b),
+                None if next_ids is None else next_ids[a:b],
+                e=None if e is None else e[a:b],
+                sums=None if sums is None else sums[a:b],
+            )
+        if uniforms is not None:
+            out["sample_ids"][rows], out["sample_counts"][rows] = unique_counts(draw_blocks(e, sums, uniforms))
+
+
+@contextmanager
+def one_thread_on_cpu(device_type: str) -> Iterator[None]:
+    """On a CPU, this thread's intra-op threads set to 1 inside (restored after): the row groups' many small ops
+    would each pay an OpenMP barrier, which costs milliseconds when other jobs share the cores (measured: 4x
+    slower at 2 threads than 1 on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    if device_type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 GROUP_BYTES = {"cpu": 1 << 20}
@@ -347,84 +359,6 @@ def _top_entries(xs: torch.Tensor, log_z: torch.Tensor, layout: TargetLayout) ->
     ids = top_ids.gather(1, order).masked_fill_(pad, 0)  # pad stays last: lengths are a prefix after sorting
     values = top_lp.gather(1, order).masked_fill_(pad, float("-inf"))
     return ids.to(torch.int32), values, lengths.to(torch.int32), top_ids, mask_values
-
-
-SAMPLE_BLOCK = 16
-"""Ids per block of the two-level inverse CDF (``draw``); 16 was fastest at V=4096 (8, 16, 32, 64 measured)."""
-
-
-def block_sums(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, V) float32 >= 0 -> (n, ceil(V / SAMPLE_BLOCK)) float32 sums of consecutive ``SAMPLE_BLOCK``-id blocks."""
-    n, V = probs.shape
-    full = V // SAMPLE_BLOCK
-    out = probs.new_empty(n, -(-V // SAMPLE_BLOCK)) if out is None else out
-    torch.sum(probs[:, : full * SAMPLE_BLOCK].view(n, full, SAMPLE_BLOCK), dim=-1, out=out[:, :full])
-    if full < out.shape[1]:
-        torch.sum(probs[:, full * SAMPLE_BLOCK :], dim=-1, out=out[:, full])
-    return out
-
-
-def cumulative(probs: torch.Tensor) -> torch.Tensor:
-    """The CDF ``draw`` inverts, of (n, V) probabilities: (n, V) float64, unnormalized (its last entry is the total).
-
-    Blocks of ``SAMPLE_BLOCK`` ids get their float32 sums s_b (relative error < ~1e-6 each, so the implied
-    distribution is within ~1e-6 total variation of ``probs`` at any V, an id of probability 0 gets no mass),
-    summed in float64; within a block, ids share s_b in proportion to their float64 running sums.
-    """
-    n, V = probs.shape
-    sums = block_sums(probs).double()  # (n, nb)
-    before = torch.nn.functional.pad(sums.cumsum(dim=-1)[:, :-1], (1, 0))  # (n, nb) running sum before each block
-    parts = [probs[:, a : a + SAMPLE_BLOCK].double().cumsum(dim=-1) for a in range(0, V, SAMPLE_BLOCK)]
-    within = torch.cat([c / c[:, -1:].clamp(min=1e-300) for c in parts], dim=1)  # (n, V) share of its block
-    block = torch.arange(V, device=probs.device) // SAMPLE_BLOCK  # (V,)
-    return before[:, block] + sums[:, block] * within
-
-
-def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling of ``cumulative(probs)``: probs (n, V) >= 0 (any positive multiple per row), uniforms
-    (n, S) float64 in [0, 1) -> ids (n, S) int64. See ``draw_blocks``."""
-    return draw_blocks(probs, block_sums(probs), uniforms)
-
-
-def draw_blocks(probs: torch.Tensor, sums: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """``draw`` given the block sums of ``probs`` (``block_sums``): no (n, V) float64 work.
-
-    Two levels: the float64 running sum of the (n, V / SAMPLE_BLOCK) float32 block sums finds each draw's
-    block (first running sum above u * total), then the float64 running sum within that block its id
-    (first above the target's share of the block). Each level has float64 spacing (~1e-16), so an id's
-    chance is its ``cumulative`` interval to ~1e-15; in float32 the CDF's spacing near 1 (6e-8) exceeded
-    most tail probabilities at V = 262k. An id of probability 0 is never drawn. The result depends on
-    each row alone: not on the rows per call, nor on chunking.
-    """
-    n, V = probs.shape
-    B, nb, S = SAMPLE_BLOCK, sums.shape[1], uniforms.shape[1]
-    cdf = sums.cumsum(dim=-1, dtype=torch.float64)  # (n, nb)
-    total = cdf[:, -1:]  # (n, 1)
-    targets = torch.minimum(uniforms.to(torch.float64) * total, total.nextafter(total.new_zeros(()))).contiguous()
-    j = torch.searchsorted(cdf, targets, right=True).clamp_(max=nb - 1)  # (n, S) first block cdf above the target
-    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)), 0.0)  # (n, S) cdf before the block
-    ids = (j * B).unsqueeze(-1) + torch.arange(B, device=j.device)  # (n, S, B) the block's ids
-    inner = probs.gather(1, ids.view(n, S * B).clamp(max=V - 1)).view(n, S, B)  # (n, S, B)
-    within = inner.masked_fill_(ids >= V, 0.0).cumsum(dim=-1, dtype=torch.float64)  # (n, S, B) block's own cdf
-    mass = within[..., -1:]  # (n, S, 1)
-    share = (targets - before).div_(sums.gather(1, j).double()).unsqueeze(-1)  # (n, S, 1) target's share of block
-    at = torch.minimum(share.clamp_(min=0.0) * mass, mass.nextafter(mass.new_zeros(())))  # (n, S, 1) below mass
-    i = (within <= at).sum(dim=-1).clamp_(max=B - 1)  # (n, S) first entry above it
-    return (j * B + i).clamp_(max=V - 1)
-
-
-def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: unique ids ascending and their counts, padded to width S with id 0 / count 0.
-
-    ids (n, S) int -> (unique (n, S) int32, counts (n, S) int32)
-    """
-    ordered, _ = torch.sort(ids, dim=-1)  # (n, S)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    slot = first.cumsum(dim=-1) - 1  # (n, S) group index of each draw
-    unique = torch.zeros_like(ordered).scatter_(1, slot, ordered)  # same value written per group
-    counts = torch.zeros_like(ordered).scatter_add_(1, slot, torch.ones_like(ordered))
-    return unique.to(torch.int32), counts.to(torch.int32)
 
 
 def to_sequence_targets(
