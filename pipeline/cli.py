@@ -14,6 +14,7 @@ import inspect
 import json
 import sys
 import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -80,6 +81,8 @@ def add_config_flags(
             "help": f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"),  # argparse formats help
         }
         hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `str | None`: the flag takes a str
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
         origin = typing.get_origin(hint)
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
