@@ -32,6 +32,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,6 +297,18 @@ def _part_stats(path: Path) -> dict[str, int]:
     }
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` inside (0: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def generate_corpus(
     teacher_cfg: TeacherConfig,
     cfg: GenerateConfig,
@@ -330,15 +344,16 @@ def generate_corpus(
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
         bar.update(sum(len(batches[i]) for i in done))
         start, new_tokens = time.perf_counter(), 0
-        for i, batch in enumerate(batches):
-            if i in done:
-                continue
-            rows = generate_rows(teacher, batch, cfg)
-            _write_part(out / part_name(i), rows)
-            crash_point(f"after_part:{i}")
-            new_tokens += sum(r["new_tokens"] for r in rows)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+        with torch_threads(cfg.threads):
+            for i, batch in enumerate(batches):
+                if i in done:
+                    continue
+                rows = generate_rows(teacher, batch, cfg)
+                _write_part(out / part_name(i), rows)
+                crash_point(f"after_part:{i}")
+                new_tokens += sum(r["new_tokens"] for r in rows)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
         bar.close()
         manifest = _manifest(out, teacher, prompts, cfg, plan, n_parts=len(batches))
         atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

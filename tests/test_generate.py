@@ -167,6 +167,24 @@ def test_output_does_not_depend_on_the_batch_size_or_kv_cache(world, tmp_path) -
     assert len(list((tmp_path / "b3static").glob("part-*.jsonl"))) == -(-len(rows[1, "static"]) // 3)
 
 
+def test_threads_apply_while_generating_and_are_restored(world, tmp_path, monkeypatch) -> None:
+    seen = []
+    real = generate_ids
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("kdcache.generate.generate_ids", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_corpus(TeacherConfig(path=str(world["teacher"])), cfg_for(world, threads=1), out_dir=tmp_path / "g")
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_manifest_records_teacher_prompts_and_settings(world, tmp_path) -> None:
     cfg = cfg_for(world, temperature=0.8, top_p=0.9, seed=3, batch_size=4)
     out = tmp_path / "gen"

@@ -44,6 +44,10 @@ class GenerateConfig:
     and composition change no noise, only the logits' rounding, which flips < 1e-6 of the draws (demo teacher)."""
     batch_size: int = 64
     """Prompts per generate call; each finished batch is one part file (the unit of resume)."""
+    threads: int = 0
+    """CPU threads torch uses while generating (restored after); 0 = leave torch's setting (one per core).
+    Decoding a small teacher is many tiny steps: on a CPU shared with other jobs use 1 (the demo teacher on 2
+    busy cores: 150 new tokens/s with 1 thread, 15 with 2). Part of the plan: a resume must keep it."""
     kv_cache: Literal["static", "dynamic"] = "static"
     """Hugging Face KV cache of generate: ``static`` preallocates one buffer per batch (faster: no copy of the
     whole cache at every step); ``dynamic`` grows it, for models whose attention has no static cache."""
@@ -60,4 +64,5 @@ class GenerateConfig:
         check(self.top_k >= 0, s, "top_k", "must be >= 0 (0 = off)")
         check(0.0 < self.top_p <= 1.0, s, "top_p", f"must be in (0, 1] (1 = off), got {self.top_p}")
         check(self.batch_size > 0, s, "batch_size", "must be > 0")
+        check(self.threads >= 0, s, "threads", "must be >= 0 (0 = torch's default)")
         check(self.kv_cache in ("static", "dynamic"), s, "kv_cache", f"must be static|dynamic, got {self.kv_cache!r}")
