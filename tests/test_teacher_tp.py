@@ -22,16 +22,20 @@ from kdcache.config.teacher import TeacherConfig
 from kdcache.teacher import TeacherError, load_teacher
 
 BIN = Path(sys.executable).parent
-PROBE = """
-import json, sys
+SCRIPT = """
+import json, os, sys
 import torch
+from kdcache.cache.build import cache_corpus
+from kdcache.config.cache import CacheConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.distributed import process_group
+from kdcache.files import set_crash_hook
 from kdcache.teacher import load_teacher, logit_rows, teacher_hidden, teacher_logits
 
-path, out = sys.argv[1], sys.argv[2]
+path, out, tokens, cache_out, fail = sys.argv[1:6]
 torch.set_num_threads(1)
 with process_group("gloo", device="cpu") as (rank, world):
+    # 1. the probe: the sharded teacher against the same model loaded whole
     tp = load_teacher(TeacherConfig(path=path, device="cpu", tp_plan="auto"))  # the head probe runs in here
     whole = load_teacher(TeacherConfig(path=path, device="cpu"))
     ids = (torch.arange(48) * 7919 % 48).reshape(3, 16)
@@ -48,6 +52,21 @@ with process_group("gloo", device="cpu") as (rank, world):
         "vocab": tp.vocab_size,
         "params": [tp.info["num_parameters"], whole.info["num_parameters"]],
     }, open(f"{out}/rank{rank}.json", "w"))
+    del tp, whole
+
+    # 2. a lockstep cache build in the same ranks (cache_corpus joins this process group)
+    def disk_full(name):
+        if name == fail:
+            raise OSError(28, "No space left on device")
+
+    if rank == 0:  # rank 0's writer thread fails once shard 1 is on disk, as a full disk would
+        set_crash_hook(disk_full)
+    cfg = CacheConfig(targets="both", top_k=8, samples=8, batch_size=3, rows_per_shard=4)
+    try:
+        cache_corpus(TeacherConfig(path=path, device="cpu", tp_plan="auto"), cfg, tokens_dir=tokens, out_dir=cache_out)
+    except Exception as e:
+        print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
+        sys.exit(3)
 """
 
 
@@ -56,16 +75,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_world(tmp_path_factory.mktemp("tp"), vocab_size=48, seq=16)
 
 
-def test_tp_plan_auto_shards_the_teacher_over_two_gloo_ranks_and_computes_the_same_logits(world, tmp_path):
-    (tmp_path / "probe.py").write_text(PROBE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_NO_PROGRESS": "1"}
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(tmp_path / "probe.py")]
-    proc = subprocess.run(
-        [*cmd, str(world["teacher"]), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+@pytest.fixture(scope="module")
+def tp_run(world) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 2-rank torchrun for two checks (each rank imports torch and transformers once): the probe, then
+    a lockstep cache build of ``tp/cache`` whose rank 0 fails with a full disk once shard 1 is on disk."""
+    out = world["root"] / "tp-run"
+    out.mkdir()
+    (out / "run.py").write_text(SCRIPT)
+    args = [str(out / "run.py"), str(world["teacher"]), str(out), str(world["tokens"]), str(out / "tp" / "cache")]
+    return out, _torchrun(*args, "after_shard:1", cwd=out)
+
+
+def test_tp_plan_auto_shards_the_teacher_over_two_gloo_ranks_and_computes_the_same_logits(tp_run):
+    out, proc = tp_run
     for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (out / f"rank{rank}.json").is_file(), proc.stderr[-4000:]
+        r = json.loads((out / f"rank{rank}.json").read_text())
         assert r["world"] == 2 and r["sharded"] == "DTensor" and r["local_rows"] == 24  # half the head per rank
         assert r["forward"] < 1e-5 and r["head"] < 1e-5, r  # fp32: sharded matmuls sum in another order
         assert r["vocab"] == 48 and r["params"][0] == r["params"][1]
@@ -123,33 +148,6 @@ def test_a_bare_cuda_device_under_torchrun_is_refused_before_the_teacher_loads(w
     assert not (world["root"] / "never").exists()
 
 
-BUILD = """
-import os, sys
-import torch
-from kdcache.cache.build import cache_corpus
-from kdcache.config.cache import CacheConfig
-from kdcache.config.teacher import TeacherConfig
-from kdcache.files import set_crash_hook
-
-teacher, tokens, out, fail = sys.argv[1:5]
-torch.set_num_threads(1)
-rank = int(os.environ["RANK"])
-
-
-def disk_full(name):
-    if name == fail:
-        raise OSError(28, "No space left on device")
-
-
-if rank == 0:  # rank 0's writer thread fails once shard 1 is on disk, as a full disk would
-    set_crash_hook(disk_full)
-cfg = CacheConfig(targets="both", top_k=8, samples=8, batch_size=3, rows_per_shard=4)
-try:
-    cache_corpus(TeacherConfig(path=teacher, device="cpu", tp_plan="auto"), cfg, tokens_dir=tokens, out_dir=out)
-except Exception as e:
-    print(f"rank {rank}: {type(e).__name__}: {e}", flush=True)
-    sys.exit(3)
-"""
 CACHE_FLAGS = ["--device", "cpu", "--targets", "both", "--top-k", "8", "--samples", "8", "--batch-size", "3"]
 CACHE_FLAGS += ["--rows-per-shard", "4"]  # 12 sequences: 3 shards of batches of 3 and 1 sequence
 
@@ -169,16 +167,26 @@ def _targets(path: Path) -> list[dict]:
     return [reader[i] for i in range(len(reader))]
 
 
-def test_a_tensor_parallel_teacher_builds_the_cache_in_lockstep_and_resumes_after_a_failed_rank(world, tmp_path):
+def test_a_tensor_parallel_teacher_builds_the_cache_in_lockstep_and_resumes_after_a_failed_rank(
+    world, tp_run, tmp_path, monkeypatch
+):
     """Issue 9.4: both ranks run every batch, rank 0 writes; the targets equal a one-process build's."""
-    (tmp_path / "build.py").write_text(BUILD)
-    tp, one = tmp_path / "tp" / "cache", tmp_path / "one" / "cache"  # same leaf name: the manifest records it
-    teacher, tokens = str(world["teacher"]), str(world["tokens"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_NO_PROGRESS": "1"}
-    plain = [str(BIN / "kdcache"), "cache", "--teacher", teacher, "--tokens", tokens, "--out", str(one), *CACHE_FLAGS]
-    assert subprocess.run(plain, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    import torch
 
-    failed = _torchrun(str(tmp_path / "build.py"), teacher, tokens, str(tp), "after_shard:1", cwd=tmp_path)
+    from kdcache.cli import main as kdcache
+
+    out, failed = tp_run  # the build half of the torchrun above
+    tp, one = out / "tp" / "cache", tmp_path / "one" / "cache"  # same leaf name: the manifest records it
+    teacher, tokens = str(world["teacher"]), str(world["tokens"])
+    monkeypatch.setenv("KDCACHE_NO_PROGRESS", "1")
+    monkeypatch.setenv("KDCACHE_STAGING_DIR", str(tmp_path / "staging"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank and the old one-process subprocess (OMP_NUM_THREADS=1)
+    try:
+        assert kdcache(["cache", "--teacher", teacher, "--tokens", tokens, "--out", str(one), *CACHE_FLAGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
     assert failed.returncode != 0, "a failed rank fails the job"
     said = failed.stdout
     assert "rank 0: CacheWriteError: " in said and "No space left on device" in said, said
@@ -188,7 +196,7 @@ def test_a_tensor_parallel_teacher_builds_the_cache_in_lockstep_and_resumes_afte
     first = (tp / "shard-00000.parquet").stat().st_mtime_ns
 
     cmd = ["--no-python", str(BIN / "kdcache"), "cache", "--teacher", teacher, "--tokens", tokens, "--out", str(tp)]
-    proc = _torchrun(*cmd, *CACHE_FLAGS, "--tp-plan", "auto", cwd=tmp_path)
+    proc = _torchrun(*cmd, *CACHE_FLAGS, "--tp-plan", "auto", cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines() == [str(tp)], "rank 0 alone prints the cache path"
     assert (tp / "shard-00000.parquet").stat().st_mtime_ns == first, "the resume scored only the missing shard"
