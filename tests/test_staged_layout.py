@@ -194,3 +194,19 @@ def test_a_staged_copy_of_another_layout_version_is_never_read_only_counted_and_
         MappedShard.from_table(table.replace_schema_metadata(meta), layout, rows=6, where="x")
     with pytest.raises(CacheError, match="no staged-layout metadata"):
         MappedShard.from_table(table.replace_schema_metadata({}), layout, rows=6, where="x")
+
+
+def test_the_staging_ratio_comes_from_the_environment_and_bad_values_are_refused(tmp_path, monkeypatch) -> None:
+    from kdcache.cache.staging import default_target_ratio
+
+    layout, rows = LAYOUTS["sampled"], random_targets(LAYOUTS["sampled"], 6, seed=4)
+    write_test_cache(tmp_path / "c", rows, layout, rows_per_shard=6)
+    monkeypatch.setattr(mapped, "TARGET_RATIO", 0.0)  # the default would compress every column that pays
+    monkeypatch.setenv("KDCACHE_STAGING_RATIO", "100")  # scratch to spare: nothing compressed
+    assert default_target_ratio() == 100.0
+    reader = open_cache(tmp_path / "c", staging_dir=tmp_path / "staging")
+    assert set(reader._shard(0).codec.values()) == {"raw"}
+    for bad in ("0.5", "fast"):
+        monkeypatch.setenv("KDCACHE_STAGING_RATIO", bad)
+        with pytest.raises(CacheError, match=f"KDCACHE_STAGING_RATIO='{bad}': need a number >= 1"):
+            default_target_ratio()

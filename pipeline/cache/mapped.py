@@ -45,7 +45,9 @@ TARGET_RATIO = 1.45
 """Staging compresses columns (most bytes saved first) until the staged copy is about this many times the
 Parquet shard (issue 12's bound: 1.5x): decoding a compressed column costs more than gathering a raw one (ids of
 a top-64 batch: ~20-35% of its assembly time), so columns the bound does not need stay raw (the demo's sampled
-cache compresses its ids and counts; a top-64 cache only its ids)."""
+cache compresses its ids and counts; a top-64 cache only its ids). ``$KDCACHE_STAGING_RATIO`` overrides it
+(``staging.default_target_ratio``): a node with scratch to spare trades bytes for loader speed (~2.6: nothing
+compressed)."""
 CODECS = ("raw", "zstd", "zstd-planes")
 """Per column: raw little-endian values (gathered zero-copy), or one zstd frame per row of the row's
 little-endian bytes, or of its low byte planes (``planes`` bytes of each value; byte 0 of every value, then
@@ -90,12 +92,17 @@ def _row_sizes(staged: StagedRows, layout: TargetLayout, name: str) -> np.ndarra
 
 
 def staged_table(
-    staged: StagedRows, layout: TargetLayout, *, parquet_bytes: int | None = None, codecs: dict[str, str] | None = None
+    staged: StagedRows,
+    layout: TargetLayout,
+    *,
+    parquet_bytes: int | None = None,
+    target_ratio: float = TARGET_RATIO,
+    codecs: dict[str, str] | None = None,
 ) -> pa.Table:
     """Decoded arrays -> one record batch of per-row blobs (what staging writes and ``MappedShard`` maps).
 
     Columns are compressed in order of the bytes zstd saves on them (estimated on their first ``SAMPLE_ROWS``
-    rows, each with its smaller codec), until the staged copy is estimated to fit ``TARGET_RATIO`` x
+    rows, each with its smaller codec), until the staged copy is estimated to fit ``target_ratio`` x
     ``parquet_bytes``; the rest stay raw (gathered zero-copy, the cheapest to decode). Without
     ``parquet_bytes``, every column that zstd shrinks by ``MIN_SAVING`` is compressed. ``codecs`` forces a
     column's codec (tests)."""
@@ -118,7 +125,7 @@ def staged_table(
                 saving[name] = (codec, fraction * flat.nbytes)
     total = sum(flat.nbytes for flat, _, _ in columns.values())
     for name in sorted(saving, key=lambda n: -saving[n][1]):
-        if parquet_bytes is not None and total <= TARGET_RATIO * parquet_bytes:
+        if parquet_bytes is not None and total <= target_ratio * parquet_bytes:
             break
         columns[name][2]["codec"], total = saving[name][0], total - saving[name][1]
     arrays, chosen = [pa.array(staged.seq_index, pa.int64())], {}

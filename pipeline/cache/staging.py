@@ -21,6 +21,8 @@ design holds on a GPU box with shared storage:
   decoded content, so a corrupt shard is caught even with ``verify="size"``.
 - **Concurrency.** A per-shard ``flock`` lets one process stage while DataLoader workers or ranks on
   the same node wait; a filesystem without locks (some NFS/Lustre mounts) is refused with the fix.
+- **Compact.** Staging compresses columns until the copy is ~``$KDCACHE_STAGING_RATIO`` (default 1.45) x
+  the Parquet bytes; any staged copy is readable whatever ratio made it (codecs are in its metadata).
 - **Bounded.** With ``max_bytes`` (``$KDCACHE_STAGING_MAX_GB``), staging evicts the least recently
   used staged files (v1 copies included) until the directory fits (a process that has an evicted file
   mapped keeps it).
@@ -42,6 +44,7 @@ from pathlib import Path
 import pyarrow as pa
 import xxhash
 
+from kdcache.cache import mapped
 from kdcache.cache.format import ShardInfo, TargetLayout
 from kdcache.cache.mapped import STAGED_SUFFIX, MappedShard, map_staged, staged_table
 from kdcache.cache.shards import CacheError, content_problems, decode_shard, read_shard
@@ -59,6 +62,21 @@ def default_staging_dir() -> Path:
     if env := os.environ.get("KDCACHE_STAGING_DIR"):
         return Path(env)
     return Path(tempfile.gettempdir()) / f"kdcache-staging-{os.getuid()}"
+
+
+def default_target_ratio() -> float:
+    """Staged bytes / Parquet bytes that staging compresses down to: ``$KDCACHE_STAGING_RATIO``, else
+    ``mapped.TARGET_RATIO`` (higher: fewer columns compressed, faster batches, more scratch)."""
+    value = os.environ.get("KDCACHE_STAGING_RATIO")
+    if not value:
+        return mapped.TARGET_RATIO
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = float("nan")
+    if not ratio >= 1.0:
+        raise CacheError(f"KDCACHE_STAGING_RATIO={value!r}: need a number >= 1 (staged / Parquet bytes, e.g. 1.45)")
+    return ratio
 
 
 def default_max_bytes() -> int | None:
@@ -130,7 +148,7 @@ def _write_staged(path: Path, info: ShardInfo, layout: TargetLayout, staging_dir
     problems = content_problems(staged, layout, info, None)  # one numpy pass, once per staging dir
     if problems:
         raise CacheError(f"{path}: {'; '.join(problems)} — do not train on this cache; rebuild or pull it again")
-    table = staged_table(staged, layout, parquet_bytes=info.bytes)
+    table = staged_table(staged, layout, parquet_bytes=info.bytes, target_ratio=default_target_ratio())
     MappedShard.from_table(table, layout, rows=info.rows, where=str(path))  # refuse malformed rows here
     tmp = staging_dir / f".{info.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
