@@ -118,3 +118,12 @@ def bpe_tokenizer(lines: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(lines, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-rank DDP training run under torchrun and its cache (``test_distributed.ddp_world``), built once for
+    tests/test_distributed.py and tests/test_fsdp.py: read only (copy it before changing it)."""
+    from test_distributed import ddp_world
+
+    return ddp_world(tmp_path_factory.mktemp("ddp-run"))

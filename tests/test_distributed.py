@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,45 @@ def _one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("world")
+def ddp_world(root: Path) -> dict[str, Path]:
+    """Teacher, tokens, a one-process cache (``root/cache``) and a 2-rank DDP run on it (``root/ddp``, batch 2
+    per rank, ``TRAIN``): built once per session by conftest's ``ddp_run`` fixture for this file and
+    tests/test_fsdp.py, which only read it (torchrun imports torch in 3 processes: worth sharing)."""
     teacher, tokens = make_teacher_and_tokens(root)
     (root / "student.json").write_text(json.dumps(STUDENT))
-    return {"root": root, "teacher": teacher, "tokens": tokens}
+    cache, ddp = root / "cache", root / "ddp"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1): same kernels, same bytes
+    try:
+        flags = ["--teacher", str(teacher), "--tokens", str(tokens), "--out", str(cache), *CACHE_FLAGS]
+        assert kdcache(["cache", *flags]) == 0  # byte-identical to a torchrun build (test 1 below)
+    finally:
+        torch.set_num_threads(threads)
+    torchrun(
+        "--no-python",
+        str(BIN / "kdcache"),
+        "train",
+        "--cache",
+        str(cache),
+        "--out",
+        str(ddp),
+        "--student",
+        str(root / "student.json"),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()),
+        cwd=root,
+    )
+    return {"root": root, "teacher": teacher, "tokens": tokens, "cache": cache, "ddp": ddp}
+
+
+@pytest.fixture(scope="module")
+def world(ddp_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    (root / "student.json").write_text(json.dumps(STUDENT))
+    return {"root": root, "teacher": ddp_run["teacher"], "tokens": ddp_run["tokens"]}
 
 
 @pytest.fixture(scope="module")
@@ -145,28 +179,11 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two_rank_cache) -> None:
+def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, ddp_run) -> None:
+    cache = ddp_run["cache"]  # the shared run's cache: byte-identical to two_rank_cache (test 1)
     ref = world["root"] / "ref"
-    train(TrainConfig(batch_size=4, student=StudentConfig(**STUDENT), **TRAIN), cache_dir=two_rank_cache, out_dir=ref)
-    ddp = world["root"] / "ddp"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
-    torchrun(
-        "--no-python",
-        str(BIN / "kdcache"),
-        "train",
-        "--cache",
-        str(two_rank_cache),
-        "--out",
-        str(ddp),
-        "--student",
-        str(world["root"] / "student.json"),
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        *flags,
-        cwd=world["root"],
-    )
+    train(TrainConfig(batch_size=4, student=StudentConfig(**STUDENT), **TRAIN), cache_dir=cache, out_dir=ref)
+    ddp = shutil.copytree(ddp_run["ddp"], world["root"] / "ddp")  # the shared 2-rank run; this test changes it
     full = _losses(ddp)
     assert len(full) == 6, "rank 0 alone writes the log"
     assert np.allclose(full, _losses(ref), rtol=0, atol=1e-5), (full, _losses(ref))
@@ -180,7 +197,7 @@ def test_ddp_two_ranks_match_one_rank_with_twice_the_batch_and_resume(world, two
     (ddp / "checkpoints" / "step-000006").rmdir()
     (ddp / "training.json").unlink()
     params = world["root"] / "train-params.yaml"
-    paths = {"cache": str(two_rank_cache), "student_run": str(ddp), "student": str(world["root"] / "published")}
+    paths = {"cache": str(cache), "student_run": str(ddp), "student": str(world["root"] / "published")}
     params.write_text(yaml.safe_dump({"paths": paths, "train": {**TRAIN, "batch_size": 2, "student": STUDENT}}))
     proc = torchrun(str(ROOT / "stages" / "train.py"), "--params", str(params), "--resume", cwd=world["root"])
     assert proc.stderr.count("resumed from") == 2, "both ranks resume from the same checkpoint"
