@@ -15,23 +15,19 @@ import pytest
 import torch
 from conftest import STUDENT
 from safetensors.torch import load_file
-from test_distributed import BIN, CACHE_FLAGS, TRAIN, _losses, make_teacher_and_tokens, torchrun
+from test_distributed import BIN, TRAIN, _losses, torchrun
 
 from kdcache.checkpoint import CheckpointError
-from kdcache.cli import main as kdcache
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.train import train
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(ddp_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """test_distributed's teacher, one-process cache and 2-rank DDP run (conftest ``ddp_run``, read only)."""
     root = tmp_path_factory.mktemp("fsdp")
-    teacher, tokens = make_teacher_and_tokens(root)
     (root / "student.json").write_text(json.dumps(STUDENT))
-    cache = root / "cache"
-    flags = ["--teacher", str(teacher), "--tokens", str(tokens), "--out", str(cache), *CACHE_FLAGS]
-    assert kdcache(["cache", *flags]) == 0  # one process: byte-identical to a torchrun build (test_distributed)
-    return {"root": root, "cache": cache}
+    return {"root": root, "cache": ddp_run["cache"], "ddp": ddp_run["ddp"]}
 
 
 def _train_torchrun(world: dict[str, Path], out: Path, *extra: str) -> str:
@@ -66,8 +62,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) 
 
 def test_fsdp_follows_ddp_to_1e5_writes_the_same_weights_and_resumes(world, monkeypatch) -> None:
     monkeypatch.setenv("KDCACHE_NO_PROGRESS", "1")
-    ddp, fsdp = world["root"] / "ddp", world["root"] / "fsdp"
-    _train_torchrun(world, ddp)
+    ddp, fsdp = world["ddp"], world["root"] / "fsdp"  # the DDP run: the same flags without --parallel fsdp
     stderr = _train_torchrun(world, fsdp, "--parallel", "fsdp")
     assert "not fused" not in stderr, "the fused head + loss ran on the root's unsharded head weight"
     assert len(_losses(fsdp)) == 6, "rank 0 alone writes the log"
