@@ -26,8 +26,6 @@ from transformers import LlamaForCausalLM
 
 from kdcache.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from kdcache.cli import main as kdcache
-from kdcache.config.cache import CacheConfig
-from kdcache.config.teacher import TeacherConfig
 from kdcache.config.train import StudentConfig, TrainConfig
 from kdcache.fingerprint import sha256_file
 
@@ -45,7 +43,6 @@ CACHE_FLAGS = [
     "--device",
     "cpu",
 ]  # 3 shards x 2 batches
-CACHE_CFG = CacheConfig(targets="topk", top_k=8, batch_size=2, rows_per_shard=4)
 TRAIN = {
     "batch_size": 4,
     "max_steps": 8,
@@ -104,6 +101,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_world(tmp_path_factory.mktemp("world"))
 
 
+@pytest.fixture(scope="module")
+def clean_cache(world: dict[str, Path]) -> Path:
+    """A cache built in this process with ``CACHE_FLAGS``, never killed: the reference bytes of
+    the cache tests and the input of the training tests, which only read it."""
+    out = world["root"] / "clean" / "cache"  # same leaf name as the tests' `out`: the manifest records it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same kernels, same bytes
+    try:
+        assert kdcache(_cache_args(world, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def _cache_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "cache",
@@ -121,10 +132,10 @@ def _cache_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
 # ----------------------------------------------------------------------------- cache stage
 
 
-def test_cache_killed_in_a_shard_between_shards_and_in_the_manifest_resumes_byte_identically(world, tmp_path):
-    ref = tmp_path / "ref" / "cache"  # same leaf name as `out`: the manifest records it
-    assert kdcache(_cache_args(world, ref)) == 0
-    want = digests(ref)
+def test_cache_killed_in_a_shard_between_shards_and_in_the_manifest_resumes_byte_identically(
+    world, clean_cache, tmp_path
+):
+    want = digests(clean_cache)
     shards = [f"shard-{i:05d}.parquet" for i in range(3)]
     assert set(shards) | {"manifest.json", "tokenizer/tokenizer.json"} <= set(want)
     out = tmp_path / "run" / "cache"
@@ -185,19 +196,10 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_training_killed_twice_resumes_from_the_last_checkpoint_with_identical_losses(world, tmp_path):
-    from kdcache.cache.build import build_cache
-    from kdcache.teacher import load_teacher
-    from kdcache.token_data import open_tokens
+def test_training_killed_twice_resumes_from_the_last_checkpoint_with_identical_losses(clean_cache, tmp_path):
     from kdcache.train import train
 
-    cache = tmp_path / "cache"
-    build_cache(
-        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
-        open_tokens(world["tokens"], "train"),
-        CACHE_CFG,
-        out_dir=cache,
-    )
+    cache = clean_cache
     ref = tmp_path / "ref"
     train(TrainConfig(student=StudentConfig(**STUDENT), **TRAIN), cache_dir=cache, out_dir=ref)
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
@@ -292,19 +294,10 @@ def _popen(*args: str, preexec, env: dict[str, str] | None = None) -> subprocess
     )
 
 
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(world, tmp_path):
-    from kdcache.cache.build import build_cache
-    from kdcache.teacher import load_teacher
-    from kdcache.token_data import open_tokens
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(clean_cache, tmp_path):
     from kdcache.train import train
 
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    build_cache(
-        load_teacher(TeacherConfig(path=str(world["teacher"]), device="cpu")),
-        open_tokens(world["tokens"], "train"),
-        CACHE_CFG,
-        out_dir=cache,
-    )
+    cache, out = clean_cache, tmp_path / "run"
     train(TrainConfig(student=StudentConfig(**STUDENT), **TRAIN), cache_dir=cache, out_dir=out, max_steps=4)
     weights = (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size
     (tmp_path / "student.json").write_text(json.dumps(STUDENT))
