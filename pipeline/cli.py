@@ -90,6 +90,10 @@ def add_config_flags(
             kwargs["choices"] = typing.get_args(hint)
         elif origin is tuple:
             kwargs["nargs"] = "+"
+            element = next(iter(typing.get_args(hint)), str)
+            if element in (int, float):
+                kwargs["type"] = element
+                kwargs["metavar"] = {int: "N", float: "X"}[element]
         elif hint in (int, float, str):
             kwargs["type"] = hint
             kwargs["metavar"] = {int: "N", float: "X"}.get(hint, f.name.upper())

@@ -206,3 +206,16 @@ def test_every_writing_command_offers_overwrite_and_train_says_what_happens_with
         assert "--overwrite" in out and "never deletes what it did not make" in out, command
         if command == "train":
             assert "is moved aside to run.moved-<UTC time>-started-without-resume/" in out
+
+
+def test_list_flags_take_numbers_and_optional_flags_their_type() -> None:
+    from kdcache.cli import config_from_args
+    from kdcache.config.corpus import CorpusConfig
+
+    args = build_parser().parse_args(
+        ["cache", "--teacher", "t", "--tokens", "d", "--temperatures", "2", "4.0", "--hidden-layers", "-1", "2"]
+    )
+    cfg = config_from_args(CacheConfig, args)
+    assert cfg.temperatures == (2.0, 4.0) and cfg.hidden_layers == (-1, 2)
+    args = build_parser().parse_args(["prepare", "--tokenizer", "t", "--out", "o", "--context-field", "prompt"])
+    assert config_from_args(CorpusConfig, args).context_field == "prompt"
