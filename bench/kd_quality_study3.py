@@ -49,6 +49,7 @@ from kdcache.token_filter import kept_positions
 RESULTS = Path(__file__).parent / "results" / "kd_quality_study3.json"
 log = logging.getLogger("kd_quality_study3")
 LOW_NLL = dict(by="nll", keep="low", fraction=0.8)
+TAIL_SPECS = [(1, 6), (1, 7), (2, 5), (2, 6), (4, 4)]  # (top-k, tail draws) of the t<k>s<S> files
 
 
 def variant_table(screen: bool) -> dict[str, dict[str, Any]]:
@@ -66,10 +67,15 @@ def variant_table(screen: bool) -> dict[str, dict[str, Any]]:
         "top-2 + draws S=6 (both, today's sampler)": dict(target="strat", file="b2s6", group="screen"),
         "S=12 label-exact": dict(target="label_exact", file="s12", group="screen"),
     }
+    for k, n in TAIL_SPECS:
+        v[f"top-{k} + S={n} tail draws"] = dict(target="strat", file=f"t{k}s{n}", group="core")
     for a0, a1 in ((0.8, 0.8), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
         ramp = f"alpha {a0:g}" if a0 == a1 else f"alpha {a0:g}->{a1:g}"
-        v[f"online, {ramp}"] = dict(target="online", alpha=(a0, a1), group="screen")
+        group = "core" if (a0, a1) == (0.0, 1.0) else "screen"  # the ramp that won its screen: all seeds
+        v[f"online, {ramp}"] = dict(target="online", alpha=(a0, a1), group=group)
         v[f"S=8 label-exact, {ramp}"] = dict(target="label_exact", file="s8", alpha=(a0, a1), group="screen")
+    v["sampled S=16, alpha 0->1"] = dict(target="sampled", file="s16", alpha=(0.0, 1.0), group="core")
+    v["sampled S=8, alpha 0->1"] = dict(target="sampled", file="s8", alpha=(0.0, 1.0), group="core")
     return v
 
 
@@ -116,6 +122,44 @@ def both_files(work: Path, info: dict[str, Any], specs: list[tuple[int, int]]) -
         pq.write_table(encode_table(lay, rows[name]), path, **PARQUET_OPTIONS)
         sizes[name] = bytes_per_token(path, P * T) | {"layout": dataclasses.asdict(lay)}
     done.write_text(json.dumps(sizes, indent=2) + "\n")
+    return sizes
+
+
+def tail_files(work: Path, info: dict[str, Any], specs: list[tuple[int, int]]) -> dict[str, Any]:
+    """``both`` files t<k>s<S>: the top-k head and S draws from the tail alone (p restricted to the ids outside
+    K, renormalized), each batch of 8 sequences from its own generator (seed k, S, first sequence), so a file
+    does not depend on which others are made; name -> bytes/token. Made once per spec (``tail.json``)."""
+    done = work / "tail.json"
+    sizes = json.loads(done.read_text()) if done.exists() else {}
+    P, T, V = info["train_seqs"], info["seq_len"], info["vocab"]
+    logits_mm, ids_all = np.load(work / "train_logits.npy", mmap_mode="r"), np.load(work / "train_ids.npy")
+    for k, s in specs:
+        name = f"t{k}s{s}"
+        if name in sizes:
+            continue
+        lay = TargetLayout(kind="both", vocab_size=V, seq_len=T, top_k=k, samples=s, seed=0)
+        rows = []
+        for b0 in range(0, P, 8):
+            seqs = np.arange(b0, min(P, b0 + 8))
+            logits = torch.from_numpy(np.array(logits_mm[seqs]))  # (B, T, V)
+            nxt = next_token_ids(torch.from_numpy(ids_all[seqs]))
+            sparse = sparsify(logits, layout=lay, seq_indices=torch.from_numpy(seqs), next_ids=nxt)
+            p = torch.softmax(logits.double(), -1).reshape(-1, V)  # (N, V)
+            p.scatter_(1, sparse["topk_ids"].reshape(-1, k).long(), 0.0)  # the tail alone
+            gen = torch.Generator().manual_seed(1_000_000 * k + 1000 * s + b0)
+            draws = torch.multinomial(p, s, replacement=True, generator=gen)  # (N, S)
+            counts = torch.zeros(p.shape, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+            top = counts.topk(s, -1)  # (N, S): the distinct ids first, count 0 = padding
+            sparse |= {
+                "sample_ids": top.indices.int().reshape(len(seqs), T, s),
+                "sample_counts": top.values.int().reshape(len(seqs), T, s),
+            }
+            rows.extend(to_sequence_targets(sparse, ids_all[seqs], seqs))
+        path = work / f"{name}.parquet"
+        pq.write_table(encode_table(lay, rows), path, **PARQUET_OPTIONS)
+        sizes[name] = bytes_per_token(path, P * T) | {"layout": dataclasses.asdict(lay)}
+        done.write_text(json.dumps(sizes, indent=2) + "\n")
+        log.info("%s: %.2f B/token of targets", name, sizes[name]["targets"])
     return sizes
 
 
@@ -272,7 +316,7 @@ def main() -> None:
     work = Path(args.workdir) / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     work.mkdir(parents=True, exist_ok=True)
     info = prepare(args, work)
-    info["both"] = both_files(work, info, [(2, 6)])
+    info["both"] = both_files(work, info, [(2, 6)]) | tail_files(work, info, TAIL_SPECS)
     vt = variant_table(screen=True)
     seeds = {"core": [int(s) for s in args.seeds.split(",")], "screen": [int(s) for s in args.screen_seeds.split(",")]}
     only = set(args.only.split(";")) if args.only else None
@@ -302,7 +346,7 @@ def main() -> None:
             r["kl_to_teacher"],
             r["train_s"],
         )
-    rows = [r for r in done if r["key"] in {j["key"] for j in jobs} or args.report_only]
+    rows = [r for r in done if r["key"] in {j["key"] for j in jobs}]
     summary = summarize(rows, [n for n in vt if any(r["variant"] == n for r in rows)])
     md = table(summary, info, vt)
     print(md)
