@@ -213,7 +213,21 @@ def test_list_flags_take_numbers_and_optional_flags_their_type() -> None:
     from kdcache.config.corpus import CorpusConfig
 
     args = build_parser().parse_args(
-        ["cache", "--teacher", "t", "--tokens", "d", "--temperatures", "2", "4.0", "--hidden-layers", "-1", "2"]
+        [
+            "cache",
+            "--teacher",
+            "t",
+            "--tokens",
+            "d",
+            "--targets",
+            "topk",
+            "--temperatures",
+            "2",
+            "4.0",
+            "--hidden-layers",
+            "-1",
+            "2",
+        ]
     )
     cfg = config_from_args(CacheConfig, args)
     assert cfg.temperatures == (2.0, 4.0) and cfg.hidden_layers == (-1, 2)
