@@ -2,8 +2,8 @@
 
 Each Parquet shard is decoded and checked once, then written as a compact Arrow IPC file (``mapped``,
 layout version 2: per-row zstd frames where they pay, raw values elsewhere; about 1.0-1.3x the Parquet
-bytes, ``bench/results/staging.md``) and memory-mapped; batches decode only the rows they select. The
-design holds on a GPU box with shared storage:
+bytes, bench/RESULTS.md "Staged copies vs Parquet") and memory-mapped; batches decode only the rows
+they select. The design holds on a GPU box with shared storage:
 
 - **Where.** ``staging_dir=``, else ``$KDCACHE_STAGING_DIR``, else node-local scratch:
   ``$TMPDIR`` (``tempfile.gettempdir()``) ``/kdcache-staging-<uid>``. Never inside the cache (a

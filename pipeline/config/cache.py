@@ -33,7 +33,7 @@ class CacheConfig:
     re-tempers top-k + tail targets exactly. Top-k caches only (sampled ids are drawn at ``temperature``);
     e.g. [2.0, 4.0]."""
     value_encoding: Literal["abs8", "rel8", "log32"] = "abs8"
-    """How top-k log-probs are stored (cache/README.md "Value encodings"; bench/results/value_codes.md). ``abs8``:
+    """How top-k log-probs are stored (cache/README.md "Value encodings"; bench/RESULTS.md). ``abs8``:
     one byte per entry, uniform in p ** (1/4) -- the smallest (top-64: 0.37x int32 ids + fp16 values) at KL
     error ~5e-5 nats (it grows with top_k: 7e-5 at 128; prefer rel8 above that); ``rel8``: format 2.0's first
     code, uniform in (p / p_max) ** (1/3) (KL ~1e-5, +16 B/token at top-64); ``log32``: 1/4096-nat steps, for
