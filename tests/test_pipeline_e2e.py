@@ -27,10 +27,10 @@ TINY = {
         "intermediate_size": 64,
         "batch_size": 8,
         "lr": 0.01,
-        "max_steps": 30,
+        "max_steps": 6,
         "max_minutes": 1.0,
     },
-    "prepare": {"seq_len": 32, "max_train_sequences": 0, "max_val_sequences": 0},
+    "prepare": {"seq_len": 32, "max_train_sequences": 48, "max_val_sequences": 16},  # 12 steps of 4: one epoch
     "cache": {"targets": "topk", "top_k": 8, "batch_size": 4, "rows_per_shard": 16},
     "train": {
         "loss": "topk_tail",
@@ -45,9 +45,9 @@ TINY = {
 
 
 def _tiny_corpus(dest: Path) -> list[str]:
-    """~40 real documents: slices of standard-library modules."""
+    """24 real documents: slices of standard-library modules."""
     dest.mkdir()
-    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-m]*.py"))[:40]
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-m]*.py"))[:24]
     for i, src in enumerate(sources):
         (dest / f"doc{i:02d}.txt").write_text(src.read_text(encoding="utf-8")[:3000], encoding="utf-8")
     return [str(dest / "*.txt")]
