@@ -50,7 +50,7 @@ from transformers.generation.logits_process import (
 from kdcache import __version__
 from kdcache.config.base import to_dict
 from kdcache.config.corpus import CorpusConfig
-from kdcache.config.generate import GenerateConfig
+from kdcache.config.generate import OUTPUT_KIND, GenerateConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.corpus import read_documents, split_documents
 from kdcache.corpus_files import default_corpus_name
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "kdcache-generated"
 FORMAT_VERSION = 1
-OUTPUT_KIND = "generated"
 PLAN_NAME = "plan.json"
 MANIFEST_NAME = "manifest.json"
 

@@ -11,11 +11,10 @@ import logging
 import sys
 
 from kdcache.config.base import load_params, load_section
-from kdcache.config.generate import GenerateConfig
+from kdcache.config.generate import OUTPUT_KIND, GenerateConfig
 from kdcache.config.paths import PathsConfig
 from kdcache.config.teacher import TeacherConfig
 from kdcache.entry import run, setup_logging, show_progress
-from kdcache.generate import OUTPUT_KIND, generate_corpus
 from kdcache.outputs import hold_output_dir
 
 
@@ -31,6 +30,8 @@ def main() -> None:
         with hold_output_dir(out, kind=OUTPUT_KIND, inputs={"teacher.path": teacher.path}):
             logging.getLogger("stages.generate").info("generate.enabled is false: nothing generated (%s)", out)
         return
+    from kdcache.generate import generate_corpus  # torch + transformers: only when there is work
+
     generate_corpus(teacher, cfg, out_dir=out, progress=show_progress())
 
 

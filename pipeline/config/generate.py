@@ -7,6 +7,10 @@ from typing import Literal
 
 from kdcache.config.base import check
 
+OUTPUT_KIND = "generated"
+"""The kind in the generate output's marker (``kdcache.outputs``); here so that the stage can claim its
+output without importing torch when ``enabled`` is false."""
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
